@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` (the main job) and `make test`. Both set up .venv
+# from the pins in constraints.txt on first use, so a fresh machine needs nothing else.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP_FLAGS := -q -c constraints.txt $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+NPROC ?= 2
+
+.PHONY: setup demo test lint bench clean
+
+$(VENV)/.installed: constraints.txt setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) torch megatron-core psutil tqdm matplotlib pytest ruff
+	$(PY) -m pip install $(PIP_FLAGS) --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) examples/attention_demo.py
+
+test: setup
+	$(PY) -m pytest -q --durations=15
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info
