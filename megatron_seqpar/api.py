@@ -1,0 +1,144 @@
+"""The functional entry point ``attention()``: validation and dispatch by method name.
+
+Each method lives in the module of the same name (``megatron_seqpar/<method>.py``) and exposes
+a frozen ``Options`` dataclass and ``apply(q, k, v, key_padding_mask, setup) -> out``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_seqpar.comm import Comm, Traffic, current_traffic
+from megatron_seqpar.kernels import BACKEND_NAMES
+from megatron_seqpar.layouts import LAYOUTS, Run, check_layout, local_runs
+
+METHODS = ("rsa", "mqsp", "lss", "lightseq")
+
+
+@dataclass(frozen=True)
+class BaseOptions:
+    """Options every method has. ``backend``: block-kernel backend (``auto`` picks)."""
+
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.backend not in BACKEND_NAMES:
+            raise ValueError(f"unknown kernel backend {self.backend!r}; use one of "
+                             f"{BACKEND_NAMES}")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything a method needs besides the tensors; built by ``attention()``."""
+
+    group: Any
+    rank: int
+    world_size: int
+    causal: bool
+    scale: float
+    layout: str
+    options: Any
+    traffic: Traffic | None
+
+    def comm(self) -> Comm:
+        return Comm(self.group, self.traffic)
+
+    def runs(self, rank: int, local_len: int) -> tuple[Run, ...]:
+        return local_runs(self.layout, rank, self.world_size, local_len)
+
+
+def _module(method: str):
+    if method not in METHODS:
+        raise ValueError(f"unknown sequence-parallel method {method!r}; use one of {METHODS}")
+    return importlib.import_module(f"megatron_seqpar.{method}")
+
+
+def method_options(method: str) -> type:
+    """The frozen options dataclass of ``method`` (all fields have defaults)."""
+    return _module(method).Options
+
+
+def _check_inputs(q, k, v, kpm) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor [batch, seq, heads, head_dim]")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and "
+                         "head_dim")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"q and k/v local lengths differ ({q.shape[1]} vs {k.shape[1]}): "
+                         "self-attention needs the same local tokens for all three")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} are not divisible by kv heads {k.shape[2]}; "
+                         "use a number of query groups that divides the attention heads")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ ({q.device}, {k.device}, {v.device})")
+    if not q.is_floating_point():
+        raise ValueError(f"attention needs floating point inputs, got {q.dtype}")
+    if kpm is not None:
+        if kpm.dtype != torch.bool or tuple(kpm.shape) != (q.shape[0], q.shape[1]):
+            raise ValueError("key_padding_mask must be a bool tensor [batch, local_seq] "
+                             f"(True = padded), got {kpm.dtype} {tuple(kpm.shape)}")
+        if kpm.device != q.device:
+            raise ValueError(f"key_padding_mask is on {kpm.device}, q on {q.device}")
+
+
+_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_across_ranks(group, q, k, method, layout, causal, kpm) -> None:
+    """One tiny all-reduce proving every rank agrees on shapes and settings.
+
+    Skipped for CUDA tensors (it would add a host sync per call; Megatron's batch sharding
+    already guarantees equal shapes there).
+    """
+    code = [q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3],
+            _DTYPES.index(q.dtype) if q.dtype in _DTYPES else 9, METHODS.index(method),
+            LAYOUTS.index(layout), int(causal), int(kpm is not None)]
+    t = torch.tensor(code + [-c for c in code], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    hi, lo = t[: len(code)].tolist(), [-c for c in t[len(code):].tolist()]
+    names = ["batch", "local seq length", "query heads", "kv heads", "head dim", "dtype",
+             "method", "layout", "causal", "key_padding_mask given"]
+    bad = [f"{n} ({a}..{b})" for n, a, b in zip(names, lo, hi) if a != b]
+    if bad:
+        raise ValueError("ranks of the sequence group disagree on " + ", ".join(bad) +
+                         ": every rank must pass equally shaped shards (pad the sequence to a "
+                         "multiple of the layout) and the same settings")
+
+
+def attention(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
+              layout="contiguous", key_padding_mask=None, options=None):
+    """Exact self-attention over the whole sequence, from this rank's shard.
+
+    ``q``: ``[b, s, hq, D]``, ``k``/``v``: ``[b, s, hkv, D]`` (this rank's tokens in
+    ``layout``); returns ``[b, s, hq, D]`` in q's dtype, differentiable in q, k, v.
+    ``key_padding_mask``: ``[b, s]`` bool, True = padded key. ``options``: the method's
+    ``Options`` (see ``method_options``). Collectives run on ``group`` (default group if None).
+    """
+    mod = _module(method)
+    check_layout(layout)
+    _check_inputs(q, k, v, key_padding_mask)
+    opts = mod.Options() if options is None else options
+    if not isinstance(opts, mod.Options):
+        raise ValueError(f"options for {method!r} must be a {mod.__name__}.Options, "
+                         f"got {type(opts).__name__}")
+    comm = Comm(group)
+    if layout == "zigzag" and comm.world_size > 1 and q.shape[1] % 2:
+        raise ValueError(f"zigzag layout needs an even local length, got {q.shape[1]}: make the "
+                         f"sequence length a multiple of 2*P = {2 * comm.world_size}")
+    if comm.world_size > 1 and not q.is_cuda:
+        _check_across_ranks(group, q, k, method, layout, causal, key_padding_mask)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    setup = Setup(group, comm.rank, comm.world_size, bool(causal), scale, layout, opts,
+                  current_traffic())
+    return mod.apply(q, k, v, key_padding_mask, setup)

@@ -1,0 +1,156 @@
+"""Communication on an explicit process group, with byte accounting.
+
+``Comm(group, traffic)`` wraps the few patterns the methods use:
+
+- ``post(sends, recvs)``: one ``batch_isend_irecv`` of point-to-point transfers, returned as a
+  ``Pending`` to wait on later, so step ``t+1``'s transfer overlaps step ``t``'s compute. No
+  ``cuda.synchronize``; waits honour the group's timeout.
+- ``all_gather(x)`` -> ``[P, *x.shape]``, ``reduce_scatter(x)`` of ``[P, *shape]`` -> ``shape``
+  (sum), ``all_reduce_(x, op)``. On gloo, reduce-scatter is an ``all_to_all_single`` plus a
+  local sum (gloo has no reduce-scatter); on NCCL the native collectives are used.
+
+Byte accounting (``count_traffic``) uses the bandwidth-optimal per-rank volumes: a p2p send
+counts its bytes; an all-gather of ``n`` bytes per rank sends ``(P-1)·n``; a reduce-scatter of
+an ``N``-byte buffer sends ``(P-1)/P·N``; an all-reduce of ``N`` bytes sends ``2(P-1)/P·N``.
+Received bytes are counted the same way.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+@dataclass
+class Traffic:
+    """Bytes this rank sent and received, collective calls by kind, and block-steps computed."""
+
+    sent_bytes: int = 0
+    recv_bytes: int = 0
+    calls: Counter = field(default_factory=Counter)
+    block_steps: int = 0  # (query chunk, key chunk) pairs this rank computed, forward only
+    parent: Traffic | None = None
+
+    def add(self, kind: str, sent: int, recv: int) -> None:
+        t = self
+        while t is not None:
+            t.sent_bytes += int(sent)
+            t.recv_bytes += int(recv)
+            t.calls[kind] += 1
+            t = t.parent
+
+    def add_block_steps(self, n: int = 1) -> None:
+        t = self
+        while t is not None:
+            t.block_steps += n
+            t = t.parent
+
+
+_CURRENT: contextvars.ContextVar[Traffic | None] = contextvars.ContextVar(
+    "megatron_seqpar_traffic", default=None
+)
+
+
+@contextmanager
+def count_traffic():
+    """Count what the ops called inside send and receive (this thread; nests)."""
+    traffic = Traffic(parent=_CURRENT.get())
+    token = _CURRENT.set(traffic)
+    try:
+        yield traffic
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_traffic() -> Traffic | None:
+    return _CURRENT.get()
+
+
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
+class Pending:
+    """Transfers in flight; ``wait()`` blocks until they are done (group timeout applies)."""
+
+    def __init__(self, works):
+        self._works = works
+
+    def wait(self) -> None:
+        for w in self._works:
+            w.wait()
+        self._works = []
+
+
+class Comm:
+    """Collectives and P2P on one explicit group. ``group=None`` is the default group."""
+
+    def __init__(self, group=None, traffic: Traffic | None = None):
+        self.group = group
+        self.traffic = traffic
+        if dist.is_available() and dist.is_initialized():
+            self.rank = dist.get_rank(group)
+            self.world_size = dist.get_world_size(group)
+            self.nccl = dist.get_backend(group) == "nccl"
+        else:
+            if group is not None:
+                raise ValueError("a process group was given but torch.distributed is not "
+                                 "initialised; call torch.distributed.init_process_group first")
+            self.rank, self.world_size, self.nccl = 0, 1, False
+
+    def _count(self, kind: str, sent: int, recv: int) -> None:
+        if self.traffic is not None:
+            self.traffic.add(kind, sent, recv)
+
+    def post(self, sends=(), recvs=()) -> Pending:
+        """Start sends ``[(tensor, dst)]`` and receives ``[(tensor, src)]`` (group ranks)."""
+        ops = [dist.P2POp(dist.isend, t, group=self.group, group_peer=p) for t, p in sends]
+        ops += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=p) for t, p in recvs]
+        if not ops:
+            return Pending([])
+        self._count("p2p", sum(_nbytes(t) for t, _ in sends), sum(_nbytes(t) for t, _ in recvs))
+        return Pending(dist.batch_isend_irecv(ops))
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``[P, *x.shape]``: every rank's ``x`` in rank order."""
+        x = x.contiguous()
+        out = torch.empty((self.world_size, *x.shape), dtype=x.dtype, device=x.device)
+        if self.world_size == 1:
+            out[0].copy_(x)
+            return out
+        n = _nbytes(x) * (self.world_size - 1)
+        self._count("all_gather", n, n)
+        if self.nccl:
+            dist.all_gather_into_tensor(out, x, group=self.group)
+        else:
+            dist.all_gather(list(out.unbind(0)), x, group=self.group)
+        return out
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks of ``x[rank]``, where ``x`` is ``[P, *shape]`` (chunk i -> rank i)."""
+        if x.size(0) != self.world_size:
+            raise ValueError(f"reduce_scatter needs a leading dim of {self.world_size}")
+        x = x.contiguous()
+        if self.world_size == 1:
+            return x[0].clone()
+        n = _nbytes(x) * (self.world_size - 1) // self.world_size
+        self._count("reduce_scatter", n, n)
+        if self.nccl:
+            out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+            dist.reduce_scatter_tensor(out, x, group=self.group)
+            return out
+        recv = torch.empty_like(x)
+        dist.all_to_all_single(recv, x, group=self.group)
+        return recv.sum(0)
+
+    def all_reduce_(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """In-place all-reduce of a contiguous tensor."""
+        if self.world_size > 1:
+            n = 2 * (self.world_size - 1) * _nbytes(x) // self.world_size
+            self._count("all_reduce", n, n)
+            dist.all_reduce(x, op=op, group=self.group)
+        return x

@@ -1,0 +1,282 @@
+"""Block attention kernels with one contract, and attention over position runs.
+
+Contract (all tensors ``[b, h, s, d]``, K/V may have fewer heads than Q: GQA, query head ``i``
+uses kv head ``i // (hq // hkv)``):
+
+    out, lse = backend.forward(q, k, v, scale, causal, mask)
+    dq, dk, dv = backend.backward(dout, q, k, v, out, lse, scale, causal, mask)
+
+``causal`` is the top-left diagonal of a square block; ``mask`` is a bool tensor
+``[b or 1, 1, sq, sk]``, True = masked. A row with every key masked has ``out = 0`` and
+``lse = -inf``. In the backward, ``out`` and ``lse`` are the *final* (merged) ones of the rows,
+so the block's share of the gradient is exact.
+
+Backends: ``reference`` (pure torch, float64-safe, materialises the block's scores),
+``cpu_flash`` (PyTorch's fused CPU flash kernel, ~10x the math path, float64 included) and
+``cuda_flash`` (PyTorch's CUDA flash kernel, fp16/bf16, no explicit mask). ``auto`` picks the
+fastest one that supports the call and falls back to ``reference``.
+
+``attend``/``attend_backward`` run a query buffer against a key buffer whose tokens are given
+as position runs (see ``layouts``): the causal mask follows global positions, blocks that are
+fully visible, diagonal, partially visible or empty are told apart, empty ones are skipped,
+and partial results are merged in fp32 (fp64 for fp64 inputs) by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from megatron_seqpar.layouts import Run
+
+NEG_INF = float("-inf")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- backends
+def _scores(q, k, scale, causal, mask):
+    b, hq, sq, d = q.shape
+    hkv, sk = k.size(1), k.size(2)
+    cd = acc_dtype(q.dtype)
+    qg = q.to(cd).reshape(b, hkv, hq // hkv, sq, d)
+    s = torch.matmul(qg, k.to(cd).unsqueeze(2).transpose(-1, -2)) * scale  # [b,hkv,g,sq,sk]
+    if causal:
+        s.masked_fill_(torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu_(1), NEG_INF)
+    if mask is not None:
+        s.masked_fill_(mask.unsqueeze(1), NEG_INF)
+    return s
+
+
+def _ref_forward(q, k, v, scale, causal, mask):
+    b, hq, sq, d = q.shape
+    s = _scores(q, k, scale, causal, mask)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
+    out = torch.matmul(p, v.to(s.dtype).unsqueeze(2))
+    return out.reshape(b, hq, sq, -1).to(q.dtype), lse.reshape(b, hq, sq)
+
+
+def _ref_backward(dout, q, k, v, out, lse, scale, causal, mask):
+    b, hq, sq, d = q.shape
+    hkv, sk = k.size(1), k.size(2)
+    g = hq // hkv
+    s = _scores(q, k, scale, causal, mask)
+    cd = s.dtype
+    lse = lse.to(cd).reshape(b, hkv, g, sq)
+    p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1))
+    do = dout.to(cd).reshape(b, hkv, g, sq, -1)
+    delta = (do * out.to(cd).reshape(b, hkv, g, sq, -1)).sum(-1, keepdim=True)
+    vf, kf = v.to(cd).unsqueeze(2), k.to(cd).unsqueeze(2)
+    dv = torch.matmul(p.transpose(-1, -2), do).sum(2)
+    ds = p * (torch.matmul(do, vf.transpose(-1, -2)) - delta)
+    dq = torch.matmul(ds, kf).reshape(b, hq, sq, d) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q.to(cd).reshape(b, hkv, g, sq, d)).sum(2) * scale
+    return dq, dk, dv
+
+
+def _additive(mask, dtype):
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, NEG_INF)
+
+
+def _cpu_flash_forward(q, k, v, scale, causal, mask):
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    bias = None if mask is None else _additive(mask, q.dtype)
+    out, lse = op(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+    if mask is not None:  # the kernel reports lse = 0 for fully masked rows: make it -inf
+        lse = lse.masked_fill(mask.all(-1), NEG_INF)
+    return out, lse
+
+
+def _cpu_flash_backward(dout, q, k, v, out, lse, scale, causal, mask):
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    bias = None if mask is None else _additive(mask, q.dtype)
+    lse = lse.masked_fill(torch.isinf(lse), 0.0).to(acc_dtype(q.dtype))
+    return op(dout.to(q.dtype), q, k, v, out.to(q.dtype), lse, 0.0, causal,
+              attn_mask=bias, scale=scale)
+
+
+def _cuda_flash_forward(q, k, v, scale, causal, mask):
+    g = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
+                                                              scale=scale)
+    return res[0], res[1]
+
+
+def _cuda_flash_backward(dout, q, k, v, out, lse, scale, causal, mask):
+    g = q.size(1) // k.size(1)
+    ke, ve = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    sq, sk = q.size(2), k.size(2)
+    zero = torch.zeros((), dtype=torch.int64, device=q.device)
+    lse = lse.masked_fill(torch.isinf(lse), 0.0).float()
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout.to(q.dtype), q, ke, ve, out.to(q.dtype), lse, None, None, sq, sk, 0.0, causal,
+        zero, zero, scale=scale)
+    b, hkv, d = k.size(0), k.size(1), k.size(3)
+    return dq, dk.view(b, hkv, g, sk, d).sum(2), dv.view(b, hkv, g, sk, d).sum(2)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    forward: Callable
+    backward: Callable
+    supports: Callable  # (q, mask) -> bool
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("reference", _ref_forward, _ref_backward, lambda q, mask: True),
+        Backend("cpu_flash", _cpu_flash_forward, _cpu_flash_backward,
+                lambda q, mask: q.device.type == "cpu"),
+        Backend("cuda_flash", _cuda_flash_forward, _cuda_flash_backward,
+                lambda q, mask: q.is_cuda and mask is None
+                and q.dtype in (torch.float16, torch.bfloat16)),
+    )
+}
+BACKEND_NAMES = ("auto", *BACKENDS)
+
+
+def pick_backend(name: str, q: torch.Tensor, mask) -> Backend:
+    """The backend ``name`` (or the fastest that supports this call for ``auto``)."""
+    if name == "auto":
+        for cand in ("cpu_flash", "cuda_flash"):
+            if BACKENDS[cand].supports(q, mask):
+                return BACKENDS[cand]
+        return BACKENDS["reference"]
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; use one of {BACKEND_NAMES}")
+    backend = BACKENDS[name]
+    return backend if backend.supports(q, mask) else BACKENDS["reference"]
+
+
+def block_attention(q, k, v, *, scale, causal=False, mask=None, backend="auto"):
+    """One block: ``(out, lse)``; out in q's dtype, lse in fp32 (fp64 for fp64 inputs)."""
+    return pick_backend(backend, q, mask).forward(q, k, v, scale, causal, mask)
+
+
+def block_attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, mask=None,
+                             backend="auto"):
+    """Gradients of one block given the rows' final ``out`` and ``lse``."""
+    return pick_backend(backend, q, mask).backward(dout, q, k, v, out, lse, scale, causal, mask)
+
+
+def merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
+    """Merge partial result ``(out_b, lse_b)`` into ``(out, lse)`` in place (accumulator dtype).
+
+    ``out = (out·e^lse + out_b·e^lse_b) / e^new``, ``new = logaddexp(lse, lse_b)``; rows where
+    both sides are empty (-inf) stay 0 / -inf.
+    """
+    new = torch.logaddexp(lse, lse_b.to(lse.dtype))
+    safe = new.masked_fill(torch.isinf(new), 0.0)
+    out.mul_(torch.exp(lse - safe).unsqueeze(-1))
+    out.add_(out_b.to(out.dtype) * torch.exp(lse_b.to(lse.dtype) - safe).unsqueeze(-1))
+    lse.copy_(new)
+
+
+# ----------------------------------------------------------------------------- block plan
+class Block(NamedTuple):
+    q: slice
+    k: slice
+    kind: str  # "full" | "causal" | "mask"
+    q_run: Run
+    k_run: Run
+
+
+def plan_blocks(q_runs, k_runs, causal: bool) -> list[Block]:
+    """The non-empty (query rows, key columns) blocks, grouped by query run.
+
+    Fully visible key ranges adjacent in the key buffer are joined into one block.
+    """
+    blocks: list[Block] = []
+    for qr in q_runs:
+        q_sl = slice(qr.local, qr.local + qr.length)
+        parts: list[tuple[str, Run]] = []
+        for kr in k_runs:
+            if not causal:
+                parts.append(("full", kr))
+                continue
+            n_full = min(kr.end, qr.start) - kr.start  # keys before every query of the run
+            if n_full > 0:
+                parts.append(("full", Run(kr.local, kr.start, n_full)))
+            lo, hi = max(kr.start, qr.start), min(kr.end, qr.end)
+            if lo < hi:
+                sub = Run(kr.local + lo - kr.start, lo, hi - lo)
+                parts.append(("causal" if (lo, hi) == (qr.start, qr.end) else "mask", sub))
+        merged: list[tuple[str, Run]] = []
+        for kind, kr in parts:
+            if merged and kind == "full" and merged[-1][0] == "full":
+                prev = merged[-1][1]
+                if prev.local + prev.length == kr.local:
+                    merged[-1] = ("full", Run(prev.local, prev.start, prev.length + kr.length))
+                    continue
+            merged.append((kind, kr))
+        for kind, kr in merged:
+            blocks.append(Block(q_sl, slice(kr.local, kr.local + kr.length), kind, qr, kr))
+    return blocks
+
+
+def _block_mask(blk: Block, kpm, device):
+    """Bool mask ``[b|1, 1, sq, sk]`` for a block (None when the kernel needs none)."""
+    mask = None
+    if blk.kind == "mask" or (blk.kind == "causal" and kpm is not None):
+        qp = torch.arange(blk.q_run.start, blk.q_run.end, device=device)
+        kp = torch.arange(blk.k_run.start, blk.k_run.end, device=device)
+        mask = (kp.unsqueeze(0) > qp.unsqueeze(1)).view(1, 1, len(qp), len(kp))
+    if kpm is not None:
+        pad = kpm[:, blk.k].view(kpm.size(0), 1, 1, -1)
+        mask = pad if mask is None else mask | pad
+    causal = blk.kind == "causal" and mask is None
+    return causal, mask
+
+
+def attend(q, q_runs, k, v, k_runs, *, scale, causal, kpm=None, backend="auto"):
+    """Attention of ``q`` against ``(k, v)`` whose tokens sit at the given runs.
+
+    Returns ``(out, lse)`` in the accumulation dtype; rows that see no key get 0 / -inf.
+    ``kpm``: ``[b, sk]`` bool key padding mask of the key buffer (True = padded) or None.
+    """
+    b, hq, sq, d = q.shape
+    cd = acc_dtype(q.dtype)
+    out = torch.zeros(b, hq, sq, v.size(-1), dtype=cd, device=q.device)
+    lse = torch.full((b, hq, sq), NEG_INF, dtype=cd, device=q.device)
+    for blk in plan_blocks(q_runs, k_runs, causal):
+        blk_causal, mask = _block_mask(blk, kpm, q.device)
+        o, lb = block_attention(q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], scale=scale,
+                                causal=blk_causal, mask=mask, backend=backend)
+        merge_(out[:, :, blk.q], lse[:, :, blk.q], o, lb)
+    return out, lse
+
+
+def attend_backward(dout, q, q_runs, k, v, k_runs, out, lse, *, scale, causal, kpm=None,
+                    backend="auto", dq=None, dk=None, dv=None):
+    """Accumulate the gradients of ``attend`` into ``dq, dk, dv`` (created when None).
+
+    ``out``/``lse`` are the rows' final values. Accumulators use the accumulation dtype.
+    """
+    cd = acc_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=cd, device=q.device) if dq is None else dq
+    dk = torch.zeros(k.shape, dtype=cd, device=k.device) if dk is None else dk
+    dv = torch.zeros(v.shape, dtype=cd, device=v.device) if dv is None else dv
+    for blk in plan_blocks(q_runs, k_runs, causal):
+        blk_causal, mask = _block_mask(blk, kpm, q.device)
+        g = block_attention_backward(
+            dout[:, :, blk.q], q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k],
+            out[:, :, blk.q], lse[:, :, blk.q], scale=scale, causal=blk_causal, mask=mask,
+            backend=backend)
+        dq[:, :, blk.q] += g[0]
+        dk[:, :, blk.k] += g[1]
+        dv[:, :, blk.k] += g[2]
+    return dq, dk, dv
+
+
+def count_blocks(q_runs, k_runs, causal: bool) -> int:
+    """How many kernel calls ``attend`` makes (0 means the pair is skipped)."""
+    return len(plan_blocks(q_runs, k_runs, causal))

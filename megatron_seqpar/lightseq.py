@@ -1,0 +1,203 @@
+"""LightSeq (DistAttn, Li et al. 2023): direct P2P of K/V shards overlapped with block compute.
+
+Schedule. Step 0 is the local block. At step ``t`` rank ``r`` sends its *own* K/V straight to
+rank ``r+t`` (no ring forwarding) and attends its queries to the K/V received from ``r-t``;
+partial results are merged in fp32 by log-sum-exp. Transfers of step ``t+1`` are posted before
+step ``t``'s compute (two alternating receive buffers), and waited on only when needed.
+
+Causal load balancing (contiguous layout, ``balance=True``). Only blocks ``(q_i, kv_j)`` with
+``j <= i`` are needed, so rank ``P-1`` would compute ``P`` blocks while rank 0 computes one. For
+``t = 1..floor(P/2)`` rank ``r`` pairs with ``c = (r+t) mod P``: if ``r+t < P`` it sends K/V to
+``c`` (``c`` needs them), otherwise it sends its Q to ``c``, which attends it to its own K/V and
+returns ``(out, lse)``. Every needed block is computed exactly once and every rank computes at
+most ``floor(P/2) + 1`` blocks (odd ``P`` included; for even ``P`` the last step is half busy).
+With ``balance=False`` the unbalanced schedule sends K/V only where it is needed. The zigzag
+layout is balanced by itself, and bidirectional attention needs every block: both use
+``P - 1`` K/V steps.
+
+Per rank and call (elements; ``s`` local length, ``b`` batch): forward sends
+``2·s·b·hkv·D`` per K/V step, or ``s·b·hq·D`` (Q) per Q-shipping step, whose helper returns
+``s·b·hq·D`` (out, accumulation dtype) plus ``s·b·hq`` (lse). The backward re-sends K/V (or Q
+with dO, O and lse) and returns dK/dV to their owner (dQ to the Q owner) in the accumulation
+dtype. Memory: q, k, v, out, lse saved; two K/V (or Q) receive buffers in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from megatron_seqpar.api import BaseOptions
+from megatron_seqpar.common import run_method
+from megatron_seqpar.kernels import attend, attend_backward, count_blocks, merge_
+
+
+@dataclass(frozen=True)
+class Options(BaseOptions):
+    """``balance``: causal load balancing for the contiguous layout (LightSeq's schedule)."""
+
+    balance: bool = True
+
+
+class Step(NamedTuple):
+    kv_to: int | None  # send own K/V to this rank
+    kv_from: int | None  # receive K/V from this rank, attend own queries to it
+    q_to: int | None  # send own queries to this rank, get (out, lse) back
+    q_from: int | None  # receive queries from this rank, attend them to own K/V, return
+
+
+def schedule(world_size: int, rank: int, *, causal: bool, layout: str, balance: bool):
+    """The steps after the local block, for ``rank`` (the same rule on every rank)."""
+    P, r = world_size, rank
+    ordered = causal and layout == "contiguous"
+    if not (ordered and balance):
+        steps = []
+        for t in range(1, P):
+            to, frm = (r + t) % P, (r - t) % P
+            if ordered:  # blocks of later ranks' keys are fully masked: skip those transfers
+                to, frm = (to if r + t < P else None), (frm if r - t >= 0 else None)
+            steps.append(Step(to, frm, None, None))
+        return steps
+    steps = []
+    for t in range(1, P // 2 + 1):
+        half = 2 * t == P  # for even P the pair {r, r+P/2} appears twice: K/V side only
+        send_kv, recv_kv = r + t < P, r - t >= 0
+        steps.append(Step(
+            kv_to=(r + t) % P if send_kv else None,
+            kv_from=(r - t) % P if recv_kv else None,
+            q_to=(r + t) % P if not send_kv and not half else None,
+            q_from=(r - t) % P if not recv_kv and not half else None,
+        ))
+    return steps
+
+
+def _steps(setup):
+    return schedule(setup.world_size, setup.rank, causal=setup.causal, layout=setup.layout,
+                    balance=setup.options.balance)
+
+
+def _buffers(template: torch.Tensor, needed: bool):
+    return [torch.empty_like(template) for _ in range(2)] if needed else [None, None]
+
+
+def lightseq_forward(setup, q, k, v, kpm_all):
+    """Forward over ``[b, h, s, d]`` shards: ``(out, lse, ())`` in the accumulation dtype."""
+    comm, r, s = setup.comm(), setup.rank, q.size(2)
+    kw = dict(scale=setup.scale, causal=setup.causal, backend=setup.options.backend)
+    runs = lambda i: setup.runs(i, s)  # noqa: E731
+    kpm = lambda i: None if kpm_all is None else kpm_all[i]  # noqa: E731
+    tally = setup.traffic.add_block_steps if setup.traffic else (lambda n=1: None)
+
+    out, lse = attend(q, runs(r), k, v, runs(r), kpm=kpm(r), **kw)
+    tally()
+    steps = _steps(setup)
+    own_kv = torch.stack([k, v])
+    kv_buf = _buffers(own_kv, any(st.kv_from is not None for st in steps))
+    q_buf = _buffers(q, any(st.q_from is not None for st in steps))
+
+    def post(t):
+        st = steps[t]
+        sends = [(own_kv, st.kv_to)] if st.kv_to is not None else []
+        sends += [(q, st.q_to)] if st.q_to is not None else []
+        recvs = [(kv_buf[t % 2], st.kv_from)] if st.kv_from is not None else []
+        recvs += [(q_buf[t % 2], st.q_from)] if st.q_from is not None else []
+        return comm.post(sends, recvs)
+
+    pending = post(0) if steps else None
+    returns = None  # (Pending, recv buffers or None, tensors kept alive) of the last step
+    for t, st in enumerate(steps):
+        nxt = post(t + 1) if t + 1 < len(steps) else None
+        pending.wait()
+        sends, recvs = [], []
+        if st.kv_from is not None:
+            kv = kv_buf[t % 2]
+            o, lb = attend(q, runs(r), kv[0], kv[1], runs(st.kv_from), kpm=kpm(st.kv_from), **kw)
+            merge_(out, lse, o, lb)
+            tally(count_blocks(runs(r), runs(st.kv_from), setup.causal) > 0)
+        if st.q_from is not None:
+            o, lb = attend(q_buf[t % 2], runs(st.q_from), k, v, runs(r), kpm=kpm(r), **kw)
+            sends += [(o, st.q_from), (lb, st.q_from)]
+            tally()
+        if st.q_to is not None:
+            recvs += [(torch.empty_like(out), st.q_to), (torch.empty_like(lse), st.q_to)]
+        _finish_returns(returns, lambda bufs: merge_(out, lse, bufs[0], bufs[1]))
+        returns = (comm.post(sends, recvs), [b for b, _ in recvs], sends)
+        pending = nxt
+    _finish_returns(returns, lambda bufs: merge_(out, lse, bufs[0], bufs[1]))
+    return out, lse, ()
+
+
+def _finish_returns(returns, consume):
+    if returns is None:
+        return
+    pending, bufs, _keep_alive = returns
+    pending.wait()
+    if bufs:
+        consume(bufs)
+
+
+def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
+    """Backward mirroring the forward schedule: ``(dq, dk, dv)`` in the accumulation dtype."""
+    comm, r, s = setup.comm(), setup.rank, q.size(2)
+    kw = dict(scale=setup.scale, causal=setup.causal, backend=setup.options.backend)
+    runs = lambda i: setup.runs(i, s)  # noqa: E731
+    kpm = lambda i: None if kpm_all is None else kpm_all[i]  # noqa: E731
+
+    dq, dk, dv = attend_backward(dout, q, runs(r), k, v, runs(r), out, lse, kpm=kpm(r), **kw)
+    steps = _steps(setup)
+    own_kv = torch.stack([k, v])
+    own_q = torch.stack([q, dout.to(q.dtype), out.to(q.dtype)])
+    kv_buf = _buffers(own_kv, any(st.kv_from is not None for st in steps))
+    q_buf = _buffers(own_q, any(st.q_from is not None for st in steps))
+    lse_buf = _buffers(lse, any(st.q_from is not None for st in steps))
+
+    def post(t):
+        st = steps[t]
+        sends = [(own_kv, st.kv_to)] if st.kv_to is not None else []
+        sends += [(own_q, st.q_to), (lse, st.q_to)] if st.q_to is not None else []
+        recvs = [(kv_buf[t % 2], st.kv_from)] if st.kv_from is not None else []
+        if st.q_from is not None:
+            recvs += [(q_buf[t % 2], st.q_from), (lse_buf[t % 2], st.q_from)]
+        return comm.post(sends, recvs)
+
+    def consume(bufs):
+        for kind, buf in bufs:
+            if kind == "kv":
+                dk.add_(buf[0])
+                dv.add_(buf[1])
+            else:
+                dq.add_(buf)
+
+    pending = post(0) if steps else None
+    returns = None
+    for t, st in enumerate(steps):
+        nxt = post(t + 1) if t + 1 < len(steps) else None
+        pending.wait()
+        sends, recvs = [], []
+        if st.kv_from is not None:
+            kv = kv_buf[t % 2]
+            g = attend_backward(dout, q, runs(r), kv[0], kv[1], runs(st.kv_from), out, lse,
+                                kpm=kpm(st.kv_from), dq=dq, **kw)
+            sends.append((torch.stack([g[1], g[2]]), st.kv_from))
+        if st.q_from is not None:
+            qa, doa, oa = q_buf[t % 2]
+            g = attend_backward(doa, qa, runs(st.q_from), k, v, runs(r), oa, lse_buf[t % 2],
+                                kpm=kpm(r), dk=dk, dv=dv, **kw)
+            sends.append((g[0], st.q_from))
+        if st.kv_to is not None:
+            recvs.append((("kv", torch.empty((2, *dk.shape), dtype=dk.dtype,
+                                             device=dk.device)), st.kv_to))
+        if st.q_to is not None:
+            recvs.append((("q", torch.empty_like(dq)), st.q_to))
+        _finish_returns(returns, consume)
+        returns = (comm.post(sends, [(b, p) for (_, b), p in recvs]), [kb for kb, _ in recvs],
+                    sends)
+        pending = nxt
+    _finish_returns(returns, consume)
+    return dq, dk, dv
+
+
+def apply(q, k, v, key_padding_mask, setup):
+    return run_method(lightseq_forward, lightseq_backward, q, k, v, key_padding_mask, setup)

@@ -1,0 +1,161 @@
+"""Rematerialization-aware checkpointing (LightSeq §3.3) for Megatron's activation recompute.
+
+With ``recompute_granularity="full"`` Megatron's ``tensor_parallel.checkpoint`` runs each
+layer forward under ``no_grad`` and re-runs it with grad in backward, so a distributed attention
+would run its forward communication twice. ``Remat`` moves the checkpoint boundary to right
+after attention: in the no-grad pass it runs the method's forward and keeps its output and
+log-sum-exp (fp32, ``b·h·s``); in the recompute pass the cheap layer parts (norm, QKV
+projection, RoPE) are recomputed as usual, but attention returns the kept output, and its
+backward calls the method's own backward ``(dout, q, k, v, out, lse) -> (dq, dk, dv)``. The
+distributed forward therefore runs once per step instead of twice; the backward's own
+communication is unchanged. Measured saving = one forward's traffic per layer per step (see
+``tests/test_megatron_remat.py``), e.g. LightSeq's ``2(P-1)·s·b·hkv·D`` K/V elements.
+
+Pairing. Kept entries form a FIFO per layer (pipeline schedules backward micro-batches in
+forward order). The recompute pass checks that the entry was made from the same ``q``
+(shape and an fp64 checksum); on a mismatch the stale entries are dropped and attention runs
+normally, so a stray no-grad training forward can never feed a wrong output to a backward.
+
+Memory: ``out`` (input dtype) + ``lse`` (fp32) + the gathered key-padding mask per layer and
+in-flight micro-batch, kept from the no-grad forward to the layer's backward. No collective
+of its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class _Kept:
+    key: tuple
+    setup: object
+    out: torch.Tensor  # [b, h, s, d], input dtype (what the method's own wrapper saves)
+    lse: torch.Tensor
+    kpm_all: torch.Tensor | None
+    extra: tuple
+
+
+def _fingerprint(q: torch.Tensor) -> tuple:
+    return (tuple(q.shape), q.dtype, float(q.detach().double().sum()))
+
+
+def _method_pair(method: str):
+    mod = importlib.import_module(f"megatron_seqpar.{method}")
+    fwd = getattr(mod, f"{method}_forward", None)
+    bwd = getattr(mod, f"{method}_backward", None)
+    return (fwd, bwd) if fwd is not None and bwd is not None else None
+
+
+def _setup(method, group, causal, softmax_scale, layout, options, q):
+    from megatron_seqpar import api
+    from megatron_seqpar.comm import Comm, current_traffic
+
+    mod = importlib.import_module(f"megatron_seqpar.{method}")
+    comm = Comm(group)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    opts = mod.Options() if options is None else options
+    return api.Setup(group, comm.rank, comm.world_size, bool(causal), scale, layout, opts,
+                     current_traffic())
+
+
+class _FromKept(torch.autograd.Function):
+    """Returns the kept output; backward runs the method's backward on the recomputed q/k/v."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kept, bwd):
+        from megatron_seqpar.common import to_bhsd
+
+        qh, kh, vh = to_bhsd(q), to_bhsd(k), to_bhsd(v)
+        out = kept.out.to(q.dtype)
+        ctx.kept, ctx.bwd = kept, bwd
+        ctx.save_for_backward(qh, kh, vh, out)
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout):
+        from megatron_seqpar.common import to_bhsd
+
+        qh, kh, vh, out = ctx.saved_tensors
+        kept = ctx.kept
+        dq, dk, dv = ctx.bwd(kept.setup, to_bhsd(dout), qh, kh, vh, out, kept.lse,
+                             kept.kpm_all, *kept.extra)
+        grads = [g.to(x.dtype).transpose(1, 2) for g, x in ((dq, qh), (dk, kh), (dv, vh))]
+        return (*grads, None, None)
+
+
+class Remat:
+    """Per-layer keeper of (out, lse) between the no-grad forward and the recompute pass.
+
+    ``remat(q, k, v, **attention_kwargs)`` behaves like ``msp.attention`` (public
+    ``[b, s, h, d]`` layout); ``kept`` is the number of entries waiting for a backward.
+    """
+
+    def __init__(self, method: str):
+        pair = _method_pair(method)
+        if pair is None:
+            raise ValueError(f"method {method!r} exposes no {method}_forward/_backward pair")
+        self.method = method
+        self._fwd, self._bwd = pair
+        self._queue: deque[_Kept] = deque()
+
+    @property
+    def kept(self) -> int:
+        return len(self._queue)
+
+    def clear(self) -> None:
+        self._queue.clear()
+
+    def __call__(self, q, k, v, *, method, group, causal, softmax_scale, layout,
+                 key_padding_mask, options):
+        import megatron_seqpar as msp
+        from megatron_seqpar.common import gather_kpm, to_bhsd
+
+        if method != self.method:
+            raise ValueError(f"Remat built for {self.method!r} called for {method!r}")
+        kw = dict(method=method, group=group, causal=causal, softmax_scale=softmax_scale,
+                  layout=layout, key_padding_mask=key_padding_mask, options=options)
+        if not torch.is_grad_enabled():  # checkpoint's first pass: run once, keep out + lse
+            msp.api._check_inputs(q, k, v, key_padding_mask)
+            setup = _setup(method, group, causal, softmax_scale, layout, options, q)
+            kpm_all = gather_kpm(setup.comm(), key_padding_mask)
+            o, lse, extra = self._fwd(setup, to_bhsd(q), to_bhsd(k), to_bhsd(v), kpm_all)
+            o = o.to(q.dtype)
+            self._queue.append(_Kept(_fingerprint(q), setup, o, lse, kpm_all, tuple(extra)))
+            return o.transpose(1, 2)
+        key = _fingerprint(q) if self._queue else None
+        while self._queue and self._queue[0].key != key:
+            self._queue.popleft()  # stale (e.g. an abandoned no-grad forward)
+        if self._queue:
+            return _FromKept.apply(q, k, v, self._queue.popleft(), self._bwd)
+        return msp.attention(q, k, v, **kw)
+
+
+def enable_remat(model: torch.nn.Module, methods=None) -> int:
+    """Attach a ``Remat`` to every ``SeqParCoreAttention`` in ``model``; returns how many.
+
+    Only effective with activation recompute on (``recompute_granularity`` "full", or
+    "selective" with ``core_attn``); without it nothing is ever kept. ``methods``: restrict
+    to these method names (None = every method exposing a forward/backward pair).
+    """
+    from megatron_seqpar.megatron.core_attention import SeqParCoreAttention
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, SeqParCoreAttention) and (methods is None or m.method in methods):
+            m.remat = Remat(m.method)
+            n += 1
+    return n
+
+
+def disable_remat(model: torch.nn.Module) -> None:
+    """Detach every ``Remat`` (the attention then re-runs in the recompute pass)."""
+    from megatron_seqpar.megatron.core_attention import SeqParCoreAttention
+
+    for m in model.modules():
+        if isinstance(m, SeqParCoreAttention):
+            m.remat = None

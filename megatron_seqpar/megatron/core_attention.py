@@ -1,0 +1,237 @@
+"""megatron-core core-attention provider running one of the exact sequence-parallel methods.
+
+``SeqParCoreAttention`` is a drop-in for ``megatron.core.transformer.dot_product_attention.
+DotProductAttention`` (same constructor keywords, same forward signature, same shapes): it
+goes into ``spec.submodules.self_attention.submodules.core_attention`` through a
+``ModuleSpec(module=SeqParCoreAttention, params={"method": ...})`` (see ``megatron_seqpar.specs``).
+
+Inside Megatron the sequence is sharded over the *context-parallel* group in the zigzag layout
+that ``megatron.core.utils.get_batch_on_this_cp_rank`` and RoPE's
+``get_pos_emb_on_this_cp_rank`` produce (2P chunks, rank r holds chunks r and 2P-1-r), so the
+provider calls ``msp.attention(..., group=cp_group, layout="zigzag")``.
+
+Collectives and memory are those of the chosen method (``msp.attention`` docstrings and
+DESIGN §6), run on the CP group of this TP rank; the provider itself adds none. With CP=1 the
+method runs on a group of one and degenerates to local attention.
+
+Megatron semantics kept:
+  * ``softmax_scale`` defaults to ``1/sqrt(hn)`` (or ``config.softmax_scale``);
+    ``apply_query_key_layer_scaling`` divides the scores by ``layer_number`` and multiplies
+    them back inside an fp32 softmax, so the effective scale is unchanged; the methods always
+    accumulate and merge in fp32, which is what ``attention_softmax_in_fp32`` asks for.
+  * GQA: query head ``i`` uses kv head ``i // (np // ng)`` (Megatron's ``repeat_interleave``).
+  * Masks: ``causal`` ignores ``attention_mask`` (as TE does; the causal mask follows global
+    token positions); ``padding`` / ``padding_causal`` take a bool mask, True = masked, of shape
+    ``[b, 1, 1, sk]`` or ``[b, 1, sq, sk]`` whose key axis is either this rank's shard
+    (``sk == sq``) or the full sequence (``sk == P*sq``, as ``get_batch_on_this_cp_rank`` leaves
+    it); only key padding (optionally with the matching padded query rows) is representable.
+    Padded query rows return zeros (Megatron's local softmax returns a uniform row there: both
+    are outputs of padded tokens and never reach an unmasked loss term).
+
+Not supported, with a clear error: packed THD sequences, attention bias, cross attention,
+sliding windows, non-vanilla softmax (off-by-one / learnable), attention dropout > 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import is_layer_window_attention
+
+from megatron_seqpar.megatron.parallel_state import sequence_group
+
+_SUPPORTED_MASKS = (
+    AttnMaskType.causal,
+    AttnMaskType.no_mask,
+    AttnMaskType.padding,
+    AttnMaskType.padding_causal,
+)
+
+
+def check_config(config, *, attention_type: str = "self", layer_number: int = 1,
+                 attention_dropout: float | None = None) -> None:
+    """Raise ``ValueError`` for TransformerConfig features the provider cannot honour."""
+    if attention_type != "self":
+        raise ValueError(
+            f"sequence-parallel core attention supports self attention only, got "
+            f"attention_type={attention_type!r}"
+        )
+    p = config.attention_dropout if attention_dropout is None else attention_dropout
+    if p:
+        raise ValueError(
+            f"attention dropout {p} is not supported by the exact sequence-parallel methods; "
+            "set TransformerConfig(attention_dropout=0.0) (--attention-dropout 0)"
+        )
+    if getattr(config, "softmax_type", "vanilla") != "vanilla":
+        raise ValueError(
+            f"softmax_type={config.softmax_type!r} is not supported; use 'vanilla'"
+        )
+    window = getattr(config, "window_size", None)
+    if window and is_layer_window_attention(
+        window, getattr(config, "window_attn_skip_freq", None), layer_number
+    ):
+        raise ValueError("sliding-window attention (window_size) is not supported; unset it")
+
+
+def key_padding_from_mask(attention_mask: torch.Tensor | None, *, sq: int, b: int,
+                          cp_rank: int, cp_size: int) -> torch.Tensor | None:
+    """This rank's ``[b, sq]`` key-padding mask (True = padded) from a Megatron mask.
+
+    Accepts ``[b|1, 1, 1|sq, sq|P*sq]`` bool masks. A ``[.., sq, ..]`` mask must have padding
+    structure (each entry = key padded, or query padded or key padded); anything else raises.
+    A key axis of the full length is cut to this rank's zigzag chunks (r and 2P-1-r).
+    """
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    if m.dtype != torch.bool:
+        raise ValueError(f"attention_mask must be bool (True = masked), got {m.dtype}")
+    if m.dim() != 4 or m.size(1) != 1 or m.size(2) not in (1, sq) or m.size(0) not in (1, b):
+        raise ValueError(
+            f"attention_mask must be [b, 1, 1, sk] or [b, 1, sq, sk], got {tuple(m.shape)}"
+        )
+    sk = m.size(3)
+    if sk not in (sq, cp_size * sq):
+        raise ValueError(
+            f"attention_mask key length {sk} is neither the local length {sq} nor the full "
+            f"length {cp_size * sq}"
+        )
+    rows = m[:, 0]  # [b, 1|sq, sk]
+    kpm_keys = rows.all(dim=1)  # [b, sk]: exact for padding-structured masks
+    if sk != sq:  # full key axis -> this rank's zigzag chunks
+        chunks = kpm_keys.view(kpm_keys.size(0), 2 * cp_size, -1)
+        idx = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank], device=m.device)
+        kpm_local = chunks.index_select(1, idx).reshape(kpm_keys.size(0), sq)
+    else:
+        kpm_local = kpm_keys
+    if rows.size(1) == sq:
+        keys_only = kpm_keys[:, None, :].expand_as(rows)
+        both = keys_only | kpm_local[:, :, None]
+        if not (torch.equal(rows, keys_only) or torch.equal(rows, both)):
+            raise ValueError(
+                "only key-padding masks are supported (mask[i, j] = pad[j] or pad[i] | pad[j]);"
+                " arbitrary [b, 1, sq, sk] masks are not"
+            )
+    return kpm_local.expand(b, sq).contiguous()
+
+
+class SeqParCoreAttention(MegatronModule):
+    """Core attention through ``msp.attention(method=...)`` on Megatron's CP group.
+
+    Constructor keywords are megatron-core's core-attention ones (``config, layer_number,
+    attn_mask_type, attention_type, attention_dropout, softmax_scale, cp_comm_type,
+    pg_collection``) plus ``method``, ``options`` (the method's frozen options dataclass,
+    None = defaults) and ``remat`` (rematerialization-aware checkpointing, see
+    ``megatron_seqpar.megatron.checkpointing``; None = on exactly when Megatron recomputes
+    this attention), which a ``ModuleSpec``'s ``params`` supplies. ``cp_comm_type`` and unknown
+    keywords of other megatron-core versions are accepted and ignored.
+    """
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+        *,
+        method: str,
+        options: Any = None,
+        remat: bool | None = None,
+        **kwargs,
+    ):
+        super().__init__(config=config)
+        import megatron_seqpar as msp
+
+        if method not in msp.METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {msp.METHODS}")
+        check_config(config, attention_type=attention_type, layer_number=layer_number,
+                     attention_dropout=attention_dropout)
+        if attn_mask_type not in _SUPPORTED_MASKS:
+            raise ValueError(
+                f"attn_mask_type {attn_mask_type} is not supported; use one of "
+                f"{[m.name for m in _SUPPORTED_MASKS]}"
+            )
+        self.method = method
+        self.options = options
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        self.cp_comm_type = cp_comm_type  # unused: the method decides its communication
+        self.cp_group = sequence_group(pg_collection)
+        if self.cp_group.size() != config.context_parallel_size:
+            raise ValueError(
+                f"CP group has {self.cp_group.size()} ranks but "
+                f"config.context_parallel_size={config.context_parallel_size}"
+            )
+        head_dim = config.kv_channels
+        # Effective scale: layer scaling divides by layer_number and the fp32 softmax multiplies
+        # back, so it cancels (Megatron does it only to keep fp16 scores in range).
+        self.softmax_scale = (
+            1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+        )
+        if remat is None:  # on whenever Megatron recomputes this attention
+            remat = config.recompute_granularity == "full" or (
+                config.recompute_granularity == "selective"
+                and "core_attn" in (config.recompute_modules or ())
+            )
+        self.remat = None
+        if remat:
+            from megatron_seqpar.megatron.checkpointing import Remat
+
+            self.remat = Remat(method)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        """q ``[sq, b, np, hn]``, k/v ``[sk, b, ng, hn]`` (this rank's shard) -> ``[sq, b, np*hn]``."""
+        import megatron_seqpar as msp
+
+        if packed_seq_params is not None:
+            raise ValueError(
+                "packed (THD) sequences are not supported by sequence-parallel core attention; "
+                "use padded BSHD batches"
+            )
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by sequence-parallel attention")
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        if mask_type not in _SUPPORTED_MASKS:
+            raise ValueError(f"attn_mask_type {mask_type} is not supported")
+        sq, b, heads, head_dim = query.shape
+        if key.size(0) != sq:
+            raise ValueError(f"self attention needs sk == sq, got sk={key.size(0)}, sq={sq}")
+        cp_size = self.cp_group.size()
+        causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+        kpm = None
+        if mask_type in (AttnMaskType.padding, AttnMaskType.padding_causal):
+            kpm = key_padding_from_mask(attention_mask, sq=sq, b=b,
+                                        cp_rank=self.cp_group.rank(), cp_size=cp_size)
+        kwargs = dict(
+            method=self.method,
+            group=self.cp_group,
+            causal=causal,
+            softmax_scale=self.softmax_scale,
+            layout="zigzag" if cp_size > 1 else "contiguous",
+            key_padding_mask=kpm,
+            options=self.options,
+        )
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, hn]
+        if self.remat is not None and self.training:
+            out = self.remat(q, k, v, **kwargs)
+        else:
+            out = msp.attention(q, k, v, **kwargs)
+        return out.transpose(0, 1).reshape(sq, b, heads * head_dim)

@@ -1,0 +1,176 @@
+"""LSS double gradient averaging on megatron-core ``DistributedDataParallel`` grad buffers.
+
+Stock Megatron reduces every gradient once, over the combined DP x CP group. LSS averages in
+two levels (DESIGN §4): first over the *sequence* group (Megatron's CP group: the segments of
+one sequence, adjacent ranks, so intra-node first in Megatron's rank order), then over the
+*pure data-parallel* group (the same segment of different sequences). Learned absolute position
+embeddings are *owned per segment*: rank r only ever reads and writes the rows of its own
+(zigzag) positions, so their gradient skips the sequence-group average and joins only the DP
+average, scaled by ``1/P`` so that it equals what the CP average would have given on those rows
+(one nonzero term in a sum of P, divided by P) and therefore the single-process gradient.
+Rows of other segments keep a zero gradient on this rank and are never read here; call
+``sync_position_embeddings`` before saving a checkpoint or changing P.
+
+How it sits on Megatron:
+  * ``lss_ddp(config, ddp_config, module)`` is a stock ``DistributedDataParallel`` built with a
+    ``ProcessGroupCollection`` whose ``dp_cp`` is the pure DP group, so DDP's own bucket
+    communication (and ``gradient_scaling_factor = 1/dp``) is the second-level average.
+  * ``lss_finalize_model_grads(seq_group)`` returns a drop-in for
+    ``megatron.core.distributed.finalize_model_grads`` (set it as
+    ``config.finalize_model_grads_func``): it all-reduces each grad buffer over the sequence
+    group (skipping position-embedding ranges, which it scales by 1/P) and then runs
+    Megatron's ``finalize_model_grads`` (DP bucket all-reduce / reduce-scatter, SP layer-norm
+    grads, PP embedding grads, per-token scaling). With ``overlap_grad_reduce`` the DP
+    reduction has already started in backward; both levels are linear, so the CP average then
+    runs after it with the same result.
+
+Collectives and bytes per step, N = parameters with grad, E = position-embedding elements,
+w = bytes per grad element, P = CP size, D = DP size (ring all-reduce sends 2(n-1)/n x payload):
+  * level 1: one all-reduce per contiguous non-position range of each buffer over the CP
+    group, payload (N - E)·w, sent ≈ 2(P-1)/P·(N-E)·w per rank;
+  * level 2: DDP's bucket all-reduce over the DP group, payload N·w, ≈ 2(D-1)/D·N·w sent;
+  * stock Megatron instead: one all-reduce of N·w over DP x CP, ≈ 2(PD-1)/(PD)·N·w sent.
+No extra memory: everything is in place on DDP's grad buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def position_embedding_params(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Learned absolute position-embedding tables of ``module`` (LanguageModelEmbedding's)."""
+    from megatron.core.models.common.embeddings.language_model_embedding import (
+        LanguageModelEmbedding,
+    )
+
+    found = []
+    for sub in module.modules():
+        if isinstance(sub, LanguageModelEmbedding) and sub.add_position_embedding:
+            found.append(sub.position_embeddings.weight)
+    return found
+
+
+def owned_position_rows(seq_len: int, cp_rank: int, cp_size: int) -> torch.Tensor:
+    """Global positions (= position-embedding rows) held by ``cp_rank`` in the zigzag layout."""
+    if seq_len % (2 * cp_size):
+        raise ValueError(f"sequence length {seq_len} is not divisible by 2*CP={2 * cp_size}")
+    c = seq_len // (2 * cp_size)
+    a, b = cp_rank, 2 * cp_size - 1 - cp_rank
+    return torch.cat([torch.arange(a * c, (a + 1) * c), torch.arange(b * c, (b + 1) * c)])
+
+
+def lss_process_groups(pg_collection=None):
+    """``ProcessGroupCollection`` for ``DistributedDataParallel`` that reduces over pure DP.
+
+    Copies Megatron's groups (from ``pg_collection`` or ``parallel_state``) and sets
+    ``dp_cp`` (and ``intra_dp_cp``) to the pure data-parallel group. No group is created.
+    """
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    src = pg_collection or ProcessGroupCollection.use_mpu_process_groups(
+        required_pgs=["tp", "pp", "ep", "cp", "dp", "expt_dp", "embd", "pos_embd"]
+    )
+    out = ProcessGroupCollection()
+    for name in ("tp", "pp", "ep", "cp", "dp", "expt_dp", "embd", "pos_embd"):
+        if hasattr(src, name):
+            setattr(out, name, getattr(src, name))
+    out.dp_cp = out.dp
+    out.intra_dp_cp = out.dp
+    return out
+
+
+def lss_ddp(config, ddp_config, module, pg_collection=None, **ddp_kwargs):
+    """megatron-core ``DistributedDataParallel`` whose bucket reduction is the pure-DP average."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    if ddp_config.num_distributed_optimizer_instances != 1:
+        raise ValueError("LSS double averaging supports num_distributed_optimizer_instances=1")
+    return DistributedDataParallel(
+        config, ddp_config, module, pg_collection=lss_process_groups(pg_collection), **ddp_kwargs
+    )
+
+
+def _ddp_buffers(model_chunk):
+    buffers = list(getattr(model_chunk, "buffers", [])) + list(
+        getattr(model_chunk, "expert_parallel_buffers", [])
+    )
+    if not buffers:
+        raise ValueError("LSS double averaging needs a megatron-core DistributedDataParallel model")
+    return buffers
+
+
+def _complement(ranges: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    out, pos = [], 0
+    for lo, hi in sorted(ranges):
+        if lo > pos:
+            out.append((pos, lo))
+        pos = max(pos, hi)
+    if pos < n:
+        out.append((pos, n))
+    return out
+
+
+def average_over_sequence_group(model_chunk, seq_group: dist.ProcessGroup) -> int:
+    """Level 1: average the grad buffers of one DDP chunk over ``seq_group``, in place.
+
+    Position-embedding ranges are skipped and scaled by ``1/P``. Collectives: one blocking
+    all-reduce per contiguous non-position range of each buffer (payload = buffer minus the
+    position tables). Returns the payload in bytes (per rank, before the ring factor).
+    """
+    p = dist.get_world_size(seq_group)
+    if p == 1:
+        return 0
+    pos_params = set(position_embedding_params(model_chunk.module))
+    payload = 0
+    for buf in _ddp_buffers(model_chunk):
+        skip = [buf.param_index_map[q][:2] for q in pos_params if q in buf.param_index_map]
+        for lo, hi in skip:
+            buf.grad_data[lo:hi].mul_(1.0 / p)
+        for lo, hi in _complement(skip, buf.grad_data.numel()):
+            part = buf.grad_data[lo:hi]
+            dist.all_reduce(part, op=dist.ReduceOp.SUM, group=seq_group)
+            part.mul_(1.0 / p)
+            payload += part.numel() * part.element_size()
+    return payload
+
+
+def lss_finalize_model_grads(seq_group: dist.ProcessGroup):
+    """Drop-in for ``finalize_model_grads``: CP average (level 1), then Megatron's DP one.
+
+    Use with models wrapped by ``lss_ddp``. Returns ``fn(model, num_tokens=None,
+    pg_collection=None, force_all_reduce=False)``, megatron-core's signature.
+    """
+    from megatron.core.distributed import finalize_model_grads
+
+    def finalize(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
+        chunks = model if isinstance(model, list) else [model]
+        overlapped = any(c.ddp_config.overlap_grad_reduce for c in chunks)
+        if not overlapped:
+            for c in chunks:
+                average_over_sequence_group(c, seq_group)
+        finalize_model_grads(chunks, num_tokens=num_tokens, pg_collection=pg_collection,
+                             force_all_reduce=force_all_reduce)
+        if overlapped:  # DP reduction already ran in backward; the levels commute
+            for c in chunks:
+                average_over_sequence_group(c, seq_group)
+
+    return finalize
+
+
+def sync_position_embeddings(module: torch.nn.Module, seq_group: dist.ProcessGroup,
+                             seq_len: int) -> None:
+    """Make every rank's position tables equal the owners' rows (before save / resharding).
+
+    Collective: one all-reduce over ``seq_group`` of each table (rows zeroed except the owned
+    ones, so the sum assembles the table). Rows beyond ``seq_len`` keep rank 0's values.
+    """
+    p, r = dist.get_world_size(seq_group), dist.get_rank(seq_group)
+    rows = owned_position_rows(seq_len, r, p)
+    for w in position_embedding_params(module):
+        with torch.no_grad():
+            mine = torch.zeros_like(w.data[:seq_len])
+            mine[rows] = w.data[rows]
+            dist.all_reduce(mine, group=seq_group)
+            w.data[:seq_len].copy_(mine)

@@ -1,0 +1,86 @@
+"""Where the sequence axis and the pure data-parallel axis come from inside megatron-core.
+
+The sequence group of every method is Megatron's *context-parallel* group; the group LSS
+averages over second is Megatron's *pure* data-parallel group (``with_context_parallel=False``).
+Both are read from a ``ProcessGroupCollection`` when one is given (``pg_collection.cp``,
+``pg_collection.dp``) and from ``megatron.core.parallel_state`` otherwise. Nothing here creates
+a process group, runs a collective or holds state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class SequenceAxis:
+    """The sequence (context-parallel) group and this rank's place in it."""
+
+    group: dist.ProcessGroup
+    rank: int
+    world_size: int
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside a group of {self.world_size}")
+
+
+def _from_collection(pg_collection, name: str):
+    group = getattr(pg_collection, name, None)
+    if group is None:
+        raise ValueError(
+            f"pg_collection has no '{name}' process group; build it with "
+            f"ProcessGroupCollection.use_mpu_process_groups(required_pgs=[..., '{name}'])"
+        )
+    return group
+
+
+def sequence_group(pg_collection=None) -> dist.ProcessGroup:
+    """Megatron's context-parallel group: ``pg_collection.cp`` or ``parallel_state``'s."""
+    if pg_collection is not None:
+        return _from_collection(pg_collection, "cp")
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        raise ValueError(
+            "megatron parallel state is not initialised: call "
+            "parallel_state.initialize_model_parallel(context_parallel_size=...) first, "
+            "or pass pg_collection"
+        )
+    return parallel_state.get_context_parallel_group()
+
+
+def sequence_axis(pg_collection=None) -> SequenceAxis:
+    """The sequence group with this rank's rank and the group size (no collective)."""
+    group = sequence_group(pg_collection)
+    return SequenceAxis(group=group, rank=group.rank(), world_size=group.size())
+
+
+def sequence_world_size(pg_collection=None) -> int:
+    """Number of ranks sharing one sequence (Megatron's CP size)."""
+    return sequence_group(pg_collection).size()
+
+
+def sequence_rank(pg_collection=None) -> int:
+    """This rank's index in the sequence group (Megatron's CP rank)."""
+    return sequence_group(pg_collection).rank()
+
+
+def data_parallel_group(pg_collection=None) -> dist.ProcessGroup:
+    """Megatron's pure data-parallel group (without the CP ranks): ``pg_collection.dp``."""
+    if pg_collection is not None:
+        return _from_collection(pg_collection, "dp")
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group(with_context_parallel=False)
+
+
+def data_and_sequence_group(pg_collection=None) -> dist.ProcessGroup:
+    """Megatron's combined DP x CP group, the one stock DDP reduces gradients over."""
+    if pg_collection is not None:
+        return _from_collection(pg_collection, "dp_cp")
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)

@@ -1,0 +1,135 @@
+"""megatron-core transformer-layer specs that run attention with a sequence-parallel method.
+
+Each spec starts from megatron-core's own layer spec (local or Transformer Engine) and swaps
+exactly one field, ``submodules.self_attention.submodules.core_attention``, for
+``ModuleSpec(SeqParCoreAttention, params={"method": ..., "options": ...})``; every other
+submodule (linears, norms, MLP, bias-dropout-add) stays Megatron's.
+
+    from megatron_seqpar.specs import gpt_lightseq          # a ModuleSpec
+    GPTModel(config, transformer_layer_spec=gpt_lightseq, ...)
+
+Megatron-LM: ``--spec megatron_seqpar.specs gpt_lightseq`` (or ``bert_rsa`` ...). Transformer
+Engine variants (``gpt_te_<method>``, ``bert_te_<method>``) are built on first access and need
+``transformer_engine``; the ``gpt_<method>``/``bert_<method>`` objects use local modules.
+
+Importing this module imports megatron-core (``import megatron_seqpar`` alone does not).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_seqpar.megatron.core_attention import SeqParCoreAttention
+
+_METHODS = ("rsa", "mqsp", "lss", "lightseq")
+
+
+def core_attention_spec(method: str, options=None) -> ModuleSpec:
+    """``ModuleSpec`` of the provider for ``method`` (``options``: its frozen options or None)."""
+    import megatron_seqpar as msp
+
+    if method not in msp.METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {msp.METHODS}")
+    return ModuleSpec(module=SeqParCoreAttention, params={"method": method, "options": options})
+
+
+def with_core_attention(layer_spec: ModuleSpec, method: str, options=None) -> ModuleSpec:
+    """Copy of a TransformerLayer spec whose self-attention core is the ``method`` provider."""
+    spec = copy.deepcopy(layer_spec)
+    try:
+        attn = spec.submodules.self_attention.submodules
+        attn.core_attention  # noqa: B018 - probe the field
+    except AttributeError as e:
+        raise ValueError(
+            "layer_spec has no submodules.self_attention.submodules.core_attention "
+            "(is it a megatron-core TransformerLayer spec?)"
+        ) from e
+    attn.core_attention = core_attention_spec(method, options)
+    return spec
+
+
+def _have_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get_gpt_layer_spec(method: str, *, options=None, transformer_engine: bool = False,
+                       **megatron_kwargs) -> ModuleSpec:
+    """GPT layer spec for ``method``.
+
+    ``transformer_engine=False`` starts from ``get_gpt_layer_local_spec(**megatron_kwargs)``,
+    True from ``get_gpt_layer_with_transformer_engine_spec(**megatron_kwargs)`` (needs TE).
+    ``megatron_kwargs`` are those builders' own (``qk_layernorm``, ``normalization``, ...).
+    Multi-latent attention is refused: its core attention sees different head dims.
+    """
+    from megatron.core.models.gpt import gpt_layer_specs as g
+
+    if megatron_kwargs.get("multi_latent_attention"):
+        raise ValueError("multi_latent_attention is not supported by sequence-parallel specs")
+    if transformer_engine:
+        if not _have_te():
+            raise ImportError("transformer_engine is not installed; use transformer_engine=False")
+        base = g.get_gpt_layer_with_transformer_engine_spec(**megatron_kwargs)
+    else:
+        base = g.get_gpt_layer_local_spec(**megatron_kwargs)
+    return with_core_attention(base, method, options)
+
+
+def get_bert_layer_spec(method: str, *, options=None,
+                        transformer_engine: bool = False) -> ModuleSpec:
+    """BERT layer spec for ``method`` (padding mask), from megatron-core's local or TE spec.
+
+    Use it with ``megatron_seqpar.megatron.bert.SeqParBertModel`` under CP>1: stock
+    ``BertModel`` derives local position ids and a local-only mask.
+    """
+    from megatron.core.models.bert import bert_layer_specs as bl
+
+    if transformer_engine:
+        if not _have_te():
+            raise ImportError("transformer_engine is not installed; use transformer_engine=False")
+        base = bl.get_bert_layer_with_transformer_engine_spec()
+    else:
+        base = bl.bert_layer_local_spec
+    return with_core_attention(base, method, options)
+
+
+gpt_rsa = get_gpt_layer_spec("rsa")
+gpt_mqsp = get_gpt_layer_spec("mqsp")
+gpt_lss = get_gpt_layer_spec("lss")
+gpt_lightseq = get_gpt_layer_spec("lightseq")
+bert_rsa = get_bert_layer_spec("rsa")
+bert_mqsp = get_bert_layer_spec("mqsp")
+bert_lss = get_bert_layer_spec("lss")
+bert_lightseq = get_bert_layer_spec("lightseq")
+
+_TE_NAMES = {f"{model}_te_{m}": (model, m) for model in ("gpt", "bert") for m in _METHODS}
+
+
+def __getattr__(name: str):
+    """``gpt_te_<method>`` / ``bert_te_<method>``: built lazily, only with transformer_engine."""
+    if name in _TE_NAMES:
+        model, method = _TE_NAMES[name]
+        build = get_gpt_layer_spec if model == "gpt" else get_bert_layer_spec
+        return build(method, transformer_engine=True)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "bert_lightseq",
+    "bert_lss",
+    "bert_mqsp",
+    "bert_rsa",
+    "core_attention_spec",
+    "get_bert_layer_spec",
+    "get_gpt_layer_spec",
+    "gpt_lightseq",
+    "gpt_lss",
+    "gpt_mqsp",
+    "gpt_rsa",
+    "with_core_attention",
+]

@@ -1,0 +1,308 @@
+"""Command-line flags (Megatron-LM's names where one exists) filling a frozen ``TrainConfig``.
+
+``parse_args(argv, model="gpt", world_size=None)`` returns a validated ``TrainConfig``; a bad
+combination (sequence length not divisible by 2*CP, heads not divisible by TP, world size not a
+multiple of TP*CP, ...) raises ``ConfigError`` with one line naming the fix, before any process
+group exists. ``driver.main`` turns that into ``error: <line>`` and exit status 2.
+
+Megatron-LM names: --num-layers --hidden-size --ffn-hidden-size --num-attention-heads
+--num-query-groups --seq-length --max-position-embeddings --position-embedding-type
+--micro-batch-size --global-batch-size --lr --min-lr --lr-decay-style --lr-warmup-iters
+--weight-decay --adam-beta1 --adam-beta2 --adam-eps --clip-grad --init-method-std
+--hidden-dropout --attention-dropout --train-iters --seed --tensor-model-parallel-size
+--context-parallel-size --save --load --save-interval --exit-interval --log-interval --data-path
+--data-cache-path --split --bf16 --recompute-granularity --recompute-method
+--recompute-num-layers --distributed-backend --mask-prob --short-seq-prob
+--untie-embeddings-and-output-weights.
+Ours: --seqpar-method {rsa,mqsp,lss,lightseq}, --seqpar-option KEY=VALUE (a field of that
+method's ``Options``, repeatable), --device, --log-dir, --no-progress-bar, --no-plot,
+--cpu-threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+METHODS = ("rsa", "mqsp", "lss", "lightseq")  # == megatron_seqpar.METHODS (checked in tests)
+MODELS = ("gpt", "bert")
+VOCAB_SIZE = 256  # byte-level tokens
+
+
+class ConfigError(ValueError):
+    """A bad flag combination; the message is one line that names the fix."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one pretraining run needs; validated on construction (see ``validate``)."""
+
+    model: str = "gpt"
+    # model shape
+    num_layers: int = 4
+    hidden_size: int = 256
+    ffn_hidden_size: int | None = None
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None
+    seq_length: int = 4096
+    max_position_embeddings: int | None = None
+    position_embedding_type: str = "learned_absolute"
+    untie_embeddings_and_output_weights: bool = False
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    # batch and optimisation
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    train_iters: int = 200
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_decay_style: str = "cosine"
+    lr_warmup_iters: int = 10
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+    bf16: bool = False
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    # parallelism
+    world_size: int = 1
+    tensor_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    seqpar_method: str | None = None
+    seqpar_options: tuple[tuple[str, str], ...] = ()
+    distributed_backend: str | None = None
+    device: str = "auto"
+    cpu_threads: int | None = None
+    # data
+    data_path: str | None = None
+    data_cache_path: str = "data/cache"
+    split: str = "100,0,0"
+    mask_prob: float = 0.15
+    short_seq_prob: float = 0.1
+    # checkpoints and reporting
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    exit_interval: int | None = None
+    log_interval: int = 1
+    log_dir: str | None = None
+    progress_bar: bool = True
+    plot: bool = True
+    # derived (filled in __post_init__)
+    data_parallel_size: int = field(init=False, default=1)
+    num_microbatches: int = field(init=False, default=1)
+
+    def __post_init__(self):
+        validate(self)
+        dp = self.world_size // (self.tensor_model_parallel_size * self.context_parallel_size)
+        object.__setattr__(self, "data_parallel_size", dp)
+        object.__setattr__(self, "num_microbatches",
+                           self.global_batch_size // (self.micro_batch_size * dp))
+
+    @property
+    def causal(self) -> bool:
+        return self.model == "gpt"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_backend(self) -> str:
+        if self.distributed_backend:
+            return self.distributed_backend
+        return "nccl" if self.resolved_device() == "cuda" else "gloo"
+
+    def resolved_log_dir(self) -> str:
+        return self.log_dir or os.path.join("runs", f"{self.model}-{self.seqpar_method or 'local'}")
+
+    def method_options(self):
+        """The method's frozen ``Options`` built from ``--seqpar-option`` pairs (or None)."""
+        if self.seqpar_method is None:
+            return None
+        from megatron_seqpar.api import method_options
+
+        cls = method_options(self.seqpar_method)
+        return cls(**_coerce_options(cls, self.seqpar_options))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce_options(cls, pairs) -> dict:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, text in pairs:
+        if key not in fields:
+            raise ConfigError(f"--seqpar-option {key}: {cls.__module__}.Options has no field "
+                              f"{key!r}; use one of {sorted(fields)}")
+        default = fields[key].default
+        if isinstance(default, bool):
+            value = text.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, int):
+            value = int(text)
+        elif isinstance(default, float):
+            value = float(text)
+        else:
+            value = text
+        out[key] = value
+    return out
+
+
+def validate(c: TrainConfig) -> None:
+    """Raise ``ConfigError`` (one line, names the fix) for the first bad combination."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(c.model in MODELS, f"model must be one of {MODELS}, got {c.model!r}")
+    need(c.seqpar_method is None or c.seqpar_method in METHODS,
+         f"--seqpar-method must be one of {METHODS}, got {c.seqpar_method!r}")
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                 "micro_batch_size", "global_batch_size", "train_iters", "world_size",
+                 "tensor_model_parallel_size", "context_parallel_size", "log_interval"):
+        need(getattr(c, name) > 0, f"--{name.replace('_', '-')} must be positive")
+    tp, cp, heads = c.tensor_model_parallel_size, c.context_parallel_size, c.num_attention_heads
+    need(c.world_size % (tp * cp) == 0,
+         f"world size {c.world_size} is not a multiple of TP*CP = {tp}*{cp}; launch a multiple "
+         f"of {tp * cp} processes or change --tensor-model-parallel-size/--context-parallel-size")
+    need(heads % tp == 0, f"--num-attention-heads {heads} is not divisible by "
+         f"--tensor-model-parallel-size {tp}")
+    need(c.hidden_size % heads == 0,
+         f"--hidden-size {c.hidden_size} is not divisible by --num-attention-heads {heads}")
+    groups = c.num_query_groups or heads
+    need(heads % groups == 0, f"--num-attention-heads {heads} is not divisible by "
+         f"--num-query-groups {groups}")
+    need(groups % tp == 0, f"--num-query-groups {groups} is not divisible by "
+         f"--tensor-model-parallel-size {tp}")
+    need(cp == 1 or c.seq_length % (2 * cp) == 0,
+         f"--seq-length {c.seq_length} is not divisible by 2*CP = {2 * cp} (zigzag layout); "
+         f"use a multiple of {2 * cp}")
+    need(cp == 1 or c.seqpar_method is not None,
+         "--context-parallel-size > 1 needs --seqpar-method (megatron-core's local attention "
+         "is CP=1 only)")
+    need(c.max_position_embeddings is None or c.max_position_embeddings >= c.seq_length,
+         "--max-position-embeddings must be at least --seq-length")
+    dp = c.world_size // (tp * cp)
+    need(c.global_batch_size % (c.micro_batch_size * dp) == 0,
+         f"--global-batch-size {c.global_batch_size} is not divisible by micro batch * DP = "
+         f"{c.micro_batch_size}*{dp}")
+    need(c.position_embedding_type in ("learned_absolute", "rope"),
+         "--position-embedding-type must be learned_absolute or rope")
+    need(c.lr_decay_style in ("constant", "linear", "cosine"),
+         "--lr-decay-style must be constant, linear or cosine")
+    need(c.lr > 0 and 0 <= c.min_lr <= c.lr, "need --lr > 0 and 0 <= --min-lr <= --lr")
+    need(0 <= c.hidden_dropout < 1 and 0 <= c.attention_dropout < 1, "dropouts must be in [0, 1)")
+    need(c.recompute_granularity in (None, "full", "selective"),
+         "--recompute-granularity must be full or selective")
+    need(c.recompute_granularity != "full" or c.recompute_method in ("uniform", "block"),
+         "--recompute-granularity full needs --recompute-method uniform or block")
+    need(c.recompute_method is None or c.recompute_granularity == "full",
+         "--recompute-method needs --recompute-granularity full")
+    need(c.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda")
+    need(c.distributed_backend in (None, "gloo", "nccl"), "--distributed-backend gloo or nccl")
+    need(not (c.bf16 and c.resolved_device() == "cpu"),
+         "--bf16 needs a CUDA device (the CPU path uses torch.optim in fp32); drop --bf16")
+    need(c.resolved_backend() != "nccl" or c.resolved_device() == "cuda",
+         "--distributed-backend nccl needs a CUDA device")
+    need(c.model != "bert" or c.position_embedding_type == "learned_absolute",
+         "BERT supports --position-embedding-type learned_absolute only")
+    need(0 < c.mask_prob < 1, "--mask-prob must be in (0, 1)")
+    need(c.save_interval is None or c.save_interval > 0, "--save-interval must be positive")
+    need(c.save_interval is None or c.save, "--save-interval needs --save DIR")
+    need(c.exit_interval is None or c.exit_interval > 0, "--exit-interval must be positive")
+    if c.seqpar_options:
+        need(c.seqpar_method is not None, "--seqpar-option needs --seqpar-method")
+        c.method_options()  # raises ConfigError / ValueError naming the bad field
+
+
+def build_parser(model: str = "gpt") -> argparse.ArgumentParser:
+    """The argparse parser; defaults are the README demo (byte-level, 4x256, seq 4096)."""
+    d = TrainConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(
+        prog=f"pretrain_{model}.py",
+        description=f"Pretrain a byte-level {model.upper()} on megatron-core with sequence-"
+        "parallel attention (run one process per rank, e.g. with torchrun).",
+    )
+
+    def add(flag, type_=None, **kw):
+        name = flag.lstrip("-").replace("-", "_")
+        if type_ is not None:
+            kw["type"] = type_
+        kw.setdefault("default", d[name].default if name in d else None)
+        p.add_argument(flag, **kw)
+
+    g = p
+    for flag, t in (("--num-layers", int), ("--hidden-size", int), ("--ffn-hidden-size", int),
+                    ("--num-attention-heads", int), ("--num-query-groups", int),
+                    ("--seq-length", int), ("--max-position-embeddings", int),
+                    ("--init-method-std", float), ("--hidden-dropout", float),
+                    ("--attention-dropout", float), ("--micro-batch-size", int),
+                    ("--global-batch-size", int), ("--train-iters", int), ("--lr", float),
+                    ("--min-lr", float), ("--lr-warmup-iters", int), ("--weight-decay", float),
+                    ("--adam-beta1", float), ("--adam-beta2", float), ("--adam-eps", float),
+                    ("--clip-grad", float), ("--seed", int), ("--recompute-num-layers", int),
+                    ("--tensor-model-parallel-size", int), ("--context-parallel-size", int),
+                    ("--cpu-threads", int), ("--data-path", str), ("--data-cache-path", str),
+                    ("--split", str), ("--mask-prob", float), ("--short-seq-prob", float),
+                    ("--save", str), ("--load", str), ("--save-interval", int),
+                    ("--exit-interval", int), ("--log-interval", int), ("--log-dir", str)):
+        add(flag, t)
+    add("--position-embedding-type", choices=("learned_absolute", "rope"))
+    add("--lr-decay-style", choices=("constant", "linear", "cosine"))
+    add("--recompute-granularity", choices=("full", "selective"))
+    add("--recompute-method", choices=("uniform", "block"))
+    add("--distributed-backend", choices=("gloo", "nccl"))
+    add("--device", choices=("auto", "cpu", "cuda"))
+    add("--bf16", action="store_true")
+    add("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--seqpar-method", choices=METHODS, default=None,
+                   help="sequence-parallel attention on the context-parallel axis "
+                   "(default: megatron-core's local attention, CP=1 only)")
+    g.add_argument("--seqpar-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a field of the method's Options dataclass (repeatable)")
+    g.add_argument("--no-progress-bar", action="store_true")
+    g.add_argument("--no-plot", action="store_true")
+    g.add_argument("--bert-no-binary-head", action="store_true",
+                   help="accepted for Megatron-LM compatibility; the binary head is always off")
+    return p
+
+
+def parse_args(argv=None, model: str = "gpt", world_size: int | None = None) -> TrainConfig:
+    """Parse ``argv`` into a validated ``TrainConfig`` (``ConfigError`` on a bad combination).
+
+    ``world_size`` defaults to torchrun's ``WORLD_SIZE`` (1 when unset), so the check against
+    TP*CP runs before any process group is built.
+    """
+    ns = vars(build_parser(model).parse_args(argv))
+    pairs = []
+    for item in ns.pop("seqpar_option"):
+        if "=" not in item:
+            raise ConfigError(f"--seqpar-option {item!r} must look like KEY=VALUE")
+        key, value = item.split("=", 1)
+        pairs.append((key.strip().replace("-", "_"), value.strip()))
+    ns.pop("bert_no_binary_head")
+    ns["progress_bar"] = not ns.pop("no_progress_bar")
+    ns["plot"] = not ns.pop("no_plot")
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        return TrainConfig(model=model, world_size=world_size, seqpar_options=tuple(pairs), **ns)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # e.g. an Options field rejecting its value
+        raise ConfigError(str(e).splitlines()[0]) from None

@@ -1,0 +1,218 @@
+"""Byte-level data on Megatron's indexed dataset format, sharded along the sequence (zigzag).
+
+- ``ByteTokenizer``: vocab 256 (one token per UTF-8 byte, as the LSS paper's enwik8 runs); the
+  control bytes 0-4 never occur in the text (``clean_text`` replaces them) and serve as
+  pad / cls / sep / eod / mask.
+- ``default_documents()``: the default corpus, real English text that ships with Python itself
+  (``pydoc_data.topics``: the language reference's help topics, ~465 kB), no download.
+- ``build_indexed_dataset(docs, prefix, split_sentences)``: writes ``prefix.bin/.idx`` with
+  megatron-core's ``IndexedDatasetBuilder`` (dtype uint8); one item per document for GPT
+  (``_text_document``, each document ends in ``eod``), one item per sentence for BERT
+  (``_text_sentence``), as Megatron-LM's ``tools/preprocess_data.py`` names them.
+- ``build_train_dataset(cfg, prefix)``: megatron-core ``GPTDataset`` or
+  ``BERTMaskedWordPieceDataset`` (masked-LM samples padded to ``--seq-length``) through
+  ``BlendedMegatronDatasetBuilder``, built on global rank 0 and cached under
+  ``--data-cache-path``.
+- ``BatchSource``: the samples of (step, micro-batch) for this data-parallel rank (Megatron's
+  sequential pretraining sampler order, so a resumed run reads the same batches), each tensor
+  cut along the sequence with ``megatron_seqpar.shard_sequence(..., layout="zigzag")`` over the
+  context-parallel group: Megatron's ``get_batch_on_this_cp_rank`` layout. Every rank of the CP
+  group reads the same full sample, so CP=1 and CP=2 runs see identical data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+PAD, CLS, SEP, EOD, MASK = 0, 1, 2, 3, 4
+_CONTROL = bytes(range(9))  # never in the corpus: reserved ids and NUL-like bytes
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte (vocab 256); duck-types megatron-core's tokenizer interface."""
+
+    vocab_size = 256
+    pad, cls, sep, eod, mask = PAD, CLS, SEP, EOD, MASK
+    eos = EOD
+    unique_identifiers = {"class": "ByteTokenizer", "vocab_size": 256}
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return {chr(i): i for i in range(256)}
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return {i: chr(i) for i in range(256)}
+
+    def tokenize(self, text: str) -> np.ndarray:
+        return np.frombuffer(clean_text(text).encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+    def detokenize(self, ids) -> str:
+        return bytes(int(i) for i in ids if int(i) > 8).decode("utf-8", errors="replace")
+
+
+def clean_text(text: str) -> str:
+    """The text with control bytes 0-8 (our special ids) replaced by spaces."""
+    return text.translate({i: " " for i in range(9)})
+
+
+def default_documents() -> list[str]:
+    """Python's own help topics (``pydoc_data.topics``), one document per topic, sorted."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def read_documents(paths) -> list[str]:
+    """Text files as documents: each file is split at blank-line runs of 2+ (paragraph groups)."""
+    docs = []
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        docs.extend(d for d in re.split(r"\n\s*\n\s*\n", text) if d.strip())
+    return docs
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n\s*\n")
+
+
+def split_sentences(doc: str) -> list[str]:
+    """A simple sentence splitter (end punctuation or blank lines); keeps all bytes but the cut."""
+    return [s for s in _SENTENCE.split(doc) if s.strip()]
+
+
+def build_indexed_dataset(docs, prefix: str, split: bool = False) -> str:
+    """Write ``prefix.bin``/``prefix.idx`` (megatron-core indexed dataset, uint8 tokens).
+
+    ``split=False``: one item per document, followed by ``eod`` (GPT). ``split=True``: one item
+    per sentence, documents delimited by ``end_document`` (BERT). Returns ``prefix``.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    tok = ByteTokenizer()
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    tmp = f"{prefix}.tmp{os.getpid()}"
+    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=np.uint8)
+    for doc in docs:
+        if split:
+            items = [tok.tokenize(s) for s in split_sentences(doc)]
+            items = [x for x in items if x.size]
+            if not items:
+                continue
+            for x in items:
+                builder.add_item(torch.from_numpy(x))
+        else:
+            x = tok.tokenize(doc)
+            if not x.size:
+                continue
+            builder.add_item(torch.from_numpy(np.append(x, EOD)))
+        builder.end_document()
+    builder.finalize(f"{tmp}.idx")
+    os.replace(f"{tmp}.bin", f"{prefix}.bin")  # atomic: a concurrent reader sees all or nothing
+    os.replace(f"{tmp}.idx", f"{prefix}.idx")
+    return prefix
+
+
+def default_prefix(cfg) -> str:
+    level = "sentence" if cfg.model == "bert" else "document"
+    return os.path.join(cfg.data_cache_path, f"pydoc_topics_text_{level}")
+
+
+def prepare_data_prefix(cfg) -> str:
+    """The dataset prefix to train on; builds the default corpus on global rank 0 if missing."""
+    if cfg.data_path:
+        return cfg.data_path
+    prefix = default_prefix(cfg)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0 and not (os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx")):
+        build_indexed_dataset(default_documents(), prefix, split=cfg.model == "bert")
+    if dist.is_initialized():
+        dist.barrier()
+    return prefix
+
+
+def build_train_dataset(cfg, prefix: str):
+    """megatron-core's GPT or BERT masked-LM dataset with ``train_iters * global_batch`` samples."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+
+    common = dict(
+        random_seed=cfg.seed, sequence_length=cfg.seq_length, blend=([prefix], None),
+        split=cfg.split, path_to_cache=os.path.join(cfg.data_cache_path, "index"),
+        tokenizer=ByteTokenizer(), mid_level_dataset_surplus=0.005,
+    )
+    if cfg.model == "gpt":
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+        cls, config = GPTDataset, GPTDatasetConfig(
+            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+            create_attention_mask=False, **common)
+    else:
+        from megatron.core.datasets.bert_dataset import (
+            BERTMaskedWordPieceDataset,
+            BERTMaskedWordPieceDatasetConfig,
+        )
+
+        cls, config = BERTMaskedWordPieceDataset, BERTMaskedWordPieceDatasetConfig(
+            masking_probability=cfg.mask_prob, short_sequence_probability=cfg.short_seq_prob,
+            masking_max_ngram=3, masking_do_full_word=False, masking_do_permutation=False,
+            masking_use_longer_ngrams=False, masking_use_geometric_distribution=False,
+            classification_head=False, **common)
+    n = cfg.train_iters * cfg.global_batch_size
+    rank0 = lambda: not dist.is_initialized() or dist.get_rank() == 0
+    train, _, _ = BlendedMegatronDatasetBuilder(cls, [n, None, None], rank0, config).build()
+    return train
+
+
+class BatchSource:
+    """This rank's micro-batches, each tensor already cut to this CP rank's zigzag shard.
+
+    ``get(step, micro)`` reads samples ``step*G + micro*mbs*DP + dp_rank*mbs + [0, mbs)`` (G the
+    global batch), i.e. Megatron's sequential sampler, so any step can be re-read on resume.
+    GPT batches: ``tokens, labels, loss_mask, position_ids``; BERT: ``tokens, labels,
+    loss_mask, padding_mask`` (1 = real token) and ``position_ids``.
+    """
+
+    def __init__(self, dataset, cfg, dp_rank: int, cp_group, device):
+        self.dataset, self.cfg, self.dp_rank = dataset, cfg, dp_rank
+        self.cp_group, self.device = cp_group, device
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        c = self.cfg
+        base = (step * c.global_batch_size + micro * c.micro_batch_size * c.data_parallel_size
+                + self.dp_rank * c.micro_batch_size)
+        return list(range(base, base + c.micro_batch_size))
+
+    def full(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        """The micro-batch over the full sequence (every CP rank reads the same)."""
+        samples = [self.dataset[i] for i in self.indices(step, micro)]
+        if self.cfg.model == "gpt":
+            keys = {"tokens": "tokens", "labels": "labels", "loss_mask": "loss_mask"}
+        else:
+            keys = {"tokens": "text", "labels": "labels", "loss_mask": "loss_mask",
+                    "padding_mask": "padding_mask"}
+        out = {}
+        for name, key in keys.items():
+            out[name] = torch.stack([torch.as_tensor(np.asarray(s[key])) for s in samples])
+        out["labels"] = out["labels"].long().clamp_min(0)  # BERT marks unmasked labels -1
+        out["loss_mask"] = out["loss_mask"].float()
+        if "padding_mask" in out:
+            out["padding_mask"] = (out["padding_mask"] > 0.5).long()  # Megatron pads with 0 or -1
+        b, s = out["tokens"].shape
+        out["position_ids"] = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
+        return out
+
+    def get(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        out = self.full(step, micro)
+        if self.cp_group is not None and self.cp_group.size() > 1:
+            from megatron_seqpar import shard_sequence
+
+            out = {k: shard_sequence(v, dim=1, group=self.cp_group, layout="zigzag")
+                   for k, v in out.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in out.items()}

@@ -1,0 +1,38 @@
+"""Single-process attention over the full sequence: the ground truth every method must match.
+
+Written independently of the package's kernels: plain float math, K/V heads expanded, causal
+mask by position, key padding mask; a row with every key masked yields zeros and zero grads.
+"""
+
+import torch
+
+
+def reference_attention(q, k, v, *, causal, scale=None, key_padding_mask=None):
+    """``q`` ``[b, S, hq, D]``, ``k``/``v`` ``[b, S, hkv, D]`` -> ``[b, S, hq, D]``."""
+    b, S, hq, d = q.shape
+    g = hq // k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    k = k.repeat_interleave(g, dim=2)
+    v = v.repeat_interleave(g, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    mask = torch.zeros(b, 1, S, S, dtype=torch.bool, device=q.device)
+    if causal:
+        mask = mask | torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1)
+    if key_padding_mask is not None:
+        mask = mask | key_padding_mask[:, None, None, :]
+    dead = mask.all(-1, keepdim=True)
+    scores = scores.masked_fill(mask, float("-inf")).masked_fill(dead, 0.0)
+    p = torch.softmax(scores, dim=-1).masked_fill(mask, 0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def make_padding(b, S, generator=None):
+    """A key padding mask with right padding, left padding (fully masked causal rows) and one
+    fully padded sample (fully masked rows in both modes)."""
+    kpm = torch.zeros(b, S, dtype=torch.bool)
+    kpm[0, S - S // 3:] = True  # right padding
+    if b > 1:
+        kpm[1, : S // 4 + 1] = True  # left padding: early causal rows see only padding
+    if b > 2:
+        kpm[2] = True  # nothing to attend to at all
+    return kpm
