@@ -1,0 +1,143 @@
+"""MQSP, Micro-Query Sequence Parallelism: gather queries, keep K/V local.
+
+Each rank cuts its local queries into ``m`` micro-chunks of ``c = s/m`` tokens. Micro-step
+``i`` (forward):
+
+1. all-gather chunk ``i`` of every rank's Q: ``S/m`` queries, positions known from the layout;
+2. attend them to the LOCAL K/V only (causal mask by global position, key padding): a
+   ``[S/m, s]`` score block, the column block of the distributed softmax, as ``(o, lse)``;
+3. distributed softmax: all-reduce of the row max, then of the row sum of exponentials,
+   giving the global ``lse``; the partial context ``o·exp(lse_local - lse)`` of each rank is
+4. reduce-scattered back to the query owners, who get their exact output rows.
+
+The score block is recycled across micro-steps, so live memory is one micro-step's block.
+Backward, per micro-step: ONE all-gather of the packed ``[Q, dO, O, lse]`` chunk (the row
+statistic ``rowsum(dP∘P) = rowsum(dO∘O)`` is formed from it, so no separate all-reduce and no
+re-run of the forward), dK/dV accumulate locally, and dQ partials are reduce-scattered to
+their owners.
+
+Sent per rank and micro-step (elements, ``c = s/m``): forward ``(P-1)·c·b·hq·D`` (Q gather) +
+``(P-1)/P·P·c·b·hq·D`` (context reduce-scatter, accumulation dtype) + two all-reduces of
+``P·c·b·hq`` statistics; backward ``(P-1)·c·b·hq·(3D+1)`` (gather, accumulation dtype) +
+``(P-1)/P·P·c·b·hq·D`` (dQ reduce-scatter). Memory: q, k, v, out, lse saved; one
+micro-step's gathered queries, partial context and score block live.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_seqpar.api import BaseOptions
+from megatron_seqpar.common import run_method
+from megatron_seqpar.kernels import acc_dtype, attend, attend_backward
+from megatron_seqpar.layouts import slice_runs
+
+
+@dataclass(frozen=True)
+class Options(BaseOptions):
+    """``micro_q``: micro-chunks per rank (must divide the local length); ``None`` picks the
+    smallest count whose score block ``(S/m)·s·b·hq`` fits ``memory_budget_mb`` per rank."""
+
+    micro_q: int | None = None
+    memory_budget_mb: float = 256.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.micro_q is not None and (not isinstance(self.micro_q, int) or self.micro_q < 1):
+            raise ValueError(f"micro_q must be a positive integer or None, got {self.micro_q!r}")
+        if not self.memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb must be positive, got {self.memory_budget_mb}")
+
+
+def micro_chunks(opts: Options, *, b: int, hq: int, s: int, world_size: int, itemsize: int):
+    """Number of micro-chunks ``m`` (a divisor of ``s``)."""
+    if opts.micro_q is not None:
+        if s % opts.micro_q:
+            raise ValueError(f"MQSP micro_q={opts.micro_q} does not divide the local length {s}; "
+                             "choose a divisor of the local sequence length")
+        return opts.micro_q
+    budget = opts.memory_budget_mb * 2**20
+    for m in range(1, s + 1):
+        if s % m == 0 and (world_size * s // m) * s * b * hq * itemsize <= budget:
+            return m
+    return s
+
+
+def _gathered_runs(setup, s, c, i):
+    """Runs of micro-chunk ``i`` of every rank, as laid out in the gathered buffer."""
+    return tuple(r for j in range(setup.world_size)
+                 for r in slice_runs(setup.runs(j, s), i * c, (i + 1) * c, offset=j * c))
+
+
+def _gather_rows(comm, x):
+    """All-gather ``[..., c, *]`` chunks into ``[..., P*c, *]`` (rank-major rows)."""
+    g = comm.all_gather(x)  # [P, b, h, c, *]
+    return g.movedim(0, 2).flatten(2, 3)
+
+
+def _scatter_rows(comm, x, c):
+    """Reduce-scatter rows ``[b, h, P*c, *]``: rank j gets the sum of rows ``[j*c, (j+1)*c)``."""
+    return comm.reduce_scatter(x.unflatten(2, (comm.world_size, c)).movedim(2, 0))
+
+
+def mqsp_forward(setup, q, k, v, kpm_all):
+    comm, r, s = setup.comm(), setup.rank, q.size(2)
+    b, hq, _, d = q.shape
+    cd = acc_dtype(q.dtype)
+    m = micro_chunks(setup.options, b=b, hq=hq, s=s, world_size=setup.world_size,
+                     itemsize=torch.finfo(cd).bits // 8)
+    c = s // m
+    kpm = None if kpm_all is None else kpm_all[r]
+    out = torch.empty(b, hq, s, v.size(-1), dtype=cd, device=q.device)
+    lse = torch.empty(b, hq, s, dtype=cd, device=q.device)
+    for i in range(m):
+        rows = slice(i * c, (i + 1) * c)
+        gq = _gather_rows(comm, q[:, :, rows])
+        o, lo = attend(gq, _gathered_runs(setup, s, c, i), k, v, setup.runs(r, s),
+                       scale=setup.scale, causal=setup.causal, kpm=kpm,
+                       backend=setup.options.backend)
+        top = comm.all_reduce_(lo.clone(), dist.ReduceOp.MAX)
+        top = top.masked_fill_(torch.isinf(top), 0.0)
+        total = comm.all_reduce_(torch.exp(lo - top), dist.ReduceOp.SUM)
+        glse = torch.log(total).add_(top)  # global lse; -inf where no rank sees a key
+        o.mul_(torch.exp(lo - glse.masked_fill(torch.isinf(glse), 0.0)).unsqueeze(-1))
+        out[:, :, rows] = _scatter_rows(comm, o, c)
+        lse[:, :, rows] = glse[:, :, r * c:(r + 1) * c]
+    if setup.traffic:
+        setup.traffic.add_block_steps(m)
+    return out, lse, ()
+
+
+def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
+    comm, r, s = setup.comm(), setup.rank, q.size(2)
+    b, hq, _, d = q.shape
+    cd = acc_dtype(q.dtype)
+    m = micro_chunks(setup.options, b=b, hq=hq, s=s, world_size=setup.world_size,
+                     itemsize=torch.finfo(cd).bits // 8)
+    c = s // m
+    kpm = None if kpm_all is None else kpm_all[r]
+    dq = torch.empty(q.shape, dtype=cd, device=q.device)
+    dk = torch.zeros(k.shape, dtype=cd, device=k.device)
+    dv = torch.zeros(v.shape, dtype=cd, device=v.device)
+    for i in range(m):
+        rows = slice(i * c, (i + 1) * c)
+        packed = torch.cat([torch.stack([q[:, :, rows], dout[:, :, rows], out[:, :, rows]])
+                            .to(cd).flatten(), lse[:, :, rows].flatten()])
+        g = comm.all_gather(packed)  # [P, 3*b*hq*c*d + b*hq*c], one collective
+        n = 3 * b * hq * c * d
+        qdo = g[:, :n].view(-1, 3, b, hq, c, d).movedim(0, 3).flatten(3, 4)  # [3,b,hq,P*c,d]
+        glse = g[:, n:].view(-1, b, hq, c).movedim(0, 2).flatten(2, 3)
+        gq, gdo, gout = qdo[0].to(q.dtype), qdo[1].to(q.dtype), qdo[2].to(q.dtype)
+        dgq, _, _ = attend_backward(gdo, gq, _gathered_runs(setup, s, c, i), k, v,
+                                    setup.runs(r, s), gout, glse, scale=setup.scale,
+                                    causal=setup.causal, kpm=kpm,
+                                    backend=setup.options.backend, dk=dk, dv=dv)
+        dq[:, :, rows] = _scatter_rows(comm, dgq, c)
+    return dq, dk, dv
+
+
+def apply(q, k, v, key_padding_mask, setup):
+    return run_method(mqsp_forward, mqsp_backward, q, k, v, key_padding_mask, setup)
