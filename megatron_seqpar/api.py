@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_seqpar.comm import Comm, Traffic, current_traffic
+from megatron_seqpar.comm import Comm, Traffic, failure_hint, current_traffic
 from megatron_seqpar.kernels import BACKEND_NAMES
 from megatron_seqpar.layouts import LAYOUTS, Run, check_layout, local_runs
 
@@ -105,7 +105,8 @@ def _check_across_ranks(group, q, k, method, layout, causal, kpm) -> None:
             _DTYPES.index(q.dtype) if q.dtype in _DTYPES else 9, METHODS.index(method),
             LAYOUTS.index(layout), int(causal), int(kpm is not None)]
     t = torch.tensor(code + [-c for c in code], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    with failure_hint("the shape check"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     hi, lo = t[: len(code)].tolist(), [-c for c in t[len(code):].tolist()]
     names = ["batch", "local seq length", "query heads", "kv heads", "head dim", "dtype",
              "method", "layout", "causal", "key_padding_mask given"]

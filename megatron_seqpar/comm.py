@@ -74,6 +74,20 @@ def _nbytes(x: torch.Tensor) -> int:
     return x.numel() * x.element_size()
 
 
+@contextmanager
+def failure_hint(kind: str):
+    """Re-raise a failed transfer with what to check (a dead peer, a mismatched call)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"megatron_seqpar: {kind} on the sequence-parallel group failed ({exc}). A peer "
+            "died, or ranks called different ops or shapes, or the group's timeout passed: "
+            "check every rank's log for the first error, and that all ranks of the group run "
+            "the same method with equally shaped shards"
+        ) from exc
+
+
 class Pending:
     """Transfers in flight; ``wait()`` blocks until they are done (group timeout applies)."""
 
@@ -81,8 +95,9 @@ class Pending:
         self._works = works
 
     def wait(self) -> None:
-        for w in self._works:
-            w.wait()
+        with failure_hint("point-to-point transfer"):
+            for w in self._works:
+                w.wait()
         self._works = []
 
 
@@ -113,7 +128,8 @@ class Comm:
         if not ops:
             return Pending([])
         self._count("p2p", sum(_nbytes(t) for t, _ in sends), sum(_nbytes(t) for t, _ in recvs))
-        return Pending(dist.batch_isend_irecv(ops))
+        with failure_hint("point-to-point transfer"):
+            return Pending(dist.batch_isend_irecv(ops))
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """``[P, *x.shape]``: every rank's ``x`` in rank order."""
@@ -124,10 +140,11 @@ class Comm:
             return out
         n = _nbytes(x) * (self.world_size - 1)
         self._count("all_gather", n, n)
-        if self.nccl:
-            dist.all_gather_into_tensor(out, x, group=self.group)
-        else:
-            dist.all_gather(list(out.unbind(0)), x, group=self.group)
+        with failure_hint("all_gather"):
+            if self.nccl:
+                dist.all_gather_into_tensor(out, x, group=self.group)
+            else:
+                dist.all_gather(list(out.unbind(0)), x, group=self.group)
         return out
 
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,12 +156,13 @@ class Comm:
             return x[0].clone()
         n = _nbytes(x) * (self.world_size - 1) // self.world_size
         self._count("reduce_scatter", n, n)
-        if self.nccl:
-            out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-            dist.reduce_scatter_tensor(out, x, group=self.group)
-            return out
-        recv = torch.empty_like(x)
-        dist.all_to_all_single(recv, x, group=self.group)
+        with failure_hint("reduce_scatter"):
+            if self.nccl:
+                out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+                dist.reduce_scatter_tensor(out, x, group=self.group)
+                return out
+            recv = torch.empty_like(x)
+            dist.all_to_all_single(recv, x, group=self.group)
         return recv.sum(0)
 
     def all_reduce_(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -152,5 +170,6 @@ class Comm:
         if self.world_size > 1:
             n = 2 * (self.world_size - 1) * _nbytes(x) // self.world_size
             self._count("all_reduce", n, n)
-            dist.all_reduce(x, op=op, group=self.group)
+            with failure_hint("all_reduce"):
+                dist.all_reduce(x, op=op, group=self.group)
         return x

@@ -29,6 +29,8 @@ def run_case(method, layout, causal, hq, hkv, d, pad, dtype, seed, options=None,
     k = torch.randn(b, S, hkv, d, generator=gen, dtype=torch.float64)
     v = torch.randn(b, S, hkv, d, generator=gen, dtype=torch.float64)
     dout = torch.randn(b, S, hq, d, generator=gen, dtype=torch.float64)
+    # round to the tested dtype first, so the reference sees exactly the inputs the op sees
+    q, k, v, dout = (x.to(dtype).double() for x in (q, k, v, dout))
     kpm = make_padding(b, S) if pad else None
     ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
     ref = reference_attention(*ref_in, causal=causal, key_padding_mask=kpm)
