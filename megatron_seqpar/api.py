@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_seqpar.comm import Comm, Traffic, failure_hint, current_traffic
+from megatron_seqpar.comm import Comm, Traffic, current_traffic, failure_hint
 from megatron_seqpar.kernels import BACKEND_NAMES
 from megatron_seqpar.layouts import LAYOUTS, Run, check_layout, local_runs
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+
 @dataclass
 class Traffic:
     """Bytes this rank sent and received, collective calls by kind, and block-steps computed."""

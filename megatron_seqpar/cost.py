@@ -52,10 +52,11 @@ class AttnShape:
     causal: bool = True
     layout: str = "contiguous"
     balance: bool = True  # LightSeq's Q-shipping balance (contiguous causal only)
-    mqsp_chunks: int = 1
+    mqsp_chunks: int | None = None  # None: as megatron_seqpar.mqsp picks it from the budget
+    mqsp_budget_mb: float = 256.0
 
     def __post_init__(self):
-        for name in ("S", "P", "b", "hq", "hkv", "D", "mqsp_chunks"):
+        for name in ("S", "P", "b", "hq", "hkv", "D"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.S % self.P:
@@ -64,6 +65,10 @@ class AttnShape:
             raise ValueError(f"hq={self.hq} is not a multiple of hkv={self.hkv}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"unknown dtype {self.dtype!r}; use one of {tuple(DTYPE_BYTES)}")
+        if self.mqsp_chunks is not None and (self.mqsp_chunks < 1 or self.s % self.mqsp_chunks):
+            raise ValueError(f"mqsp_chunks={self.mqsp_chunks} must divide s={self.s}")
+        if self.layout == "zigzag" and self.P > 1 and self.s % 2:
+            raise ValueError(f"zigzag needs an even local length, got s={self.s}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; use one of {LAYOUTS}")
 
@@ -86,6 +91,11 @@ class AttnShape:
     @property
     def lse_bytes(self) -> int:
         return self.b * self.hq * self.s * 4
+
+    @property
+    def lse_acc(self) -> int:
+        """Bytes of the local rows' lse in the accumulation dtype (how our ops ship it)."""
+        return self.b * self.hq * self.s * self.acc
 
     @property
     def acc(self) -> int:
@@ -178,102 +188,149 @@ def _needed_pairs(sh: AttnShape, r: int) -> int:
     return sum(_pairs(sh, _positions(sh, r), _positions(sh, j)) for j in range(sh.P))
 
 
-def lightseq_schedule(P: int, r: int, balanced: bool) -> list[tuple[int, str, int]]:
-    """Forward sends of rank ``r``: ``(step, what, peer)``, what in {"kv", "q", "out"}.
-
-    Balanced (contiguous causal): at step ``t`` in ``1..P//2`` rank ``r`` pairs with
-    ``(r+t) % P``: if ``r+t < P`` it sends its K/V there; otherwise it ships its Q there and that
-    rank returns ``out`` and ``lse``. At ``t = P/2`` (even P) only ranks ``r < P/2`` send K/V and
-    nobody ships Q. Unbalanced: own K/V to ``(r+t) % P`` for ``t = 1..P-1``.
-    """
-    sends = []
-    if not balanced:
-        return [(t, "kv", (r + t) % P) for t in range(1, P)]
-    for t in range(1, P // 2 + 1):
-        half = P % 2 == 0 and t == P // 2
-        if r + t < P:
-            sends.append((t, "kv", r + t))
-        elif not half:
-            sends.append((t, "q", (r + t) % P))
-        owner = r - t + P  # the rank that ships its Q to r at this step
-        if not half and r < t and owner < P:
-            sends.append((t, "out", owner))
-    return sends
-
-
 # ----------------------------------------------------------------------------- methods
+# Each model returns (sent_fwd, sent_bwd, recv_fwd, recv_bwd, act_bytes, pairs) for rank r.
+# ``a`` is the accumulation element size; partial outputs, lse and gradients travel in it.
+def _wrapper(sh: AttnShape) -> int:
+    """What the shared autograd wrapper holds: ``[b,h,s,d]`` copies of q, k, v, out, lse,
+    the incoming gradient's copy, and dq, dk, dv (accumulation dtype) with their
+    public-layout copies."""
+    Q, KV, a, e = sh.q_bytes, sh.kv_bytes, sh.acc, sh.e
+    return (Q + 2 * KV) + Q * a // e + sh.lse_acc + Q + (Q + 2 * KV) * a // e + (Q + 2 * KV)
+
+
 def _rsa(sh: AttnShape, r: int):
-    P, KV, Q = sh.P, sh.kv_bytes, sh.q_bytes
+    P, KV, a, e = sh.P, sh.kv_bytes, sh.acc, sh.e
     fwd = 2 * (P - 1) * KV  # K ring, then V ring
-    bwd = 2 * (P - 1) * KV + 2 * (P - 1) * KV  # V and K rings again, dK/dV partials home
-    scores = sh.b * sh.hq * sh.s * sh.S * sh.acc  # the method: full score rows
-    act = 2 * scores + Q + sh.lse_bytes + 2 * KV + Q + 2 * KV
+    bwd = 2 * (P - 1) * KV + 2 * (P - 1) * KV * a // e  # V and K rings; dV, dK partials home
+    probs = sh.b * sh.hq * sh.s * sh.S * a  # the method: full score rows, kept for backward
+    act = probs + sh.b * sh.hq * sh.s * sh.s * a + _wrapper(sh) + 4 * KV
     return fwd, bwd, fwd, bwd, act, sh.s * sh.S
 
 
+def mqsp_chunks(sh: AttnShape) -> int:
+    """MQSP's micro-query count: ``mqsp_chunks`` or the smallest divisor of ``s`` whose score
+    block ``(S/m)·s·b·hq`` fits ``mqsp_budget_mb`` (as ``megatron_seqpar.mqsp`` picks it)."""
+    if sh.mqsp_chunks is not None:
+        return sh.mqsp_chunks
+    for m in range(1, sh.s + 1):
+        if sh.s % m == 0 and (sh.P * sh.s // m) * sh.s * sh.b * sh.hq * sh.acc \
+                <= sh.mqsp_budget_mb * 2**20:
+            return m
+    return sh.s
+
+
 def _mqsp(sh: AttnShape, r: int):
-    P, Q, m = sh.P, sh.q_bytes, sh.mqsp_chunks
-    stats = sh.b * sh.hq * sh.S * 4  # fp32 row statistics of all S queries
-    ar = 2 * (P - 1) * stats // P
-    fwd = (P - 1) * Q + (P - 1) * Q * sh.acc // sh.e + 2 * ar  # Q gather, ctx RS, max+sum
-    bwd = (P - 1) * Q + ar + (P - 1) * Q * sh.acc // sh.e  # dC gather, rowsum AR, dQ RS
-    block = sh.b * sh.hq * (sh.S // m) * sh.s * sh.acc
-    act = P * Q + 2 * block + P * Q * sh.acc // sh.e + stats + 2 * sh.kv_bytes
+    P, a, e = sh.P, sh.acc, sh.e
+    m = mqsp_chunks(sh)
+    c = sh.s // m
+    qc = sh.b * sh.hq * c * sh.D  # elements of one rank's micro-chunk of Q
+    stat = sh.b * sh.hq * P * c * a  # one micro-step's row statistics
+    rs = lambda n: (P - 1) * n // P  # noqa: E731
+    ar = lambda n: 2 * (P - 1) * n // P  # noqa: E731
+    fwd = m * ((P - 1) * qc * e + 2 * ar(stat) + rs(P * qc * a))  # Q gather, max+sum, ctx RS
+    bwd = m * ((P - 1) * (3 * qc + sh.b * sh.hq * c) * a + rs(P * qc * a))  # packed gather, dQ
+    block = sh.b * sh.hq * P * c * sh.s * a
+    act = _wrapper(sh) + 2 * sh.kv_bytes * a // e + 2 * block + 8 * P * qc * a
     pairs = sum(_pairs(sh, _positions(sh, j), _positions(sh, r)) for j in range(P))
     return fwd, bwd, fwd, bwd, act, pairs
 
 
 def _lss(sh: AttnShape, r: int):
-    P, KV = sh.P, sh.kv_bytes
+    P, KV, a, e = sh.P, sh.kv_bytes, sh.acc, sh.e
     fwd = (P - 1) * 2 * KV  # one fused all-gather of packed [K, V]
-    bwd = fwd + (P - 1) * 2 * KV * sh.acc // sh.e  # re-gather, fused reduce-scatter dK/dV
-    act = 2 * P * 2 * KV + P * 2 * KV * sh.acc // sh.e + sh.q_bytes * sh.acc // sh.e
+    bwd = (P - 1) * 2 * KV * a // e  # one fused reduce-scatter of packed [dK, dV]
+    act = _wrapper(sh) + 2 * (P * 2 * KV) + 3 * (P * 2 * KV) * a // e
     return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)
 
 
 def _lightseq(sh: AttnShape, r: int):
-    P, Q, KV, L = sh.P, sh.q_bytes, sh.kv_bytes, sh.lse_bytes
-    balanced = sh.balance and sh.causal and sh.layout == "contiguous"
-    sends = lightseq_schedule(P, r, balanced)
-    recvs = [(t, w) for j in range(P) if j != r
-             for t, w, peer in lightseq_schedule(P, j, balanced) if peer == r]
-    size_f = {"kv": 2 * KV, "q": Q, "out": Q + L}
-    # backward: K/V again and dK/dV home; Q-ship pairs send q, out, dout, lse and get dq back
-    size_b_send = {"kv": 2 * KV, "q": 3 * Q + L, "out": Q}
-    size_b_back = {"kv": 2 * KV, "q": Q, "out": 3 * Q + L}  # what the peer sends back
-    fwd = sum(size_f[w] for _, w, _ in sends)
-    rfwd = sum(size_f[w] for _, w in recvs)
-    bwd = sum(size_b_send[w] for _, w, _ in sends)
-    bwd += sum(size_b_back[w] for _, w in recvs if w == "kv")  # dK/dV to the K/V owner
-    bwd += sum(Q for _, w in recvs if w == "q")  # helper returns dq
-    rbwd = sum(size_b_send[w] for _, w in recvs if w != "out")
-    rbwd += sum(2 * KV for _, w, _ in sends if w == "kv") + sum(Q for _, w, _ in sends if w == "q")
-    act = 2 * (2 * KV) + 2 * (Q + L) + Q * sh.acc // sh.e + 2 * (2 * KV) * sh.acc // sh.e
-    return fwd, bwd, rfwd, rbwd, act, _needed_pairs(sh, r)
+    Q, KV, a, e, L = sh.q_bytes, sh.kv_bytes, sh.acc, sh.e, sh.lse_acc
+    steps = lightseq_steps(sh, r)
+    f_send = {"kv_to": 2 * KV, "q_to": Q, "q_from": Q * a // e + L}
+    f_recv = {"kv_from": 2 * KV, "q_from": Q, "q_to": Q * a // e + L}
+    b_send = {"kv_to": 2 * KV, "q_to": 3 * Q + L, "kv_from": 2 * KV * a // e,
+              "q_from": Q * a // e}
+    b_recv = {"kv_from": 2 * KV, "q_from": 3 * Q + L, "kv_to": 2 * KV * a // e,
+              "q_to": Q * a // e}
+    tot = lambda table: sum(table.get(k, 0) for st in steps for k in st)  # noqa: E731
+    any_q = any("q_from" in st for st in steps)
+    any_kv = any("kv_from" in st for st in steps)
+    act = (_wrapper(sh) + 2 * KV + 2 * 2 * KV * any_kv + (2 * 3 * Q + 2 * L) * any_q
+           + 3 * Q + 3 * 2 * KV * a // e * any_kv)
+    pr = lambda i, j: _pairs(sh, _positions(sh, i), _positions(sh, j))  # noqa: E731
+    pairs = pr(r, r) + sum(pr(r, (r - t) % sh.P) * ("kv_from" in st)
+                           + pr((r - t) % sh.P, r) * ("q_from" in st)
+                           for t, st in enumerate(steps, start=1))
+    return tot(f_send), tot(b_send), tot(f_recv), tot(b_recv), act, pairs
+
+
+def lightseq_steps(sh: AttnShape, r: int) -> list[set[str]]:
+    """Rank ``r``'s steps after the local block, each the set of roles it plays:
+    ``kv_to`` (sends its K/V), ``kv_from`` (receives K/V), ``q_to`` (ships its Q, gets out and
+    lse back), ``q_from`` (attends a peer's Q, returns out and lse).
+
+    Balanced (contiguous causal, ``balance``): at step ``t`` in ``1..P//2`` rank ``r`` pairs
+    with ``(r+t) % P``: K/V go there when ``r+t < P``, else Q goes there; at ``t = P/2`` (even
+    P) only ranks ``r < P/2`` send K/V and nobody ships Q. Unbalanced contiguous causal: K/V go
+    to ``r+t`` only where needed (``r+t < P``). Zigzag or bidirectional: own K/V to
+    ``(r+t) % P`` for ``t = 1..P-1``.
+    """
+    P = sh.P
+    ordered = sh.causal and sh.layout == "contiguous"
+    steps = []
+    if not (ordered and sh.balance):
+        for t in range(1, P):
+            roles = set()
+            if not ordered or r + t < P:
+                roles.add("kv_to")
+            if not ordered or r - t >= 0:
+                roles.add("kv_from")
+            steps.append(roles)
+        return steps
+    for t in range(1, P // 2 + 1):
+        half = 2 * t == P
+        roles = set()
+        if r + t < P:
+            roles.add("kv_to")
+        elif not half:
+            roles.add("q_to")
+        if r - t >= 0:
+            roles.add("kv_from")
+        elif not half:
+            roles.add("q_from")
+        steps.append(roles)
+    return steps
 
 
 def _ulysses(sh: AttnShape, r: int):
     P, Q, KV = sh.P, sh.q_bytes, sh.kv_bytes
-    a2a = lambda n: (P - 1) * n // P
+    a2a = lambda n: (P - 1) * n // P  # noqa: E731
     fwd = a2a(Q) + 2 * a2a(KV) + a2a(Q)  # q, k, v in; out back
     bwd = a2a(Q) + a2a(Q) + 2 * a2a(KV)  # dout in; dq, dk, dv back
-    # full sequence for hq/P heads: gathered q, k, v, out, lse, and their gradients
-    act = 2 * (Q + 2 * KV) + 2 * Q + sh.lse_bytes + 2 * (Q + 2 * KV)
-    pairs = (_pairs(AttnShape(S=sh.S, P=1, causal=sh.causal), [(0, sh.S)], [(0, sh.S)]) // P)
+    # whole sequence for hq/P heads (the same bytes as a shard): q, k, v, out and lse kept,
+    # dout, dq, dk, dv and the all-to-all buffers in the backward
+    act = 2 * (Q + 2 * KV) + 2 * Q + sh.lse_bytes + 3 * (Q + 2 * KV)
+    full = AttnShape(S=sh.S, P=1, causal=sh.causal)
+    pairs = _pairs(full, [(0, sh.S)], [(0, sh.S)]) // P
     return fwd, bwd, fwd, bwd, act, pairs
 
 
 def _ring(sh: AttnShape, r: int):
-    P, KV = sh.P, sh.kv_bytes
+    P, KV, a, e = sh.P, sh.kv_bytes, sh.acc, sh.e
     fwd = (P - 1) * 2 * KV
-    bwd = (P - 1) * 2 * KV + P * 2 * KV * sh.acc // sh.e  # K/V again; dK/dV travel P hops
-    act = 3 * 2 * KV + sh.q_bytes * sh.acc // sh.e * 3 + sh.lse_bytes * 2 + 4 * KV * sh.acc // sh.e
+    bwd = (P - 1) * 2 * KV + P * 2 * KV * a // e  # K/V again; dK/dV travel P hops
+    Q = sh.q_bytes
+    act = (3 * 2 * KV + 3 * Q * a // e + 2 * sh.lse_bytes + 4 * 2 * KV * a // e + 2 * Q)
     return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)
 
 
 def _allgather(sh: AttnShape, r: int):
-    fwd, bwd, rf, rb, act, pairs = _lss(sh, r)
-    return fwd, bwd, rf, rb, act, pairs
+    P, KV, Q = sh.P, sh.kv_bytes, sh.q_bytes
+    fwd = (P - 1) * 2 * KV
+    bwd = (P - 1) * 2 * KV  # reduce-scatter of [dK; dV] for the whole sequence
+    act = 3 * P * 2 * KV + 4 * Q + sh.lse_bytes + 2 * P * 2 * KV
+    return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)
 
 
 def _nosp(sh: AttnShape, r: int):

@@ -24,8 +24,9 @@ and partial results are merged in fp32 (fp64 for fp64 inputs) by log-sum-exp.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -64,7 +65,7 @@ def _ref_forward(q, k, v, scale, causal, mask):
 
 def _ref_backward(dout, q, k, v, out, lse, scale, causal, mask):
     b, hq, sq, d = q.shape
-    hkv, sk = k.size(1), k.size(2)
+    hkv = k.size(1)
     g = hq // hkv
     s = _scores(q, k, scale, causal, mask)
     cd = s.dtype

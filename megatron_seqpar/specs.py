@@ -26,16 +26,22 @@ from megatron_seqpar.megatron.core_attention import SeqParCoreAttention
 _METHODS = ("rsa", "mqsp", "lss", "lightseq")
 
 
-def core_attention_spec(method: str, options=None) -> ModuleSpec:
-    """``ModuleSpec`` of the provider for ``method`` (``options``: its frozen options or None)."""
-    import megatron_seqpar as msp
+def core_attention_spec(method: str, options=None, remat: bool | None = None) -> ModuleSpec:
+    """``ModuleSpec`` of the provider for ``method``.
 
-    if method not in msp.METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {msp.METHODS}")
-    return ModuleSpec(module=SeqParCoreAttention, params={"method": method, "options": options})
+    ``options``: the method's frozen options (None = defaults). ``remat``: rematerialization-
+    aware checkpointing (None = on exactly when Megatron recomputes attention).
+    """
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {_METHODS}")
+    params = {"method": method, "options": options}
+    if remat is not None:
+        params["remat"] = remat
+    return ModuleSpec(module=SeqParCoreAttention, params=params)
 
 
-def with_core_attention(layer_spec: ModuleSpec, method: str, options=None) -> ModuleSpec:
+def with_core_attention(layer_spec: ModuleSpec, method: str, options=None,
+                        remat: bool | None = None) -> ModuleSpec:
     """Copy of a TransformerLayer spec whose self-attention core is the ``method`` provider."""
     spec = copy.deepcopy(layer_spec)
     try:
@@ -46,7 +52,7 @@ def with_core_attention(layer_spec: ModuleSpec, method: str, options=None) -> Mo
             "layer_spec has no submodules.self_attention.submodules.core_attention "
             "(is it a megatron-core TransformerLayer spec?)"
         ) from e
-    attn.core_attention = core_attention_spec(method, options)
+    attn.core_attention = core_attention_spec(method, options, remat)
     return spec
 
 
@@ -58,8 +64,8 @@ def _have_te() -> bool:
     return True
 
 
-def get_gpt_layer_spec(method: str, *, options=None, transformer_engine: bool = False,
-                       **megatron_kwargs) -> ModuleSpec:
+def get_gpt_layer_spec(method: str, *, options=None, remat: bool | None = None,
+                       transformer_engine: bool = False, **megatron_kwargs) -> ModuleSpec:
     """GPT layer spec for ``method``.
 
     ``transformer_engine=False`` starts from ``get_gpt_layer_local_spec(**megatron_kwargs)``,
@@ -77,10 +83,10 @@ def get_gpt_layer_spec(method: str, *, options=None, transformer_engine: bool = 
         base = g.get_gpt_layer_with_transformer_engine_spec(**megatron_kwargs)
     else:
         base = g.get_gpt_layer_local_spec(**megatron_kwargs)
-    return with_core_attention(base, method, options)
+    return with_core_attention(base, method, options, remat)
 
 
-def get_bert_layer_spec(method: str, *, options=None,
+def get_bert_layer_spec(method: str, *, options=None, remat: bool | None = None,
                         transformer_engine: bool = False) -> ModuleSpec:
     """BERT layer spec for ``method`` (padding mask), from megatron-core's local or TE spec.
 
@@ -95,7 +101,7 @@ def get_bert_layer_spec(method: str, *, options=None,
         base = bl.get_bert_layer_with_transformer_engine_spec()
     else:
         base = bl.bert_layer_local_spec
-    return with_core_attention(base, method, options)
+    return with_core_attention(base, method, options, remat)
 
 
 gpt_rsa = get_gpt_layer_spec("rsa")

@@ -97,15 +97,16 @@ class _Pool:
             remaining = deadline - time.monotonic()
             if errors:  # peers of a failed rank may be stuck in a collective: give them a moment
                 remaining = min(remaining, 5.0)
+            if remaining <= 0:
+                break
             try:
-                cid, rank, ok, value = self.outbox.get(timeout=max(remaining, 0.01))
+                cid, rank, ok, value = self.outbox.get(timeout=min(remaining, 1.0))
             except queue.Empty:
-                break
-            if cid != call_id:
+                if not self.alive():  # a worker died without a word: do not wait for it
+                    break
                 continue
-            (results if ok else errors)[rank] = value
-            if not all(p.is_alive() for p in self.procs) and len(results) + len(errors) < self.world_size:
-                break
+            if cid == call_id:
+                (results if ok else errors)[rank] = value
         if errors or len(results) < self.world_size:
             self.kill()
             name = getattr(fn, "__qualname__", repr(fn))

@@ -1,0 +1,371 @@
+"""Megatron-LM glue: ``--seqpar-method`` flags, their validation, and the layer spec they select.
+
+Megatron-LM's ``pretrain_gpt.py`` / ``pretrain_bert.py`` call ``pretrain(...,
+extra_args_provider=...)``; the patches in ``patches/`` (applied by
+``tools/megatron_lm_patches.py``) pass ``extra_args_provider`` from here and route model
+building and the forward step through the helpers below. Unpatched, only
+``--spec megatron_seqpar.specs gpt_<method>`` works (default options, stock gradient reduction).
+
+Flags (one definition, ``add_seqpar_args``, shared with our own ``examples/`` drivers), built
+from the methods' frozen ``Options`` dataclasses:
+
+    --seqpar-method {rsa,mqsp,lss,lightseq}    attention on the context-parallel axis
+    --seqpar-backend NAME                      block-kernel backend (every method)
+    --seqpar-<method>-<field> VALUE            a method's own option, e.g. --seqpar-mqsp-micro-q 4
+    --[no-]seqpar-<method>-<bool field>        e.g. --no-seqpar-lightseq-balance
+
+An option flag left out keeps the dataclass default; a flag of another method is an error.
+``validate_seqpar_args(args)`` runs after Megatron's own ``validate_args`` (the patched model
+builders call it) and raises ``SeqParArgumentError`` naming the fix. Nothing here runs a
+collective or changes Megatron at import time; importing this module imports only argparse,
+dataclasses and (lazily) megatron_seqpar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+
+GROUP_TITLE = "megatron-seqpar"
+BERT_MODEL = "megatron_seqpar.megatron.bert:SeqParBertModel"  # the CP-aware BertModel
+
+
+class SeqParArgumentError(ValueError):
+    """A ``--seqpar-*`` flag conflicts with the rest of the command line; names the fix."""
+
+
+def _methods() -> tuple[str, ...]:
+    from megatron_seqpar import METHODS
+
+    return METHODS
+
+
+def _field_kind(f: dataclasses.Field):
+    """``bool``/``int``/``float``/``str`` of an options field (annotations may be strings)."""
+    if isinstance(f.default, bool):
+        return bool
+    if isinstance(f.default, (int, float, str)):
+        return type(f.default)
+    text = str(f.type)
+    for kind in (bool, int, float):
+        if kind.__name__ in text:
+            return kind
+    return str
+
+
+def option_flags() -> list[tuple[str, str, str, dataclasses.Field]]:
+    """``(flag, dest, method or "", field)`` for every options field; ``""`` = shared field."""
+    from megatron_seqpar import method_options
+    from megatron_seqpar.api import BaseOptions
+
+    shared = {f.name for f in dataclasses.fields(BaseOptions)}
+    rows = [(f"--seqpar-{f.name.replace('_', '-')}", f"seqpar_{f.name}", "", f)
+            for f in dataclasses.fields(BaseOptions)]
+    for m in _methods():
+        for f in dataclasses.fields(method_options(m)):
+            if f.name not in shared:
+                rows.append((f"--seqpar-{m}-{f.name.replace('_', '-')}",
+                             f"seqpar_{m}_{f.name}", m, f))
+    return rows
+
+
+def add_seqpar_args(parser):
+    """Add ``--seqpar-method`` and every method option to ``parser`` (or an argument group).
+
+    Given an ``ArgumentParser`` the flags go into a group titled ``megatron-seqpar``; given a
+    group they go into it. Option flags default to ``None`` (= the dataclass default), so
+    ``options_from_args`` can tell a flag that was given from one left out. Returns ``parser``.
+    """
+    from megatron_seqpar.kernels import BACKEND_NAMES
+
+    group = parser
+    if isinstance(parser, argparse.ArgumentParser):
+        group = parser.add_argument_group(title=GROUP_TITLE)
+    group.add_argument("--seqpar-method", choices=_methods(), default=None,
+                       help="exact sequence-parallel attention on the context-parallel axis "
+                       "(needs --context-parallel-size > 1)")
+    for flag, dest, method, f in option_flags():
+        kind = _field_kind(f)
+        where = f"--seqpar-method {method}" if method else "every --seqpar-method"
+        text = f"{where}: Options.{f.name} (default {f.default!r})"
+        if kind is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                               default=None, help=text)
+        elif f.name == "backend":
+            group.add_argument(flag, dest=dest, choices=BACKEND_NAMES, default=None, help=text)
+        else:
+            group.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    return parser
+
+
+def extra_args_provider(parser):
+    """Megatron-LM ``extra_args_provider``: ``parser -> parser`` with the ``--seqpar-*`` flags."""
+    return add_seqpar_args(parser)
+
+
+def chain_args_providers(*providers):
+    """One ``extra_args_provider`` running each non-None provider in turn (e.g. ModelOpt's)."""
+    live = [p for p in providers if p is not None]
+
+    def provider(parser):
+        for p in live:
+            parser = p(parser)
+        return parser
+
+    return provider
+
+
+def options_from_args(args):
+    """The chosen method's frozen ``Options`` from the parsed flags, or None without a method.
+
+    Raises ``SeqParArgumentError`` for an option flag of another method (or without a method)
+    and when the dataclass rejects a value.
+    """
+    method = getattr(args, "seqpar_method", None)
+    given, stray = {}, []
+    for flag, dest, owner, f in option_flags():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if method is None or (owner and owner != method):
+            stray.append(flag)
+        else:
+            given[f.name] = value
+    if stray:
+        need = "--seqpar-method" if method is None else f"the method they belong to (not {method})"
+        raise SeqParArgumentError(f"{', '.join(stray)} given without {need}; drop them or "
+                                  "choose that method")
+    if method is None:
+        return None
+    from megatron_seqpar import method_options
+
+    try:
+        return method_options(method)(**given)
+    except (TypeError, ValueError) as e:
+        raise SeqParArgumentError(f"--seqpar-method {method}: {e}") from None
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def seqpar_conflicts(args, *, model: str = "gpt") -> list[str]:
+    """Every reason the parsed Megatron-LM ``args`` cannot run ``--seqpar-method`` (fix named).
+
+    Empty without ``--seqpar-method``. Reads Megatron-LM's attribute names with ``getattr``
+    defaults, so a namespace from another parser (our ``examples/``) works too.
+    """
+    method = getattr(args, "seqpar_method", None)
+    if method is None:
+        return []
+    g = functools.partial(getattr, args)
+    out = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            out.append(msg)
+
+    cp = g("context_parallel_size", 1)
+    need(cp > 1, f"--seqpar-method {method} shards the sequence over the context-parallel "
+         f"group, but --context-parallel-size is {cp}; set it to 2 or more, or drop "
+         "--seqpar-method")
+    comm = g("cp_comm_type", None)
+    need(comm in (None, "p2p", ["p2p"]),
+         f"--cp-comm-type {comm} selects Transformer Engine's context-parallel attention, "
+         f"which --seqpar-method {method} replaces; drop --cp-comm-type")
+    need(not g("hierarchical_context_parallel_sizes", None),
+         "--hierarchical-context-parallel-sizes is for TE's a2a+p2p; drop it")
+    need(not g("hybrid_context_parallel", False),
+         "--hybrid-context-parallel (packed THD batches) is not supported; drop it")
+    need(not g("sft", False), "--sft feeds packed THD sequences (cu_seqlens), which the "
+         "sequence-parallel methods do not support; pretrain without --sft")
+    need(not g("reset_attention_mask", False), "--reset-attention-mask builds document masks "
+         "that the methods cannot represent (only causal and key padding); drop it")
+    need(not g("spec", None), "--spec and --seqpar-method both choose the layer spec; keep "
+         f"--seqpar-method {method} and drop --spec (or keep --spec megatron_seqpar.specs "
+         f"{model}_{method} and drop --seqpar-method)")
+    need(not g("use_legacy_models", False), "--use-legacy-models has no layer specs; drop it")
+    need(not g("attention_dropout", 0.0), f"--attention-dropout {g('attention_dropout', 0.0)}: "
+         "the exact methods run without attention dropout; pass --attention-dropout 0")
+    need(not g("multi_latent_attention", False), "--multi-latent-attention is not supported")
+    need(not g("experimental_attention_variant", None),
+         "--experimental-attention-variant is not supported; drop it")
+    need(not g("heterogeneous_layers_config_path", None),
+         "--heterogeneous-layers-config-path is not supported; drop it")
+    need(not g("num_experts", None), "--num-experts (MoE) is not wired into the Megatron-LM "
+         "route yet; drop it or build the model with megatron_seqpar.specs yourself")
+    need(not g("mtp_num_layers", None), "--mtp-num-layers is not supported; drop it")
+    need(not g("window_size", None), "--window-size (sliding window) is not supported")
+    need(g("softmax_type", "vanilla") == "vanilla", "--softmax-type must be vanilla")
+    impl = g("transformer_impl", "local")
+    need(impl in ("local", "transformer_engine"),
+         f"--transformer-impl {impl} is not supported; use local or transformer_engine")
+    need(impl != "transformer_engine" or _has_module("transformer_engine"),
+         "--transformer-impl transformer_engine (Megatron-LM's default) needs "
+         "transformer_engine, which is not installed; pass --transformer-impl local")
+    need(impl != "local" or not g("gradient_accumulation_fusion", False)
+         or _has_module("fused_weight_gradient_mlp_cuda"),
+         "--transformer-impl local with gradient accumulation fusion needs APEX's "
+         "fused_weight_gradient_mlp_cuda; pass --no-gradient-accumulation-fusion")
+    need(impl != "local" or not g("persist_layer_norm", False) or _has_module("apex"),
+         "--transformer-impl local without APEX uses torch's LayerNorm, which has no "
+         "persistent kernel; pass --no-persist-layer-norm")
+    if method == "lss":
+        need(g("num_distributed_optimizer_instances", 1) == 1,
+             "--seqpar-method lss needs --num-distributed-optimizer-instances 1")
+    if model == "bert":
+        need(g("position_embedding_type", "learned_absolute") == "learned_absolute",
+             "BERT supports --position-embedding-type learned_absolute only")
+    return out
+
+
+def validate_seqpar_args(args, *, model: str = "gpt"):
+    """Check the ``--seqpar-*`` flags against the rest; returns the method's ``Options``.
+
+    Run it after Megatron-LM's ``validate_args`` (the patched builders do, on every rank,
+    before any layer is built). Raises ``SeqParArgumentError`` listing every conflict.
+    """
+    if model not in ("gpt", "bert"):
+        raise ValueError(f"model must be 'gpt' or 'bert', got {model!r}")
+    options = options_from_args(args)
+    problems = seqpar_conflicts(args, model=model)
+    if problems:
+        raise SeqParArgumentError("megatron-seqpar: " + "\n  ".join(problems))
+    return options
+
+
+def gpt_layer_spec_from_args(args, config=None):
+    """Our GPT layer spec for Megatron-LM ``args`` (validated first); ``config`` is unused.
+
+    ``--transformer-impl transformer_engine`` starts from megatron-core's TE layer spec,
+    ``local`` from the local one (honouring ``--normalization``, ``--qk-layernorm``).
+    """
+    from megatron_seqpar.specs import get_gpt_layer_spec
+
+    options = validate_seqpar_args(args, model="gpt")
+    te = args.transformer_impl == "transformer_engine"
+    kwargs = {"qk_layernorm": getattr(args, "qk_layernorm", False),
+              "qk_l2_norm": getattr(args, "qk_l2_norm", False)}
+    if not te:
+        kwargs["normalization"] = getattr(args, "normalization", None)
+    return get_gpt_layer_spec(args.seqpar_method, options=options, transformer_engine=te,
+                              **kwargs)
+
+
+def bert_layer_spec_from_args(args):
+    """Our BERT layer spec for Megatron-LM ``args`` (validated first)."""
+    from megatron_seqpar.specs import get_bert_layer_spec
+
+    options = validate_seqpar_args(args, model="bert")
+    te = args.transformer_impl == "transformer_engine"
+    return get_bert_layer_spec(args.seqpar_method, options=options, transformer_engine=te)
+
+
+def bert_model_class(args):
+    """megatron-core ``BertModel``, or with ``--seqpar-method`` the CP-aware subclass (global
+    position ids, padding mask of the whole sequence)."""
+    import importlib
+
+    if getattr(args, "seqpar_method", None) is None:
+        from megatron.core.models.bert.bert_model import BertModel
+
+        return BertModel
+    module, name = BERT_MODEL.split(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ImportError(f"{BERT_MODEL} is not available ({e}); megatron-core's BertModel "
+                          "derives local position ids and cannot run under CP > 1") from None
+
+
+def install_lss_grad_averaging(model_chunks) -> bool:
+    """LSS double gradient averaging on Megatron-LM's DDP ``model_chunks`` (the one call site).
+
+    Megatron-LM builds the DDP chunks itself (reducing over DP x CP) and sets
+    ``config.finalize_model_grads_func`` just before its training loop, so this runs from the
+    first forward step (``wrap_forward_step``). It defers to
+    ``megatron_seqpar.megatron.lss_grad.install_lss_grad_averaging`` when that exists and
+    returns True; otherwise it warns once and returns False: Megatron's own single-level
+    DP x CP average then reduces the (still exact) gradients.
+    """
+    from megatron_seqpar.megatron import lss_grad
+
+    install = getattr(lss_grad, "install_lss_grad_averaging", None)
+    if install is None:
+        import warnings
+
+        warnings.warn("megatron-seqpar: LSS double gradient averaging has no installer for "
+                      "Megatron-LM-built DDP chunks yet; using Megatron's DP x CP gradient "
+                      "average (exact, single level)", stacklevel=2)
+        return False
+    install(model_chunks)  # TODO(issue 7): adapt to lss_grad's final signature
+    return True
+
+
+def wrap_forward_step(forward_step):
+    """Megatron-LM ``forward_step`` that, for ``--seqpar-method lss``, installs double
+    gradient averaging on each model chunk the first time the chunk is seen."""
+
+    @functools.wraps(forward_step)
+    def step(data_iterator, model, *args, **kwargs):
+        if not getattr(model, "_seqpar_lss_checked", False):
+            from megatron.training import get_args
+
+            if getattr(get_args(), "seqpar_method", None) == "lss":
+                install_lss_grad_averaging([model])
+            model._seqpar_lss_checked = True
+        return forward_step(data_iterator, model, *args, **kwargs)
+
+    return step
+
+
+def bert_batch_on_this_cp_rank(tokens, types, loss_mask, lm_labels, padding_mask):
+    """This CP rank's zigzag slice (dim 1) of BERT's per-token tensors; unchanged at CP=1."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    batch = get_batch_on_this_cp_rank({"tokens": tokens, "types": types, "loss_mask": loss_mask,
+                                       "lm_labels": lm_labels, "padding_mask": padding_mask})
+    return (batch["tokens"], batch["types"], batch["loss_mask"], batch["lm_labels"],
+            batch["padding_mask"])
+
+
+def bert_lm_loss(lm_loss_, loss_mask):
+    """Masked-LM loss under CP: the value is the whole sequence's mean, the gradient flows
+    through this rank's tokens only (divided by the global token count).
+
+    Megatron multiplies a 2-tuple loss by the CP size and DDP averages over DP x CP, so this
+    gives the single-process gradient. Collective: one all-reduce of 2 floats over CP.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from megatron_seqpar.megatron.parallel_state import sequence_group
+
+    local = torch.sum(lm_loss_.view(-1) * loss_mask.reshape(-1).to(lm_loss_.dtype))
+    group = sequence_group()
+    if dist.get_world_size(group) == 1:
+        return local / loss_mask.sum()
+    both = torch.stack([local.detach(), loss_mask.sum().to(local.dtype)])
+    dist.all_reduce(both, group=group)
+    mine = local / both[1]
+    return mine + (both[0] / both[1] - mine.detach())
+
+
+def bert_binary_loss(sop_loss):
+    """Sentence-order loss under CP: same value, gradient weighted ``1/P``.
+
+    ``SeqParBertModel`` gives every CP rank the same binary logits (token 0 broadcast from CP
+    rank 0), so each of the P ranks adds the same loss; weighting its gradient by ``1/P``
+    keeps the sum equal to the single-process gradient. No collective.
+    """
+    import torch.distributed as dist
+
+    from megatron_seqpar.megatron.parallel_state import sequence_group
+
+    p = dist.get_world_size(sequence_group())
+    if p == 1:
+        return sop_loss
+    return sop_loss / p + (sop_loss - sop_loss / p).detach()
