@@ -85,8 +85,17 @@ def _additive(mask, dtype):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, NEG_INF)
 
 
+def _fold_causal(q, k, causal, mask):
+    """With an explicit mask, the diagonal goes into it (so empty rows are seen)."""
+    if causal and mask is not None:
+        tri = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=q.device).triu_(1)
+        return False, mask | tri
+    return causal, mask
+
+
 def _cpu_flash_forward(q, k, v, scale, causal, mask):
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    causal, mask = _fold_causal(q, k, causal, mask)
     bias = None if mask is None else _additive(mask, q.dtype)
     out, lse = op(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
     if mask is not None:  # the kernel reports lse = 0 for fully masked rows: make it -inf
@@ -96,6 +105,7 @@ def _cpu_flash_forward(q, k, v, scale, causal, mask):
 
 def _cpu_flash_backward(dout, q, k, v, out, lse, scale, causal, mask):
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    causal, mask = _fold_causal(q, k, causal, mask)
     bias = None if mask is None else _additive(mask, q.dtype)
     lse = lse.masked_fill(torch.isinf(lse), 0.0).to(acc_dtype(q.dtype))
     return op(dout.to(q.dtype), q, k, v, out.to(q.dtype), lse, 0.0, causal,
