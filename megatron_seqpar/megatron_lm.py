@@ -15,6 +15,12 @@ from the methods' frozen ``Options`` dataclasses:
     --[no-]seqpar-<method>-<bool field>        e.g. --no-seqpar-lightseq-balance
 
 An option flag left out keeps the dataclass default; a flag of another method is an error.
+
+What the patched scripts call: ``extra_args_provider`` / ``chain_args_providers`` (flags),
+``gpt_layer_spec_from_args`` / ``bert_layer_spec_from_args`` (validate, then our spec),
+``wrap_forward_step`` (LSS: ``install_lss_grad_averaging`` on the DDP chunks at the first
+step), and for BERT ``bert_model_class``, ``bert_batch_on_this_cp_rank``, ``bert_lm_loss``,
+``bert_binary_loss`` (CP sharding and CP-exact losses).
 ``validate_seqpar_args(args)`` runs after Megatron's own ``validate_args`` (the patched model
 builders call it) and raises ``SeqParArgumentError`` naming the fix. Nothing here runs a
 collective or changes Megatron at import time; importing this module imports only argparse,
@@ -216,6 +222,10 @@ def seqpar_conflicts(args, *, model: str = "gpt") -> list[str]:
     if method == "lss":
         need(g("num_distributed_optimizer_instances", 1) == 1,
              "--seqpar-method lss needs --num-distributed-optimizer-instances 1")
+        need(not g("use_distributed_optimizer", False),
+             "--seqpar-method lss re-points DDP's gradient reduction to the pure DP group, "
+             "but the distributed optimizer shards over DP x CP; drop "
+             "--use-distributed-optimizer")
     if model == "bert":
         need(g("position_embedding_type", "learned_absolute") == "learned_absolute",
              "BERT supports --position-embedding-type learned_absolute only")
@@ -281,28 +291,18 @@ def bert_model_class(args):
                           "derives local position ids and cannot run under CP > 1") from None
 
 
-def install_lss_grad_averaging(model_chunks) -> bool:
+def install_lss_grad_averaging(model_chunks) -> None:
     """LSS double gradient averaging on Megatron-LM's DDP ``model_chunks`` (the one call site).
 
     Megatron-LM builds the DDP chunks itself (reducing over DP x CP) and sets
     ``config.finalize_model_grads_func`` just before its training loop, so this runs from the
-    first forward step (``wrap_forward_step``). It defers to
-    ``megatron_seqpar.megatron.lss_grad.install_lss_grad_averaging`` when that exists and
-    returns True; otherwise it warns once and returns False: Megatron's own single-level
-    DP x CP average then reduces the (still exact) gradients.
+    first forward step (``wrap_forward_step``), after both. It defers to
+    ``megatron_seqpar.megatron.lss_grad.install_lss_grad_averaging`` (groups from
+    ``parallel_state``): bucket reduction over pure DP, CP average in finalize.
     """
-    from megatron_seqpar.megatron import lss_grad
+    from megatron_seqpar.megatron.lss_grad import install_lss_grad_averaging as install
 
-    install = getattr(lss_grad, "install_lss_grad_averaging", None)
-    if install is None:
-        import warnings
-
-        warnings.warn("megatron-seqpar: LSS double gradient averaging has no installer for "
-                      "Megatron-LM-built DDP chunks yet; using Megatron's DP x CP gradient "
-                      "average (exact, single level)", stacklevel=2)
-        return False
-    install(model_chunks)  # TODO(issue 7): adapt to lss_grad's final signature
-    return True
+    install(model_chunks)
 
 
 def wrap_forward_step(forward_step):
