@@ -44,6 +44,10 @@ from megatron.core.transformer.utils import is_layer_window_attention
 
 from megatron_seqpar.megatron.parallel_state import sequence_group
 
+# Methods whose backward needs only (q, k, v, out, lse): keeping them across a recompute costs
+# out + lse. RSA would also keep its s x S score rows and LSS its gathered K/V (remat=True).
+REMAT_BY_DEFAULT = ("lightseq", "mqsp")
+
 _SUPPORTED_MASKS = (
     AttnMaskType.causal,
     AttnMaskType.no_mask,
@@ -126,8 +130,10 @@ class SeqParCoreAttention(MegatronModule):
     attn_mask_type, attention_type, attention_dropout, softmax_scale, cp_comm_type,
     pg_collection``) plus ``method``, ``options`` (the method's frozen options dataclass,
     None = defaults) and ``remat`` (rematerialization-aware checkpointing, see
-    ``megatron_seqpar.megatron.checkpointing``; None = on exactly when Megatron recomputes
-    this attention), which a ``ModuleSpec``'s ``params`` supplies. ``cp_comm_type`` and unknown
+    ``megatron_seqpar.megatron.checkpointing``; None = on when Megatron recomputes this
+    attention and the method is in ``REMAT_BY_DEFAULT``; True forces it, e.g. for RSA/LSS,
+    which then also keep their score rows / gathered K,V until backward), which a
+    ``ModuleSpec``'s ``params`` supplies. ``cp_comm_type`` and unknown
     keywords of other megatron-core versions are accepted and ignored.
     """
 
@@ -177,10 +183,11 @@ class SeqParCoreAttention(MegatronModule):
         self.softmax_scale = (
             1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
         )
-        if remat is None:  # on whenever Megatron recomputes this attention
-            remat = config.recompute_granularity == "full" or (
-                config.recompute_granularity == "selective"
-                and "core_attn" in (config.recompute_modules or ())
+        if remat is None:  # on when Megatron recomputes and keeping costs only out + lse
+            remat = method in REMAT_BY_DEFAULT and (
+                config.recompute_granularity == "full"
+                or (config.recompute_granularity == "selective"
+                    and "core_attn" in (config.recompute_modules or ()))
             )
         self.remat = None
         if remat:
@@ -198,7 +205,7 @@ class SeqParCoreAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        """q ``[sq, b, np, hn]``, k/v ``[sk, b, ng, hn]`` (this rank's shard) -> ``[sq, b, np*hn]``."""
+        """q ``[sq, b, np, hn]``, k/v ``[sk, b, ng, hn]`` (this shard) -> ``[sq, b, np*hn]``."""
         import megatron_seqpar as msp
 
         if packed_seq_params is not None:

@@ -15,6 +15,8 @@ How it sits on Megatron:
   * ``lss_ddp(config, ddp_config, module)`` is a stock ``DistributedDataParallel`` built with a
     ``ProcessGroupCollection`` whose ``dp_cp`` is the pure DP group, so DDP's own bucket
     communication (and ``gradient_scaling_factor = 1/dp``) is the second-level average.
+    ``install_lss_grad_averaging(model_chunks)`` converts DDP chunks that Megatron-LM built
+    the stock way (bucket groups re-pointed to the pure DP group).
   * ``lss_finalize_model_grads(seq_group)`` returns a drop-in for
     ``megatron.core.distributed.finalize_model_grads`` (set it as
     ``config.finalize_model_grads_func``): it all-reduces each grad buffer over the sequence
@@ -30,6 +32,13 @@ w = bytes per grad element, P = CP size, D = DP size (ring all-reduce sends 2(n-
     group, payload (N - E)·w, sent ≈ 2(P-1)/P·(N-E)·w per rank;
   * level 2: DDP's bucket all-reduce over the DP group, payload N·w, ≈ 2(D-1)/D·N·w sent;
   * stock Megatron instead: one all-reduce of N·w over DP x CP, ≈ 2(PD-1)/(PD)·N·w sent.
+LSS therefore sends more in total than the stock single level; what it buys is hierarchy:
+with CP intra-node (Megatron's rank order puts CP ranks next to each other) only level 2
+crosses nodes. Example, the parity-test GPT (2 layers, hidden 64, N = 107,136, E = 3,072,
+float64, P = D = 2): level 1 sends 832,512 B, level 2 857,088 B (1,689,600 B per rank and
+step) against 1,285,632 B for the stock DP x CP all-reduce. Pre-scaling keeps the result equal
+to Megatron's in every mode (``_level2_scaling``: 1/D by default, 1 with
+``average_in_collective``, P with ``calculate_per_token_loss``).
 No extra memory: everything is in place on DDP's grad buffers.
 """
 
@@ -81,15 +90,61 @@ def lss_process_groups(pg_collection=None):
     return out
 
 
+def _level2_scaling(config, ddp_config, dp_size: int, cp_size: int) -> float:
+    """Bucket pre-scale for the DP level so that level 1 (CP mean) x level 2 = Megatron's."""
+    if getattr(config, "calculate_per_token_loss", False):
+        return float(cp_size)  # Megatron sums over DP x CP: undo level 1's 1/P
+    if ddp_config.average_in_collective:
+        return 1.0  # AVG over DP after the CP mean = mean over DP x CP
+    return 1.0 / dp_size
+
+
 def lss_ddp(config, ddp_config, module, pg_collection=None, **ddp_kwargs):
-    """megatron-core ``DistributedDataParallel`` whose bucket reduction is the pure-DP average."""
+    """megatron-core ``DistributedDataParallel`` whose bucket reduction is the pure-DP level."""
     from megatron.core.distributed import DistributedDataParallel
 
     if ddp_config.num_distributed_optimizer_instances != 1:
         raise ValueError("LSS double averaging supports num_distributed_optimizer_instances=1")
-    return DistributedDataParallel(
-        config, ddp_config, module, pg_collection=lss_process_groups(pg_collection), **ddp_kwargs
-    )
+    groups = lss_process_groups(pg_collection)
+    model = DistributedDataParallel(config, ddp_config, module, pg_collection=groups,
+                                    **ddp_kwargs)
+    factor = _level2_scaling(config, ddp_config, groups.dp.size(), groups.cp.size())
+    for buf in model.buffers:
+        for bucket in buf.buckets:
+            bucket.gradient_scaling_factor = factor
+    return model
+
+
+def install_lss_grad_averaging(model_chunks, seq_group=None, dp_group=None) -> None:
+    """Turn DDP chunks built the stock way (reducing over DP x CP) into LSS double averaging.
+
+    For Megatron-LM, which builds the DDP chunks itself: each bucket group's collective is
+    re-pointed from the DP x CP group to the pure DP group (pre-scale adjusted, see
+    ``_level2_scaling``) and ``config.finalize_model_grads_func`` becomes
+    ``lss_finalize_model_grads(seq_group)``. Groups default to ``parallel_state``'s. Needs
+    ``use_distributed_optimizer=False`` (the optimizer's shards follow the DP x CP group) and
+    no expert-parallel buffers; raises ``ValueError`` otherwise. No collective.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_model_config
+
+    seq_group = seq_group or parallel_state.get_context_parallel_group()
+    dp_group = dp_group or parallel_state.get_data_parallel_group(with_context_parallel=False)
+    chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+    config = get_model_config(chunks[0])
+    for chunk in chunks:
+        ddp_config = chunk.ddp_config
+        if ddp_config.use_distributed_optimizer:
+            raise ValueError("LSS double averaging on Megatron-LM-built DDP needs "
+                             "--use-distributed-optimizer off (shards follow DP x CP)")
+        if getattr(chunk, "expert_parallel_bucket_groups", None):
+            raise ValueError("LSS double averaging does not support expert-parallel params")
+        factor = _level2_scaling(config, ddp_config, dp_group.size(), seq_group.size())
+        for group in chunk.bucket_groups:
+            group.data_parallel_group = dp_group
+            for bucket in group.buckets:
+                bucket.gradient_scaling_factor = factor
+    config.finalize_model_grads_func = lss_finalize_model_grads(seq_group)
 
 
 def _ddp_buffers(model_chunk):
@@ -163,8 +218,9 @@ def sync_position_embeddings(module: torch.nn.Module, seq_group: dist.ProcessGro
                              seq_len: int) -> None:
     """Make every rank's position tables equal the owners' rows (before save / resharding).
 
-    Collective: one all-reduce over ``seq_group`` of each table (rows zeroed except the owned
-    ones, so the sum assembles the table). Rows beyond ``seq_len`` keep rank 0's values.
+    Collective: one all-reduce over ``seq_group`` of each table's first ``seq_len`` rows (rows
+    zeroed except the owned ones, so the sum assembles the table). Rows beyond ``seq_len`` get
+    a zero gradient on every rank, so they stay equal across ranks and are left alone.
     """
     p, r = dist.get_world_size(seq_group), dist.get_rank(seq_group)
     rows = owned_position_rows(seq_len, r, p)
