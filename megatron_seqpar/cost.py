@@ -157,6 +157,15 @@ def _tri(n: int) -> int:
     return n * (n + 1) // 2
 
 
+def _clamped_sum(n: int, cap: int) -> int:
+    """``sum(min(x, cap) for x in range(1, n + 1))`` in closed form (0 for ``n <= 0``)."""
+    if n <= 0:
+        return 0
+    if n <= cap:
+        return n * (n + 1) // 2
+    return cap * (cap + 1) // 2 + (n - cap) * cap
+
+
 def _positions(sh: AttnShape, r: int) -> list[tuple[int, int]]:
     """Global token runs ``(start, length)`` of rank ``r``."""
     if sh.layout == "contiguous" or sh.P == 1:
@@ -178,8 +187,8 @@ def _pairs(sh: AttnShape, q_runs, k_runs) -> int:
                 continue
             elif ks == qs and kl == ql:
                 total += _tri(ql)
-            else:  # partial overlap: count exactly
-                total += sum(max(0, min(ks + kl, q + 1) - ks) for q in range(qs, qs + ql))
+            else:  # partial overlap: query q sees clamp(q + 1 - ks, 0, kl) keys
+                total += _clamped_sum(qs + ql - ks, kl) - _clamped_sum(qs - ks, kl)
     return total
 
 
@@ -192,11 +201,11 @@ def _needed_pairs(sh: AttnShape, r: int) -> int:
 # Each model returns (sent_fwd, sent_bwd, recv_fwd, recv_bwd, act_bytes, pairs) for rank r.
 # ``a`` is the accumulation element size; partial outputs, lse and gradients travel in it.
 def _wrapper(sh: AttnShape) -> int:
-    """What the shared autograd wrapper holds: ``[b,h,s,d]`` copies of q, k, v, out, lse,
-    the incoming gradient's copy, and dq, dk, dv (accumulation dtype) with their
-    public-layout copies."""
+    """What the shared autograd wrapper holds during the backward: ``[b,h,s,d]`` copies of
+    q, k, v, the output and lse (accumulation dtype), the incoming gradient's copy, and dq,
+    dk, dv (accumulation dtype)."""
     Q, KV, a, e = sh.q_bytes, sh.kv_bytes, sh.acc, sh.e
-    return (Q + 2 * KV) + Q * a // e + sh.lse_acc + Q + (Q + 2 * KV) * a // e + (Q + 2 * KV)
+    return (Q + 2 * KV) + Q * a // e + sh.lse_acc + Q + (Q + 2 * KV) * a // e
 
 
 def _rsa(sh: AttnShape, r: int):
@@ -204,7 +213,7 @@ def _rsa(sh: AttnShape, r: int):
     fwd = 2 * (P - 1) * KV  # K ring, then V ring
     bwd = 2 * (P - 1) * KV + 2 * (P - 1) * KV * a // e  # V and K rings; dV, dK partials home
     probs = sh.b * sh.hq * sh.s * sh.S * a  # the method: full score rows, kept for backward
-    act = probs + sh.b * sh.hq * sh.s * sh.s * a + _wrapper(sh) + 4 * KV
+    act = 2 * probs + sh.q_bytes + 2 * KV  # + logsumexp's temporary of the same size
     return fwd, bwd, fwd, bwd, act, sh.s * sh.S
 
 
@@ -230,8 +239,9 @@ def _mqsp(sh: AttnShape, r: int):
     ar = lambda n: 2 * (P - 1) * n // P  # noqa: E731
     fwd = m * ((P - 1) * qc * e + 2 * ar(stat) + rs(P * qc * a))  # Q gather, max+sum, ctx RS
     bwd = m * ((P - 1) * (3 * qc + sh.b * sh.hq * c) * a + rs(P * qc * a))  # packed gather, dQ
-    block = sh.b * sh.hq * P * c * sh.s * a
-    act = _wrapper(sh) + 2 * sh.kv_bytes * a // e + 2 * block + 8 * P * qc * a
+    # one micro-step: gathered [q, dO, O] (+ contiguous copies), partial context, dQ partials
+    # and the reduce-scatter buffers, all P·c rows; the score block stays inside the kernel
+    act = _wrapper(sh) + 11 * sh.q_bytes * a // e + 29 * P * qc * a // 4
     pairs = sum(_pairs(sh, _positions(sh, j), _positions(sh, r)) for j in range(P))
     return fwd, bwd, fwd, bwd, act, pairs
 
@@ -240,7 +250,8 @@ def _lss(sh: AttnShape, r: int):
     P, KV, a, e = sh.P, sh.kv_bytes, sh.acc, sh.e
     fwd = (P - 1) * 2 * KV  # one fused all-gather of packed [K, V]
     bwd = (P - 1) * 2 * KV * a // e  # one fused reduce-scatter of packed [dK, dV]
-    act = _wrapper(sh) + 2 * (P * 2 * KV) + 3 * (P * 2 * KV) * a // e
+    # gathered K/V and its reshaped copy (kept), full-length dK/dV, packed copy, RS buffers
+    act = _wrapper(sh) + 2 * (P * 2 * KV) + 4 * (P * 2 * KV) * a // e - 2 * KV
     return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)
 
 
@@ -256,8 +267,13 @@ def _lightseq(sh: AttnShape, r: int):
     tot = lambda table: sum(table.get(k, 0) for st in steps for k in st)  # noqa: E731
     any_q = any("q_from" in st for st in steps)
     any_kv = any("kv_from" in st for st in steps)
-    act = (_wrapper(sh) + 2 * KV + 2 * 2 * KV * any_kv + (2 * 3 * Q + 2 * L) * any_q
-           + 3 * Q + 3 * 2 * KV * a // e * any_kv)
+    # backward: packed own K/V and [q, dO, O], two receive buffers per kind in flight, the
+    # kernel's block gradients and the packed dK/dV partial on its way home
+    kv_to = any("kv_to" in st for st in steps)
+    act = (_wrapper(sh) + 2 * KV + 3 * Q + L + 2 * 2 * KV * any_kv + 2 * (3 * Q + L) * any_q
+           + ((Q + 2 * 2 * KV) * any_kv + 2 * KV * (kv_to and not any_kv)) * a // e)
+    if sum(1 for st in steps if st) >= 2:  # step t's partials still in flight during t+1
+        act += 3 * 2 * KV * a // e
     pr = lambda i, j: _pairs(sh, _positions(sh, i), _positions(sh, j))  # noqa: E731
     pairs = pr(r, r) + sum(pr(r, (r - t) % sh.P) * ("kv_from" in st)
                            + pr((r - t) % sh.P, r) * ("q_from" in st)
@@ -310,7 +326,7 @@ def _ulysses(sh: AttnShape, r: int):
     bwd = a2a(Q) + a2a(Q) + 2 * a2a(KV)  # dout in; dq, dk, dv back
     # whole sequence for hq/P heads (the same bytes as a shard): q, k, v, out and lse kept,
     # dout, dq, dk, dv and the all-to-all buffers in the backward
-    act = 2 * (Q + 2 * KV) + 2 * Q + sh.lse_bytes + 3 * (Q + 2 * KV)
+    act = 2 * (Q + 2 * KV) + 4 * Q + sh.lse_bytes
     full = AttnShape(S=sh.S, P=1, causal=sh.causal)
     pairs = _pairs(full, [(0, sh.S)], [(0, sh.S)]) // P
     return fwd, bwd, fwd, bwd, act, pairs
@@ -321,7 +337,7 @@ def _ring(sh: AttnShape, r: int):
     fwd = (P - 1) * 2 * KV
     bwd = (P - 1) * 2 * KV + P * 2 * KV * a // e  # K/V again; dK/dV travel P hops
     Q = sh.q_bytes
-    act = (3 * 2 * KV + 3 * Q * a // e + 2 * sh.lse_bytes + 4 * 2 * KV * a // e + 2 * Q)
+    act = 3 * 2 * KV + 3 * Q * a // e + 2 * sh.lse_bytes + 4 * 2 * KV * a // e + Q
     return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)
 
 
@@ -329,7 +345,7 @@ def _allgather(sh: AttnShape, r: int):
     P, KV, Q = sh.P, sh.kv_bytes, sh.q_bytes
     fwd = (P - 1) * 2 * KV
     bwd = (P - 1) * 2 * KV  # reduce-scatter of [dK; dV] for the whole sequence
-    act = 3 * P * 2 * KV + 4 * Q + sh.lse_bytes + 2 * P * 2 * KV
+    act = 6 * P * 2 * KV + 6 * Q + sh.lse_bytes
     return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)
 
 
@@ -353,3 +369,110 @@ def attention_cost(method: str, shape: AttnShape) -> AttentionCost:
     rows = [_MODELS[method](shape, r) for r in range(shape.P)]
     cols = list(zip(*rows))
     return AttentionCost(method, shape, *(tuple(int(x) for x in c) for c in cols))
+
+
+# ----------------------------------------------------------------------------- model level
+@dataclass(frozen=True)
+class ModelConfig:
+    """A transformer stack: ``layers`` of attention (``heads`` query, ``kv_heads`` key/value
+    heads) and an MLP of width ``ffn`` (``gated``: SwiGLU's three matrices)."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int | None = None
+    ffn: int | None = None
+    vocab: int = 32000
+    gated: bool = False
+    causal: bool = True
+
+    def __post_init__(self):
+        if self.kv_heads is None:
+            object.__setattr__(self, "kv_heads", self.heads)
+        if self.ffn is None:
+            object.__setattr__(self, "ffn", 4 * self.hidden)
+        for name in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise ValueError("hidden must divide into heads, heads into kv_heads groups")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def layer_params(self) -> int:
+        h, d = self.hidden, self.head_dim
+        attn = h * self.heads * d * 2 + 2 * h * self.kv_heads * d
+        return attn + (3 if self.gated else 2) * h * self.ffn
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.vocab * self.hidden
+
+
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One transformer layer on one rank (forward + backward): bytes on the sequence axis and
+    on the tensor-parallel axis, activation memory kept for the backward, and FLOPs."""
+
+    attention: AttentionCost
+    sp_bytes: int  # sequence-parallel attention traffic, the busiest rank
+    tp_bytes: int  # Megatron TP (+ its sequence parallelism) traffic
+    act_bytes: int  # activations this layer keeps until its backward
+    peak_extra_bytes: int  # transient working set of the layer being (re)computed
+    attn_flops: int  # busiest rank, forward + backward (+ recompute)
+    linear_flops: int
+
+
+def layer_cost(model: ModelConfig, *, S: int, P: int, method: str, tp: int = 1, b: int = 1,
+               dtype: str = "bf16", recompute: str = "none", layout: str | None = None,
+               mqsp_budget_mb: float = 256.0, flash: bool = True) -> LayerCost:
+    """Per-rank cost of one layer with sequence parallelism ``P`` and tensor parallelism ``tp``.
+
+    Activations follow Korthikanti et al. (TP with sequence parallelism, flash attention so no
+    ``s x s`` term): ``34·s·b·h/tp`` bytes for 16-bit (scaled by the element size), plus what the
+    method holds beyond a local fused attention. ``full`` recompute keeps only the layer input
+    (``2·s·b·h/tp``) and re-runs the forward; LightSeq's rematerialization-aware checkpoint keeps
+    the attention output, so its recompute skips the distributed attention forward.
+    ``selective`` recomputes the core attention only (free for fused kernels; for RSA it drops
+    the kept score rows at the price of one more attention forward). ``flash=False`` models a
+    pre-FlashAttention single-rank baseline (``P = 1``) that keeps its ``5·a·s²·b`` bytes of
+    scores, softmax and dropout mask (Korthikanti et al.), as the 2021-2023 papers' TP
+    baselines did unless they recompute attention selectively.
+    """
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"unknown recompute {recompute!r}; use one of {RECOMPUTE}")
+    if model.heads % tp:
+        raise ValueError(f"tp={tp} must divide heads={model.heads}")
+    hq, hkv = model.heads // tp, max(1, model.kv_heads // tp)
+    layout = layout or ("zigzag" if method not in ("ulysses", "allgather") else "contiguous")
+    sh = AttnShape(S=S, P=P, b=b, hq=hq, hkv=hkv, D=model.head_dim, dtype=dtype,
+                   causal=model.causal, layout=layout, mqsp_budget_mb=mqsp_budget_mb)
+    att = attention_cost("nosp" if P == 1 else method, sh)
+    local = attention_cost("nosp", AttnShape(S=sh.s, P=1, b=b, hq=hq, hkv=hkv, D=sh.D,
+                                             dtype=dtype, causal=model.causal))
+    e, s, h = sh.e, sh.s, model.hidden
+    base = 34 * s * b * h * e // 2 // tp
+    extra = max(0, att.max_act_bytes - local.max_act_bytes)
+    if not flash and P == 1 and recompute != "selective":
+        extra += 5 * hq * S * S * b * e // 2
+    attn_fwd = max(att.flops_fwd)
+    attn = max(att.flops)
+    linear = 3 * 2 * b * s * model.layer_params // tp
+    if recompute == "full":
+        act, peak = 2 * s * b * h * e // tp, base + extra
+        linear += linear // 3
+        attn += 0 if method == "lightseq" else attn_fwd
+    elif recompute == "selective" and method == "rsa":
+        act, peak = base, extra
+        attn += attn_fwd
+    else:
+        act, peak = base + extra, 0
+    tp_bytes = 8 * (tp - 1) * s * b * h * e // tp
+    return LayerCost(att, max(att.sent), tp_bytes, act, peak, attn, linear)

@@ -117,11 +117,17 @@ _TE_NAMES = {f"{model}_te_{m}": (model, m) for model in ("gpt", "bert") for m in
 
 
 def __getattr__(name: str):
-    """``gpt_te_<method>`` / ``bert_te_<method>``: built lazily, only with transformer_engine."""
+    """``gpt_te_<method>`` / ``bert_te_<method>``: built lazily, only with transformer_engine.
+
+    The spec is cached in the module's namespace: Megatron-LM's ``--spec MODULE NAME`` does
+    ``__import__(MODULE, fromlist=[NAME])`` (whose ``hasattr`` lands here) and then reads
+    ``vars(module)[NAME]``.
+    """
     if name in _TE_NAMES:
         model, method = _TE_NAMES[name]
         build = get_gpt_layer_spec if model == "gpt" else get_bert_layer_spec
-        return build(method, transformer_engine=True)
+        spec = globals()[name] = build(method, transformer_engine=True)
+        return spec
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -15,7 +15,7 @@ Megatron-LM names: --num-layers --hidden-size --ffn-hidden-size --num-attention-
 --recompute-num-layers --distributed-backend --mask-prob --short-seq-prob
 --untie-embeddings-and-output-weights.
 Ours: --seqpar-method {rsa,mqsp,lss,lightseq}, --seqpar-option KEY=VALUE (a field of that
-method's ``Options``, repeatable), --device, --log-dir, --no-progress-bar, --no-plot,
+method's ``Options``, repeatable), --fp64, --device, --log-dir, --no-progress-bar, --no-plot,
 --cpu-threads.
 """
 
@@ -68,6 +68,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     bf16: bool = False
+    fp64: bool = False  # ours: float64 parameters and activations (CPU), for exactness checks
     recompute_granularity: str | None = None
     recompute_method: str | None = None
     recompute_num_layers: int | None = None
@@ -215,6 +216,7 @@ def validate(c: TrainConfig) -> None:
          "--recompute-method needs --recompute-granularity full")
     need(c.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda")
     need(c.distributed_backend in (None, "gloo", "nccl"), "--distributed-backend gloo or nccl")
+    need(not (c.bf16 and c.fp64), "--bf16 and --fp64 exclude each other")
     need(not (c.bf16 and c.resolved_device() == "cpu"),
          "--bf16 needs a CUDA device (the CPU path uses torch.optim in fp32); drop --bf16")
     need(c.resolved_backend() != "nccl" or c.resolved_device() == "cuda",
@@ -269,6 +271,8 @@ def build_parser(model: str = "gpt") -> argparse.ArgumentParser:
     add("--distributed-backend", choices=("gloo", "nccl"))
     add("--device", choices=("auto", "cpu", "cuda"))
     add("--bf16", action="store_true")
+    add("--fp64", action="store_true",
+        help="float64 parameters and activations (ours; for exactness checks on CPU)")
     add("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--seqpar-method", choices=METHODS, default=None,
                    help="sequence-parallel attention on the context-parallel axis "

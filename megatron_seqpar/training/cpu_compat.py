@@ -10,6 +10,9 @@ Patches (``applied()`` installs them):
 - ``current_device``: ``torch.cuda.current_device`` answers ``torch.device("cpu")``. Megatron
   passes it as ``device=`` to allocations (model buffers, DDP's param/grad buffers, RoPE's
   ``inv_freq``); on a CPU-only torch it raises "Torch not compiled with CUDA enabled".
+- ``cuda_synchronize``: ``torch.cuda.synchronize`` is a no-op. megatron-core's
+  ``dist_checkpointing`` writer (``FileSystemWriterAsync.preload_tensors``) calls it after
+  its device-to-host copies, even when every tensor already lives on the CPU.
 - ``rope_cp_index``: ``rotary_pos_embedding.get_pos_emb_on_this_cp_rank`` is replaced by the
   same zigzag selection (chunks ``r`` and ``2P-1-r``) built on the embedding's device; upstream
   builds its index with ``pin_memory=True`` and ``.cuda()``. Reached only with RoPE and CP>1.
@@ -75,13 +78,14 @@ def _setattr(obj, name: str, value):
 
 @contextlib.contextmanager
 def applied():
-    """Install the three CPU workarounds above; restore everything on exit."""
+    """Install the four CPU workarounds above; restore everything on exit."""
     from megatron.core import tensor_parallel
     from megatron.core.models.common.embeddings import rotary_pos_embedding
 
     tracker = tensor_parallel.get_cuda_rng_tracker()
     with contextlib.ExitStack() as stack:
         stack.enter_context(_setattr(torch.cuda, "current_device", _cpu_device))
+        stack.enter_context(_setattr(torch.cuda, "synchronize", lambda *a, **k: None))
         stack.enter_context(_setattr(rotary_pos_embedding, "get_pos_emb_on_this_cp_rank",
                                      pos_emb_on_this_cp_rank))
         stack.enter_context(_setattr(tracker, "fork",

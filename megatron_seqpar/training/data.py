@@ -11,8 +11,8 @@
   (``_text_sentence``), as Megatron-LM's ``tools/preprocess_data.py`` names them.
 - ``build_train_dataset(cfg, prefix)``: megatron-core ``GPTDataset`` or
   ``BERTMaskedWordPieceDataset`` (masked-LM samples padded to ``--seq-length``) through
-  ``BlendedMegatronDatasetBuilder``, built on global rank 0 and cached under
-  ``--data-cache-path``.
+  ``BlendedMegatronDatasetBuilder``, indexed on global rank 0, cached under
+  ``--data-cache-path`` and loaded by every rank.
 - ``BatchSource``: the samples of (step, micro-batch) for this data-parallel rank (Megatron's
   sequential pretraining sampler order, so a resumed run reads the same batches), each tensor
   cut along the sequence with ``megatron_seqpar.shard_sequence(..., layout="zigzag")`` over the
@@ -165,8 +165,10 @@ def build_train_dataset(cfg, prefix: str):
             masking_use_longer_ngrams=False, masking_use_geometric_distribution=False,
             classification_head=False, **common)
     n = cfg.train_iters * cfg.global_batch_size
-    rank0 = lambda: not dist.is_initialized() or dist.get_rank() == 0
-    train, _, _ = BlendedMegatronDatasetBuilder(cls, [n, None, None], rank0, config).build()
+    # Every rank reads data (CP ranks shard it themselves); megatron-core builds the index on
+    # global rank 0 first and the others load it from the cache.
+    train, _, _ = BlendedMegatronDatasetBuilder(cls, [n, None, None], lambda: True,
+                                                config).build()
     return train
 
 
