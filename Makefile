@@ -16,7 +16,8 @@ $(VENV)/.installed: constraints.txt setup.py
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) examples/attention_demo.py
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) examples/pretrain_gpt.py \
+		--context-parallel-size $(NPROC) --seqpar-method lightseq
 
 test: setup
 	$(PY) -m pytest -q --durations=15

@@ -14,8 +14,10 @@ Megatron-LM names: --num-layers --hidden-size --ffn-hidden-size --num-attention-
 --data-cache-path --split --bf16 --recompute-granularity --recompute-method
 --recompute-num-layers --distributed-backend --mask-prob --short-seq-prob
 --untie-embeddings-and-output-weights.
-Ours: --seqpar-method {rsa,mqsp,lss,lightseq}, --seqpar-option KEY=VALUE (a field of that
-method's ``Options``, repeatable), --fp64, --device, --log-dir, --no-progress-bar, --no-plot,
+Ours: --seqpar-method {rsa,mqsp,lss,lightseq} and the method options (--seqpar-backend,
+--seqpar-mqsp-micro-q, --[no-]seqpar-lightseq-balance, ...: defined once, in
+``megatron_seqpar.megatron_lm.add_seqpar_args``, so Megatron-LM's patched scripts and these
+entry points take the same flags), --fp64, --device, --log-dir, --no-progress-bar, --no-plot,
 --cpu-threads.
 """
 
@@ -25,6 +27,14 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_seqpar.megatron_lm import (
+    SeqParArgumentError,
+    add_seqpar_args,
+    option_flags,
+    options_from_args,
+)
 
 METHODS = ("rsa", "mqsp", "lss", "lightseq")  # == megatron_seqpar.METHODS (checked in tests)
 MODELS = ("gpt", "bert")
@@ -41,10 +51,10 @@ class TrainConfig:
 
     model: str = "gpt"
     # model shape
-    num_layers: int = 4
-    hidden_size: int = 256
+    num_layers: int = 2
+    hidden_size: int = 128
     ffn_hidden_size: int | None = None
-    num_attention_heads: int = 4
+    num_attention_heads: int = 2
     num_query_groups: int | None = None
     seq_length: int = 4096
     max_position_embeddings: int | None = None
@@ -77,7 +87,7 @@ class TrainConfig:
     tensor_model_parallel_size: int = 1
     context_parallel_size: int = 1
     seqpar_method: str | None = None
-    seqpar_options: tuple[tuple[str, str], ...] = ()
+    seqpar_options: tuple[tuple[str, Any], ...] = ()  # (Options field, value) given
     distributed_backend: str | None = None
     device: str = "auto"
     cpu_threads: int | None = None
@@ -131,36 +141,18 @@ class TrainConfig:
         return self.log_dir or os.path.join("runs", f"{self.model}-{self.seqpar_method or 'local'}")
 
     def method_options(self):
-        """The method's frozen ``Options`` built from ``--seqpar-option`` pairs (or None)."""
+        """The method's frozen ``Options`` from the ``--seqpar-*`` option flags (or None)."""
         if self.seqpar_method is None:
             return None
         from megatron_seqpar.api import method_options
 
-        cls = method_options(self.seqpar_method)
-        return cls(**_coerce_options(cls, self.seqpar_options))
+        try:
+            return method_options(self.seqpar_method)(**dict(self.seqpar_options))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--seqpar-method {self.seqpar_method}: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _coerce_options(cls, pairs) -> dict:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
-    for key, text in pairs:
-        if key not in fields:
-            raise ConfigError(f"--seqpar-option {key}: {cls.__module__}.Options has no field "
-                              f"{key!r}; use one of {sorted(fields)}")
-        default = fields[key].default
-        if isinstance(default, bool):
-            value = text.lower() in ("1", "true", "yes", "on")
-        elif isinstance(default, int):
-            value = int(text)
-        elif isinstance(default, float):
-            value = float(text)
-        else:
-            value = text
-        out[key] = value
-    return out
 
 
 def validate(c: TrainConfig) -> None:
@@ -228,12 +220,14 @@ def validate(c: TrainConfig) -> None:
     need(c.save_interval is None or c.save, "--save-interval needs --save DIR")
     need(c.exit_interval is None or c.exit_interval > 0, "--exit-interval must be positive")
     if c.seqpar_options:
-        need(c.seqpar_method is not None, "--seqpar-option needs --seqpar-method")
+        need(c.seqpar_method is not None, "--seqpar-* option flags need --seqpar-method")
         c.method_options()  # raises ConfigError / ValueError naming the bad field
 
 
 def build_parser(model: str = "gpt") -> argparse.ArgumentParser:
-    """The argparse parser; defaults are the README demo (byte-level, 4x256, seq 4096)."""
+    """The argparse parser; defaults are the README demo: a byte-level 2-layer, hidden-128
+    model at sequence length 4096, 200 steps of one sequence (about 4 minutes on 2 CPU
+    processes with ``--context-parallel-size 2 --seqpar-method lightseq``)."""
     d = TrainConfig.__dataclass_fields__
     p = argparse.ArgumentParser(
         prog=f"pretrain_{model}.py",
@@ -274,11 +268,7 @@ def build_parser(model: str = "gpt") -> argparse.ArgumentParser:
     add("--fp64", action="store_true",
         help="float64 parameters and activations (ours; for exactness checks on CPU)")
     add("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--seqpar-method", choices=METHODS, default=None,
-                   help="sequence-parallel attention on the context-parallel axis "
-                   "(default: megatron-core's local attention, CP=1 only)")
-    g.add_argument("--seqpar-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a field of the method's Options dataclass (repeatable)")
+    add_seqpar_args(p)  # the same --seqpar-* flags as Megatron-LM's patched scripts
     g.add_argument("--no-progress-bar", action="store_true")
     g.add_argument("--no-plot", action="store_true")
     g.add_argument("--bert-no-binary-head", action="store_true",
@@ -293,12 +283,15 @@ def parse_args(argv=None, model: str = "gpt", world_size: int | None = None) -> 
     TP*CP runs before any process group is built.
     """
     ns = vars(build_parser(model).parse_args(argv))
+    try:
+        options_from_args(argparse.Namespace(**ns))  # flags of another method, bad values
+    except SeqParArgumentError as e:
+        raise ConfigError(str(e)) from None
     pairs = []
-    for item in ns.pop("seqpar_option"):
-        if "=" not in item:
-            raise ConfigError(f"--seqpar-option {item!r} must look like KEY=VALUE")
-        key, value = item.split("=", 1)
-        pairs.append((key.strip().replace("-", "_"), value.strip()))
+    for _, dest, _, f in option_flags():
+        value = ns.pop(dest)
+        if value is not None:
+            pairs.append((f.name, value))
     ns.pop("bert_no_binary_head")
     ns["progress_bar"] = not ns.pop("no_progress_bar")
     ns["plot"] = not ns.pop("no_plot")

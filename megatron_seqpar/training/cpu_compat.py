@@ -13,6 +13,10 @@ Patches (``applied()`` installs them):
 - ``cuda_synchronize``: ``torch.cuda.synchronize`` is a no-op. megatron-core's
   ``dist_checkpointing`` writer (``FileSystemWriterAsync.preload_tensors``) calls it after
   its device-to-host copies, even when every tensor already lives on the CPU.
+- ``recompute_rng``: ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``
+  read and write the CPU generator's state. Megatron's activation recomputation
+  (``--recompute-granularity``, ``tensor_parallel.checkpoint``) saves the CUDA RNG state
+  before the forward and restores it for the recompute, through ``torch.cuda`` calls.
 - ``rope_cp_index``: ``rotary_pos_embedding.get_pos_emb_on_this_cp_rank`` is replaced by the
   same zigzag selection (chunks ``r`` and ``2P-1-r``) built on the embedding's device; upstream
   builds its index with ``pin_memory=True`` and ``.cuda()``. Reached only with RoPE and CP>1.
@@ -78,14 +82,19 @@ def _setattr(obj, name: str, value):
 
 @contextlib.contextmanager
 def applied():
-    """Install the four CPU workarounds above; restore everything on exit."""
+    """Install the five CPU workarounds above; restore everything on exit."""
     from megatron.core import tensor_parallel
     from megatron.core.models.common.embeddings import rotary_pos_embedding
+    from megatron.core.tensor_parallel import random as mrandom
 
     tracker = tensor_parallel.get_cuda_rng_tracker()
     with contextlib.ExitStack() as stack:
         stack.enter_context(_setattr(torch.cuda, "current_device", _cpu_device))
         stack.enter_context(_setattr(torch.cuda, "synchronize", lambda *a, **k: None))
+        stack.enter_context(_setattr(mrandom, "_get_cuda_rng_state",
+                                     lambda *a, **k: torch.get_rng_state()))
+        stack.enter_context(_setattr(mrandom, "_set_cuda_rng_state",
+                                     lambda state, *a, **k: torch.set_rng_state(state)))
         stack.enter_context(_setattr(rotary_pos_embedding, "get_pos_emb_on_this_cp_rank",
                                      pos_emb_on_this_cp_rank))
         stack.enter_context(_setattr(tracker, "fork",

@@ -47,7 +47,11 @@ class ByteTokenizer:
 
     @property
     def inv_vocab(self) -> dict[int, str]:
-        return {i: chr(i) for i in range(256)}
+        """Text bytes only (9-255). megatron-core's masked-LM sampler draws its random
+        replacement tokens from these keys; were the pad id among them, a replaced (loss)
+        position would be marked as padding, and a padded query row is defined differently
+        by every attention implementation (uniform in Megatron's local softmax, zero in ours)."""
+        return {i: chr(i) for i in range(9, 256)}
 
     def tokenize(self, text: str) -> np.ndarray:
         return np.frombuffer(clean_text(text).encode("utf-8"), dtype=np.uint8).astype(np.int64)

@@ -1,0 +1,152 @@
+"""megatron-core ``GPTModel`` / ``BertModel`` with our layer specs, wrapped in Megatron's DDP.
+
+Spec: ``megatron_seqpar.specs.get_gpt_layer_spec(method, options=...)`` /
+``get_bert_layer_spec(...)`` when ``--seqpar-method`` is given, else megatron-core's own local
+spec (``get_gpt_layer_local_spec()`` / ``bert_layer_local_spec``; CP=1 only).
+
+Gradient reduction: megatron-core ``DistributedDataParallel`` over the data x context group
+(``finalize_model_grads``), or for LSS ``lss_ddp`` + ``lss_finalize_model_grads`` (double
+gradient averaging: sequence group, then data-parallel group; DESIGN §4).
+
+BERT under CP: megatron-core's ``BertModel`` derives position ids as ``arange(local length)``;
+``megatron_seqpar.megatron.bert.SeqParBertModel`` fixes that when present, else the thin
+``_ZigzagBertModel`` below gives global zigzag positions (chunks r and 2P-1-r).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def transformer_config(cfg, device: str):
+    """megatron-core ``TransformerConfig`` for ``cfg``."""
+    from megatron.core.transformer import TransformerConfig
+
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float64 if cfg.fp64 else torch.float32
+    return TransformerConfig(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        context_parallel_size=cfg.context_parallel_size,
+        hidden_dropout=cfg.hidden_dropout, attention_dropout=cfg.attention_dropout,
+        init_method_std=cfg.init_method_std,
+        use_cpu_initialization=device == "cpu",
+        bf16=cfg.bf16, params_dtype=dtype, pipeline_dtype=dtype,
+        recompute_granularity=cfg.recompute_granularity,
+        recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers,
+        calculate_per_token_loss=False,
+    )
+
+
+def layer_spec(cfg):
+    """The transformer-layer ``ModuleSpec``: ours for ``--seqpar-method``, else Megatron's."""
+    if cfg.seqpar_method is not None:
+        from megatron_seqpar import specs
+
+        build = specs.get_gpt_layer_spec if cfg.model == "gpt" else specs.get_bert_layer_spec
+        return build(cfg.seqpar_method, options=cfg.method_options())
+    if cfg.model == "gpt":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        return get_gpt_layer_local_spec()
+    from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
+
+    return bert_layer_local_spec
+
+
+def _bert_class(cfg):
+    if cfg.seqpar_method is None:  # megatron-core's own BertModel (CP=1)
+        from megatron.core.models.bert.bert_model import BertModel
+
+        return BertModel
+    try:
+        from megatron_seqpar.megatron.bert import SeqParBertModel
+
+        return SeqParBertModel
+    except ImportError:
+        return _zigzag_bert_model()
+
+
+def _zigzag_bert_model():
+    from megatron.core import parallel_state
+    from megatron.core.models.bert.bert_model import BertModel
+
+    class _ZigzagBertModel(BertModel):
+        """``BertModel`` whose position ids are the global zigzag positions of this CP rank."""
+
+        def bert_position_ids(self, token_ids):
+            group = parallel_state.get_context_parallel_group()
+            p, r = group.size(), group.rank()
+            b, s = token_ids.shape
+            c = s // 2 if p > 1 else s
+            first = torch.arange(r * c, (r + 1) * c, device=token_ids.device)
+            pos = first if p == 1 else torch.cat(
+                [first, torch.arange((2 * p - 1 - r) * c, (2 * p - r) * c,
+                                     device=token_ids.device)])
+            return pos.unsqueeze(0).expand(b, s)
+
+    return _ZigzagBertModel
+
+
+def build_model(cfg, device: str):
+    """(DDP-wrapped model, TransformerConfig, finalize_grads_fn). Seed torch before calling."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    config = transformer_config(cfg, device)
+    spec = layer_spec(cfg)
+    max_pos = cfg.max_position_embeddings or cfg.seq_length
+    tied = not cfg.untie_embeddings_and_output_weights
+    if cfg.model == "gpt":
+        from megatron.core.models.gpt import GPTModel
+
+        module = GPTModel(
+            config=config, transformer_layer_spec=spec, vocab_size=cfg_vocab(cfg),
+            max_sequence_length=max_pos, share_embeddings_and_output_weights=tied,
+            position_embedding_type=cfg.position_embedding_type,
+        )
+    else:
+        module = _bert_class(cfg)(
+            config=config, num_tokentypes=0, transformer_layer_spec=spec,
+            vocab_size=cfg_vocab(cfg), max_sequence_length=max_pos,
+            share_embeddings_and_output_weights=tied, add_binary_head=False,
+            position_embedding_type=cfg.position_embedding_type,
+        )
+    if cfg.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        module = Float16Module(config, module)
+    if cfg.fp64:  # megatron-core's torch norms ignore params_dtype
+        module.double()
+    module.to(device)
+    # fp32 grad buffers (Megatron's choice for bf16); with --fp64 they keep float64
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=not cfg.fp64)
+    if cfg.seqpar_method == "lss" and cfg.context_parallel_size > 1:
+        from megatron.core import parallel_state
+
+        from megatron_seqpar.megatron.lss_grad import lss_ddp, lss_finalize_model_grads
+
+        model = lss_ddp(config, ddp_config, module)
+        finalize = lss_finalize_model_grads(parallel_state.get_context_parallel_group())
+    else:
+        model = DistributedDataParallel(config, ddp_config, module)
+        finalize = finalize_model_grads
+    return model, config, finalize
+
+
+def cfg_vocab(cfg) -> int:
+    """Vocabulary size padded to a multiple of 128*TP, as Megatron-LM pads it (256 stays)."""
+    m = 128 * cfg.tensor_model_parallel_size
+    return -(-256 // m) * m
+
+
+def unwrap(model):
+    """The GPTModel/BertModel inside DDP (and Float16Module)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
