@@ -112,21 +112,20 @@ def test_preprocess_tool_round_trips_bytes(tmp_path):
     assert all(ds[i][-1] == EOD for i in range(2))
 
 
-def test_cpu_compat_is_scoped():
-    """The CPU workarounds exist only inside ``applied()`` (test workers are reused)."""
+def test_cpu_shims_are_scoped():
+    """The CPU workarounds exist only inside ``cpu_shims()`` (test workers are reused)."""
+    import megatron_cpu
     import torch
     from megatron.core.models.common.embeddings import rotary_pos_embedding as rope
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
     from megatron.core.tensor_parallel import random as mrandom
 
-    from megatron_seqpar.training import cpu_compat
-
     tracker = get_cuda_rng_tracker()
     before = (torch.cuda.current_device, torch.cuda.synchronize, rope.get_pos_emb_on_this_cp_rank,
               mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state)
-    with cpu_compat.applied():
+    with megatron_cpu.cpu_shims():
         assert torch.cuda.current_device() == torch.device("cpu")
-        assert rope.get_pos_emb_on_this_cp_rank is cpu_compat.pos_emb_on_this_cp_rank
+        assert rope.get_pos_emb_on_this_cp_rank is megatron_cpu.pos_emb_on_this_cp_rank
         with tracker.fork():
             pass
     after = (torch.cuda.current_device, torch.cuda.synchronize, rope.get_pos_emb_on_this_cp_rank,

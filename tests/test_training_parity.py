@@ -39,11 +39,13 @@ TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_group
 def _train(rank, world_size, kwargs):
     import warnings
 
-    from megatron_seqpar.training import cpu_compat, driver
+    from megatron_cpu import cpu_shims
+
+    from megatron_seqpar.training import driver
 
     warnings.filterwarnings("ignore", category=UserWarning)
     cfg = TrainConfig(world_size=world_size, **kwargs)
-    with cpu_compat.applied():
+    with cpu_shims():
         return driver.train(cfg, device="cpu", quiet=True)
 
 

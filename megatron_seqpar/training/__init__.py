@@ -7,10 +7,10 @@ Modules (importing any of them has no side effects: no process group, no patchin
   Megatron indexed dataset builder and the ``GPTDataset`` / ``BERTMaskedWordPieceDataset``
   pipelines, and the zigzag sharding of each batch over the context-parallel group.
 - ``model``: megatron-core ``GPTModel`` / ``BertModel`` built from our layer specs.
-- ``cpu_compat``: the named workarounds a CPU training run of megatron-core needs; applied by
-  ``driver.main`` only when the device is CPU.
 - ``checkpoint``: save/resume (megatron-core ``dist_checkpointing`` for the model, a documented
   ``torch.save`` file for optimizer, step and RNG state).
 - ``report``: JSON-lines log, tqdm progress bar fields and the matplotlib loss/throughput plot.
-- ``driver``: ``main(argv, model="gpt"|"bert")``, the loop ``examples/pretrain_*.py`` call.
+- ``driver``: ``main(argv, model="gpt"|"bert", cpu_shims=None)``, the loop
+  ``examples/pretrain_*.py`` call. On CPU they pass megatron-core's CPU workarounds, which live
+  in one test-support module (``tests/megatron_cpu.py``): the library patches nothing.
 """

@@ -9,8 +9,9 @@ Layout (Megatron-LM's names where it has them)::
 
 The model goes through ``dist_checkpointing`` (``sharded_state_dict`` of the GPTModel /
 BertModel, replicas deduplicated across DP and CP ranks), which runs on CPU/gloo and CUDA/NCCL
-alike. The optimizer is saved per rank with ``torch.save`` (the documented format above): on CPU
-it is a ``torch.optim.AdamW`` (see ``cpu_compat``), whose state has no Megatron sharded form;
+alike. The optimizer is saved per rank with ``torch.save`` (the documented format above): on
+CPU it is a ``torch.optim.AdamW`` (``driver.SUBSTITUTIONS``), whose state has no Megatron
+sharded form;
 each rank's copy is small (two moments of the parameters it holds). Data needs no state: batches
 are a pure function of the step (``data.BatchSource``). Together these make a resumed run
 continue with bit-identical losses on the same world size and thread count.

@@ -12,7 +12,7 @@ loss is the same quantity (local sums all-reduced over DP x CP, divided by N).
 
 Optimizer: on CUDA megatron-core's ``get_megatron_optimizer`` (Adam, fp32 master weights,
 clipping); on CPU ``torch.optim.AdamW`` on DDP's ``main_grad`` with the same decay rules
-(no weight decay on biases and norms) and global-norm clipping (``cpu_compat`` says why).
+(no weight decay on biases and norms) and global-norm clipping (see ``SUBSTITUTIONS``).
 Learning rate: linear warmup then constant / linear / cosine decay to ``--min-lr``
 (Megatron's ``OptimizerParamScheduler`` formulas), set each step on both paths.
 LSS: the CPU clip sums the position-embedding gradient norm over the CP group (each rank holds
@@ -38,6 +38,14 @@ import torch.distributed as dist
 
 from megatron_seqpar.training import checkpoint, report
 from megatron_seqpar.training.arguments import ConfigError, TrainConfig, parse_args
+
+# What a CPU run uses instead of megatron-core's CUDA-only pieces (recorded in the run's log).
+SUBSTITUTIONS = (
+    "optimizer: torch.optim.AdamW on DDP main_grad (megatron FP32Optimizer allocates on cuda)",
+    "gradient clipping by the driver over DDP main_grad (global norm across ranks)",
+    "weights: TransformerConfig(use_cpu_initialization=True)",
+    "attention mask/position ids passed explicitly (megatron default causal mask is on cuda)",
+)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -162,14 +170,14 @@ def _forward(cfg: TrainConfig, model, batch):
 def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -> list[float]:
     """Run ``cfg`` inside an initialised default process group; returns this run's losses.
 
-    Builds and tears down megatron-core's parallel state (also on error). The caller applies
-    ``cpu_compat.applied()`` on CPU (``main`` does).
+    Builds and tears down megatron-core's parallel state (also on error). On CPU the caller
+    applies megatron-core's CPU workarounds (``tests/megatron_cpu.py``; ``main`` takes them as
+    ``cpu_shims``).
     """
     from megatron.core import parallel_state as ps
 
     from megatron_seqpar.comm import count_traffic
     from megatron_seqpar.training import data as data_mod
-    from megatron_seqpar.training.cpu_compat import SUBSTITUTIONS
     from megatron_seqpar.training.model import build_model, unwrap
 
     device = device or cfg.resolved_device()
@@ -326,8 +334,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(argv=None, model: str = "gpt") -> int:
-    """Entry point of ``examples/pretrain_{gpt,bert}.py``: parse, validate, init, train."""
+def main(argv=None, model: str = "gpt", cpu_shims=None) -> int:
+    """Entry point of ``examples/pretrain_{gpt,bert}.py``: parse, validate, init, train.
+
+    ``cpu_shims``: a context-manager factory that makes megatron-core run on CPU (the example
+    scripts pass ``tests/megatron_cpu.py``'s ``cpu_shims``); the library itself patches
+    nothing, so a CPU run without it stops with a message saying so.
+    """
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
@@ -337,16 +350,16 @@ def main(argv=None, model: str = "gpt") -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = cfg.resolved_device()
+    if device == "cpu" and cpu_shims is None:
+        print("error: megatron-core needs a few CUDA workarounds to run on CPU; launch through "
+              "examples/pretrain_gpt.py or examples/pretrain_bert.py, which apply "
+              "tests/megatron_cpu.py, or pass main(..., cpu_shims=...)", file=sys.stderr)
+        return 2
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
     _init_process_group(cfg, device)
     try:
-        if device == "cpu":
-            from megatron_seqpar.training import cpu_compat
-
-            with cpu_compat.applied():
-                train(cfg, device=device)
-        else:
+        with cpu_shims() if device == "cpu" else nullcontext():
             train(cfg, device=device)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
