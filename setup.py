@@ -12,7 +12,7 @@ setup(
     extras_require={
         "te": ["transformer-engine>=1.9"],
         "apex": ["apex"],
-        "bench": ["deepspeed>=0.14", "matplotlib>=3.7"],
+        "bench": ["deepspeed>=0.14", "matplotlib>=3.7"],  # make bench-deps: DS_BUILD_OPS=0,
         "dev": ["pytest>=8", "ruff>=0.5", "matplotlib>=3.7"],
     },
 )

@@ -241,7 +241,7 @@ def _mqsp(sh: AttnShape, r: int):
     bwd = m * ((P - 1) * (3 * qc + sh.b * sh.hq * c) * a + rs(P * qc * a))  # packed gather, dQ
     # one micro-step: gathered [q, dO, O] (+ contiguous copies), partial context, dQ partials
     # and the reduce-scatter buffers, all P·c rows; the score block stays inside the kernel
-    act = _wrapper(sh) + 11 * sh.q_bytes * a // e + 29 * P * qc * a // 4
+    act = _wrapper(sh) + 5 * sh.q_bytes * a // e + 7 * (1 + P) * qc * a
     pairs = sum(_pairs(sh, _positions(sh, j), _positions(sh, r)) for j in range(P))
     return fwd, bwd, fwd, bwd, act, pairs
 
