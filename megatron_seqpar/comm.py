@@ -92,14 +92,15 @@ def failure_hint(kind: str):
 class Pending:
     """Transfers in flight; ``wait()`` blocks until they are done (group timeout applies)."""
 
-    def __init__(self, works):
+    def __init__(self, works, keep_alive=()):
         self._works = works
+        self._keep_alive = keep_alive  # send buffers must outlive their transfer
 
     def wait(self) -> None:
         with failure_hint("point-to-point transfer"):
             for w in self._works:
                 w.wait()
-        self._works = []
+        self._works, self._keep_alive = [], ()
 
 
 class Comm:
@@ -123,14 +124,18 @@ class Comm:
             self.traffic.add(kind, sent, recv)
 
     def post(self, sends=(), recvs=()) -> Pending:
-        """Start sends ``[(tensor, dst)]`` and receives ``[(tensor, src)]`` (group ranks)."""
+        """Start sends ``[(tensor, dst)]`` and receives ``[(tensor, src)]`` (group ranks).
+
+        Sends are made contiguous (a no-op for dense tensors); receive buffers must be.
+        """
+        sends = [(t.contiguous(), p) for t, p in sends]
         ops = [dist.P2POp(dist.isend, t, group=self.group, group_peer=p) for t, p in sends]
         ops += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=p) for t, p in recvs]
         if not ops:
             return Pending([])
         self._count("p2p", sum(_nbytes(t) for t, _ in sends), sum(_nbytes(t) for t, _ in recvs))
         with failure_hint("point-to-point transfer"):
-            return Pending(dist.batch_isend_irecv(ops))
+            return Pending(dist.batch_isend_irecv(ops), sends)
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """``[P, *x.shape]``: every rank's ``x`` in rank order."""

@@ -6,9 +6,10 @@ A method provides two free functions over ``[b, h, s, d]`` tensors:
     backward(setup, dout, q, k, v, out, lse, kpm_all, *extra_saved) -> (dq, dk, dv)
 
 ``out``/``lse`` are in the accumulation dtype; ``kpm_all`` is ``[P, b, s]`` (every rank's key
-padding mask, gathered once: ``P·b·s`` bytes) or None. The wrapper converts to and from the
-public ``[b, s, h, d]`` layout, saves ``q, k, v, out (q's dtype), lse`` plus the method's
-extras, and runs the hand-written backward: autograd never sees the communication.
+padding mask, gathered once: ``P·b·s`` bytes) or None. The wrapper passes ``[b, h, s, d]``
+*views* of the public ``[b, s, h, d]`` tensors (no copies), saves ``q, k, v, out (q's dtype),
+lse`` plus the method's extras, and runs the hand-written backward: autograd never sees the
+communication.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ def gather_kpm(comm, kpm):
 
 
 def to_bhsd(x: torch.Tensor) -> torch.Tensor:
+    """``[b, s, h, d]`` -> ``[b, h, s, d]`` as a view (no copy): the kernels take strided
+    inputs, and what is sent goes in the public layout (``public``)."""
+    return x.transpose(1, 2)
+
+
+def public(x: torch.Tensor) -> torch.Tensor:
+    """The contiguous ``[b, s, h, d]`` storage behind a ``to_bhsd`` view (copied only if the
+    caller's tensor was not contiguous): what P2P transfers send."""
     return x.transpose(1, 2).contiguous()
 
 

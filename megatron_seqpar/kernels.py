@@ -271,20 +271,31 @@ def attend_backward(dout, q, q_runs, k, v, k_runs, out, lse, *, scale, causal, k
     """Accumulate the gradients of ``attend`` into ``dq, dk, dv`` (created when None).
 
     ``out``/``lse`` are the rows' final values. Accumulators use the accumulation dtype.
+    When ``dk``/``dv`` are not given and one block covers every key, the kernel's own dK/dV
+    are returned as they are (no zero-filled accumulator beside them: less peak memory).
     """
     cd = acc_dtype(q.dtype)
+    blocks = plan_blocks(q_runs, k_runs, causal)
+    whole = (dk is None and dv is None and len(blocks) == 1
+             and blocks[0].k == slice(0, k.size(2)))
     dq = torch.zeros(q.shape, dtype=cd, device=q.device) if dq is None else dq
-    dk = torch.zeros(k.shape, dtype=cd, device=k.device) if dk is None else dk
-    dv = torch.zeros(v.shape, dtype=cd, device=v.device) if dv is None else dv
-    for blk in plan_blocks(q_runs, k_runs, causal):
+    if not whole:
+        dk = torch.zeros(k.shape, dtype=cd, device=k.device) if dk is None else dk
+        dv = torch.zeros(v.shape, dtype=cd, device=v.device) if dv is None else dv
+    for blk in blocks:
         blk_causal, mask = _block_mask(blk, kpm, q.device)
         g = block_attention_backward(
             dout[:, :, blk.q], q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k],
             out[:, :, blk.q], lse[:, :, blk.q], scale=scale, causal=blk_causal, mask=mask,
             backend=backend)
         dq[:, :, blk.q] += g[0]
+        if whole:
+            return dq, g[1].to(cd), g[2].to(cd)
         dk[:, :, blk.k] += g[1]
         dv[:, :, blk.k] += g[2]
+    if dk is None:  # no block at all
+        dk = torch.zeros(k.shape, dtype=cd, device=k.device)
+        dv = torch.zeros(v.shape, dtype=cd, device=v.device)
     return dq, dk, dv
 
 

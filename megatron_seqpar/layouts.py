@@ -105,8 +105,9 @@ def gather_sequence(x_local: torch.Tensor, dim: int = 1, group=None, layout: str
     rank, world = _group_info(group)
     if world == 1:
         return x_local
+    x_local = x_local.contiguous()
     parts = [torch.empty_like(x_local) for _ in range(world)]
-    dist.all_gather(parts, x_local.contiguous(), group=group)
+    dist.all_gather(parts, x_local, group=group)
     if layout == "contiguous":
         return torch.cat(parts, dim=dim)
     order = _chunk_order(layout, world)

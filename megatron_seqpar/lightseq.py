@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from megatron_seqpar.api import BaseOptions
-from megatron_seqpar.common import run_method
+from megatron_seqpar.common import public, run_method
 from megatron_seqpar.kernels import attend, attend_backward, count_blocks, merge_
 
 
@@ -78,55 +78,14 @@ def _steps(setup):
                     balance=setup.options.balance)
 
 
-def _buffers(template: torch.Tensor, needed: bool):
-    return [torch.empty_like(template) for _ in range(2)] if needed else [None, None]
-
-
-def lightseq_forward(setup, q, k, v, kpm_all):
-    """Forward over ``[b, h, s, d]`` shards: ``(out, lse, ())`` in the accumulation dtype."""
-    comm, r, s = setup.comm(), setup.rank, q.size(2)
-    kw = dict(scale=setup.scale, causal=setup.causal, backend=setup.options.backend)
-    runs = lambda i: setup.runs(i, s)  # noqa: E731
-    kpm = lambda i: None if kpm_all is None else kpm_all[i]  # noqa: E731
-    tally = setup.traffic.add_block_steps if setup.traffic else (lambda n=1: None)
-
-    out, lse = attend(q, runs(r), k, v, runs(r), kpm=kpm(r), **kw)
-    tally()
-    steps = _steps(setup)
-    own_kv = torch.stack([k, v])
-    kv_buf = _buffers(own_kv, any(st.kv_from is not None for st in steps))
-    q_buf = _buffers(q, any(st.q_from is not None for st in steps))
-
-    def post(t):
-        st = steps[t]
-        sends = [(own_kv, st.kv_to)] if st.kv_to is not None else []
-        sends += [(q, st.q_to)] if st.q_to is not None else []
-        recvs = [(kv_buf[t % 2], st.kv_from)] if st.kv_from is not None else []
-        recvs += [(q_buf[t % 2], st.q_from)] if st.q_from is not None else []
-        return comm.post(sends, recvs)
-
-    pending = post(0) if steps else None
-    returns = None  # (Pending, recv buffers or None, tensors kept alive) of the last step
-    for t, st in enumerate(steps):
-        nxt = post(t + 1) if t + 1 < len(steps) else None
-        pending.wait()
-        sends, recvs = [], []
-        if st.kv_from is not None:
-            kv = kv_buf[t % 2]
-            o, lb = attend(q, runs(r), kv[0], kv[1], runs(st.kv_from), kpm=kpm(st.kv_from), **kw)
-            merge_(out, lse, o, lb)
-            tally(count_blocks(runs(r), runs(st.kv_from), setup.causal) > 0)
-        if st.q_from is not None:
-            o, lb = attend(q_buf[t % 2], runs(st.q_from), k, v, runs(r), kpm=kpm(r), **kw)
-            sends += [(o, st.q_from), (lb, st.q_from)]
-            tally()
-        if st.q_to is not None:
-            recvs += [(torch.empty_like(out), st.q_to), (torch.empty_like(lse), st.q_to)]
-        _finish_returns(returns, lambda bufs: merge_(out, lse, bufs[0], bufs[1]))
-        returns = (comm.post(sends, recvs), [b for b, _ in recvs], sends)
-        pending = nxt
-    _finish_returns(returns, lambda bufs: merge_(out, lse, bufs[0], bufs[1]))
-    return out, lse, ()
+def _slots(steps, attr):
+    """Receive-buffer slot of each step for ``attr`` (alternating among the steps that
+    receive), and how many slots are needed (0, 1 or 2)."""
+    slots, n = [], 0
+    for st in steps:
+        slots.append(n % 2 if getattr(st, attr) is not None else None)
+        n += getattr(st, attr) is not None
+    return slots, min(n, 2)
 
 
 def _finish_returns(returns, consume):
@@ -138,6 +97,61 @@ def _finish_returns(returns, consume):
         consume(bufs)
 
 
+def lightseq_forward(setup, q, k, v, kpm_all):
+    """Forward over ``[b, h, s, d]`` views: ``(out, lse, ())`` in the accumulation dtype.
+
+    K, V and Q travel in their public ``[b, s, h, d]`` storage (no packing copies); K/V
+    receive buffers: one per receiving step, two at most.
+    """
+    comm, r, s = setup.comm(), setup.rank, q.size(2)
+    kw = dict(scale=setup.scale, causal=setup.causal, backend=setup.options.backend)
+    runs = lambda i: setup.runs(i, s)  # noqa: E731
+    kpm = lambda i: None if kpm_all is None else kpm_all[i]  # noqa: E731
+    tally = setup.traffic.add_block_steps if setup.traffic else (lambda n=1: None)
+
+    out, lse = attend(q, runs(r), k, v, runs(r), kpm=kpm(r), **kw)
+    tally()
+    steps = _steps(setup)
+    kv_slot, n_kv = _slots(steps, "kv_from")
+    q_slot, n_q = _slots(steps, "q_from")
+    own_k, own_v = public(k), public(v)
+    own_q = public(q) if any(st.q_to is not None for st in steps) else None
+    kv_buf = [(torch.empty_like(own_k), torch.empty_like(own_v)) for _ in range(n_kv)]
+    q_buf = [q.new_empty(q.transpose(1, 2).shape) for _ in range(n_q)]
+
+    def post(t):
+        st = steps[t]
+        sends = [(own_k, st.kv_to), (own_v, st.kv_to)] if st.kv_to is not None else []
+        sends += [(own_q, st.q_to)] if st.q_to is not None else []
+        recvs = [(b, st.kv_from) for b in kv_buf[kv_slot[t]]] if st.kv_from is not None else []
+        recvs += [(q_buf[q_slot[t]], st.q_from)] if st.q_from is not None else []
+        return comm.post(sends, recvs)
+
+    pending = post(0) if steps else None
+    returns = None  # (Pending, recv buffers or None, tensors kept alive) of the last step
+    for t, st in enumerate(steps):
+        nxt = post(t + 1) if t + 1 < len(steps) else None
+        pending.wait()
+        sends, recvs = [], []
+        if st.kv_from is not None:
+            kb, vb = (x.transpose(1, 2) for x in kv_buf[kv_slot[t]])
+            o, lb = attend(q, runs(r), kb, vb, runs(st.kv_from), kpm=kpm(st.kv_from), **kw)
+            merge_(out, lse, o, lb)
+            tally(count_blocks(runs(r), runs(st.kv_from), setup.causal) > 0)
+        if st.q_from is not None:
+            qa = q_buf[q_slot[t]].transpose(1, 2)
+            o, lb = attend(qa, runs(st.q_from), k, v, runs(r), kpm=kpm(r), **kw)
+            sends += [(o, st.q_from), (lb, st.q_from)]
+            tally()
+        if st.q_to is not None:
+            recvs += [(out.new_empty(out.shape), st.q_to), (lse.new_empty(lse.shape), st.q_to)]
+        _finish_returns(returns, lambda bufs: merge_(out, lse, bufs[0], bufs[1]))
+        returns = (comm.post(sends, recvs), [b for b, _ in recvs], sends)
+        pending = nxt
+    _finish_returns(returns, lambda bufs: merge_(out, lse, bufs[0], bufs[1]))
+    return out, lse, ()
+
+
 def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
     """Backward mirroring the forward schedule: ``(dq, dk, dv)`` in the accumulation dtype."""
     comm, r, s = setup.comm(), setup.rank, q.size(2)
@@ -147,28 +161,29 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
 
     dq, dk, dv = attend_backward(dout, q, runs(r), k, v, runs(r), out, lse, kpm=kpm(r), **kw)
     steps = _steps(setup)
-    own_kv = torch.stack([k, v])
-    own_q = torch.stack([q, dout.to(q.dtype), out.to(q.dtype)])
-    kv_buf = _buffers(own_kv, any(st.kv_from is not None for st in steps))
-    q_buf = _buffers(own_q, any(st.q_from is not None for st in steps))
-    lse_buf = _buffers(lse, any(st.q_from is not None for st in steps))
+    kv_slot, n_kv = _slots(steps, "kv_from")
+    q_slot, n_q = _slots(steps, "q_from")
+    own_k, own_v = public(k), public(v)
+    own_q = ([public(q), public(dout.to(q.dtype)), out.to(q.dtype), lse]
+             if any(st.q_to is not None for st in steps) else [])
+    kv_buf = [(torch.empty_like(own_k), torch.empty_like(own_v)) for _ in range(n_kv)]
+    q_template = [q.transpose(1, 2), q.transpose(1, 2), out.to(q.dtype), lse]
+    q_buf = [[x.new_empty(x.shape) for x in q_template] for _ in range(n_q)]
 
     def post(t):
         st = steps[t]
-        sends = [(own_kv, st.kv_to)] if st.kv_to is not None else []
-        sends += [(own_q, st.q_to), (lse, st.q_to)] if st.q_to is not None else []
-        recvs = [(kv_buf[t % 2], st.kv_from)] if st.kv_from is not None else []
-        if st.q_from is not None:
-            recvs += [(q_buf[t % 2], st.q_from), (lse_buf[t % 2], st.q_from)]
+        sends = [(own_k, st.kv_to), (own_v, st.kv_to)] if st.kv_to is not None else []
+        sends += [(x, st.q_to) for x in own_q] if st.q_to is not None else []
+        recvs = [(b, st.kv_from) for b in kv_buf[kv_slot[t]]] if st.kv_from is not None else []
+        recvs += [(b, st.q_from) for b in q_buf[q_slot[t]]] if st.q_from is not None else []
         return comm.post(sends, recvs)
 
     def consume(bufs):
         for kind, buf in bufs:
-            if kind == "kv":
-                dk.add_(buf[0])
-                dv.add_(buf[1])
-            else:
+            if kind == "q":
                 dq.add_(buf)
+            else:  # partials arrive in the public layout
+                (dk if kind == "k" else dv).add_(buf.transpose(1, 2))
 
     pending = post(0) if steps else None
     returns = None
@@ -177,23 +192,24 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
         pending.wait()
         sends, recvs = [], []
         if st.kv_from is not None:
-            kv = kv_buf[t % 2]
-            g = attend_backward(dout, q, runs(r), kv[0], kv[1], runs(st.kv_from), out, lse,
-                                kpm=kpm(st.kv_from), dq=dq, **kw)
-            sends.append((torch.stack([g[1], g[2]]), st.kv_from))
+            kb, vb = (x.transpose(1, 2) for x in kv_buf[kv_slot[t]])
+            _, dkp, dvp = attend_backward(dout, q, runs(r), kb, vb, runs(st.kv_from), out, lse,
+                                          kpm=kpm(st.kv_from), dq=dq, **kw)
+            # dK/dV partials go home in the public layout, where the kernel's output is dense
+            sends += [(public(dkp), st.kv_from), (public(dvp), st.kv_from)]
         if st.q_from is not None:
-            qa, doa, oa = q_buf[t % 2]
-            g = attend_backward(doa, qa, runs(st.q_from), k, v, runs(r), oa, lse_buf[t % 2],
-                                kpm=kpm(r), dk=dk, dv=dv, **kw)
+            qa, doa, oa, la = q_buf[q_slot[t]]
+            g = attend_backward(doa.transpose(1, 2), qa.transpose(1, 2), runs(st.q_from), k, v,
+                                runs(r), oa, la, kpm=kpm(r), dk=dk, dv=dv, **kw)
             sends.append((g[0], st.q_from))
         if st.kv_to is not None:
-            recvs.append((("kv", torch.empty((2, *dk.shape), dtype=dk.dtype,
-                                             device=dk.device)), st.kv_to))
+            recvs += [(("k", dk.new_empty(own_k.shape)), st.kv_to),
+                      (("v", dv.new_empty(own_v.shape)), st.kv_to)]
         if st.q_to is not None:
-            recvs.append((("q", torch.empty_like(dq)), st.q_to))
+            recvs.append((("q", dq.new_empty(dq.shape)), st.q_to))
         _finish_returns(returns, consume)
         returns = (comm.post(sends, [(b, p) for (_, b), p in recvs]), [kb for kb, _ in recvs],
-                    sends)
+                   sends)
         pending = nxt
     _finish_returns(returns, consume)
     return dq, dk, dv

@@ -46,6 +46,7 @@ def _ring(comm, own: torch.Tensor, visit):
     this rank's own partials and summed into the returned list (one per step).
     """
     P, r = comm.world_size, comm.rank
+    own = own.contiguous()  # transfers need dense buffers (RSA's own copy: 1/P of its rows)
     cur, j = own, r
     bufs = [torch.empty_like(own), torch.empty_like(own)] if P > 1 else []
     returned = []
@@ -54,7 +55,7 @@ def _ring(comm, own: torch.Tensor, visit):
                    if t < P - 1 else None)
         partial = visit(j, cur)
         if partial is not None and j != r:
-            recv = torch.empty_like(partial)
+            recv = partial.new_empty(partial.shape)  # dense, whatever the partial's strides
             back = comm.post([(partial, j)], [(recv, (r + t) % P)])
             returned.append((back, recv, partial))
         elif partial is not None:
@@ -88,7 +89,7 @@ def rsa_forward(setup, q, k, v, kpm_all):
     b, hq, _, d = q.shape
     hkv = k.size(1)
     cd = acc_dtype(q.dtype)
-    qg = q.to(cd).view(b, hkv, hq // hkv, s, d)
+    qg = q.to(cd).reshape(b, hkv, hq // hkv, s, d)
     probs = torch.empty(b, hkv, hq // hkv, s, setup.world_size * s, dtype=cd, device=q.device)
 
     def scores(j, k_j):
@@ -114,9 +115,9 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs):
     b, hq, _, d = q.shape
     hkv = k.size(1)
     cd = probs.dtype
-    do = dout.to(cd).view(b, hkv, hq // hkv, s, d)
-    delta = (do * out.to(cd).view_as(do)).sum(-1, keepdim=True)  # = rowsum(dP∘P)
-    qg = q.to(cd).view_as(do)
+    do = dout.to(cd).reshape(b, hkv, hq // hkv, s, d)
+    delta = (do * out.to(cd).reshape_as(do)).sum(-1, keepdim=True)  # = rowsum(dP∘P)
+    qg = q.to(cd).reshape_as(do)
 
     def grad_v(j, v_j):  # dV_j partial; dS_j overwrites P_j (P_j is not needed afterwards)
         p = probs[..., j * s:(j + 1) * s]
