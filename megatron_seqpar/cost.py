@@ -201,11 +201,11 @@ def _needed_pairs(sh: AttnShape, r: int) -> int:
 # Each model returns (sent_fwd, sent_bwd, recv_fwd, recv_bwd, act_bytes, pairs) for rank r.
 # ``a`` is the accumulation element size; partial outputs, lse and gradients travel in it.
 def _wrapper(sh: AttnShape) -> int:
-    """What the shared autograd wrapper holds during the backward: ``[b,h,s,d]`` copies of
-    q, k, v, the output and lse (accumulation dtype), the incoming gradient's copy, and dq,
-    dk, dv (accumulation dtype)."""
+    """What the shared autograd wrapper holds during the backward: the output and lse
+    (accumulation dtype) and dq, dk, dv (accumulation dtype); q, k, v and the incoming
+    gradient are used through ``[b,h,s,d]`` views, without copies."""
     Q, KV, a, e = sh.q_bytes, sh.kv_bytes, sh.acc, sh.e
-    return (Q + 2 * KV) + Q * a // e + sh.lse_acc + Q + (Q + 2 * KV) * a // e
+    return Q * a // e + sh.lse_acc + (Q + 2 * KV) * a // e
 
 
 def _rsa(sh: AttnShape, r: int):
@@ -255,6 +255,9 @@ def _lss(sh: AttnShape, r: int):
     return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)
 
 
+KERNEL_SCRATCH = 2**20  # the CPU fused kernel's per-call working buffers, measured
+
+
 def _lightseq(sh: AttnShape, r: int):
     Q, KV, a, e, L = sh.q_bytes, sh.kv_bytes, sh.acc, sh.e, sh.lse_acc
     steps = lightseq_steps(sh, r)
@@ -265,15 +268,14 @@ def _lightseq(sh: AttnShape, r: int):
     b_recv = {"kv_from": 2 * KV, "q_from": 3 * Q + L, "kv_to": 2 * KV * a // e,
               "q_to": Q * a // e}
     tot = lambda table: sum(table.get(k, 0) for st in steps for k in st)  # noqa: E731
-    any_q = any("q_from" in st for st in steps)
-    any_kv = any("kv_from" in st for st in steps)
-    # backward: packed own K/V and [q, dO, O], two receive buffers per kind in flight, the
-    # kernel's block gradients and the packed dK/dV partial on its way home
-    kv_to = any("kv_to" in st for st in steps)
-    act = (_wrapper(sh) + 2 * KV + 3 * Q + L + 2 * 2 * KV * any_kv + 2 * (3 * Q + L) * any_q
-           + ((Q + 2 * 2 * KV) * any_kv + 2 * KV * (kv_to and not any_kv)) * a // e)
-    if sum(1 for st in steps if st) >= 2:  # step t's partials still in flight during t+1
-        act += 3 * 2 * KV * a // e
+    n_kv = min(2, sum("kv_from" in st for st in steps))  # K/V receive slots
+    n_q = min(2, sum("q_from" in st for st in steps))  # shipped [q, dO, O, lse] slots
+    # the op works on views of q, k, v, dO (no copies); during the backward it holds out and
+    # lse, dq/dk/dv (accumulation dtype), the K/V receive slots, the kernel's block gradients
+    # with the dK/dV partial on its way home, the Q-shipping slots, and the fused kernel's
+    # scratch (about 1 MiB per call)
+    act = (_wrapper(sh) + n_kv * 2 * KV
+           + (Q + 2 * KV) * a // e * (n_kv > 0) + n_q * (3 * Q + L) + KERNEL_SCRATCH)
     pr = lambda i, j: _pairs(sh, _positions(sh, i), _positions(sh, j))  # noqa: E731
     pairs = pr(r, r) + sum(pr(r, (r - t) % sh.P) * ("kv_from" in st)
                            + pr((r - t) % sh.P, r) * ("q_from" in st)

@@ -266,6 +266,13 @@ def attend(q, q_runs, k, v, k_runs, *, scale, causal, kpm=None, backend="auto"):
     return out, lse
 
 
+def zeros_public(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros shaped like the ``[b, h, s, d]`` view ``x`` but stored as ``[b, s, h, d]`` (the
+    public layout): gradients handed back to autograd or sent home need no copy."""
+    b, h, s, d = x.shape
+    return torch.zeros(b, s, h, d, dtype=dtype, device=x.device).transpose(1, 2)
+
+
 def attend_backward(dout, q, q_runs, k, v, k_runs, out, lse, *, scale, causal, kpm=None,
                     backend="auto", dq=None, dk=None, dv=None):
     """Accumulate the gradients of ``attend`` into ``dq, dk, dv`` (created when None).
@@ -278,10 +285,10 @@ def attend_backward(dout, q, q_runs, k, v, k_runs, out, lse, *, scale, causal, k
     blocks = plan_blocks(q_runs, k_runs, causal)
     whole = (dk is None and dv is None and len(blocks) == 1
              and blocks[0].k == slice(0, k.size(2)))
-    dq = torch.zeros(q.shape, dtype=cd, device=q.device) if dq is None else dq
+    dq = zeros_public(q, cd) if dq is None else dq
     if not whole:
-        dk = torch.zeros(k.shape, dtype=cd, device=k.device) if dk is None else dk
-        dv = torch.zeros(v.shape, dtype=cd, device=v.device) if dv is None else dv
+        dk = zeros_public(k, cd) if dk is None else dk
+        dv = zeros_public(v, cd) if dv is None else dv
     for blk in blocks:
         blk_causal, mask = _block_mask(blk, kpm, q.device)
         g = block_attention_backward(
@@ -294,8 +301,7 @@ def attend_backward(dout, q, q_runs, k, v, k_runs, out, lse, *, scale, causal, k
         dk[:, :, blk.k] += g[1]
         dv[:, :, blk.k] += g[2]
     if dk is None:  # no block at all
-        dk = torch.zeros(k.shape, dtype=cd, device=k.device)
-        dv = torch.zeros(v.shape, dtype=cd, device=v.device)
+        dk, dv = zeros_public(k, cd), zeros_public(v, cd)
     return dq, dk, dv
 
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from megatron_seqpar.api import BaseOptions
 from megatron_seqpar.common import run_method
-from megatron_seqpar.kernels import acc_dtype, attend, attend_backward
+from megatron_seqpar.kernels import acc_dtype, attend, attend_backward, zeros_public
 from megatron_seqpar.layouts import slice_runs
 
 
@@ -120,8 +120,7 @@ def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
     c = s // m
     kpm = None if kpm_all is None else kpm_all[r]
     dq = torch.empty(q.shape, dtype=cd, device=q.device)
-    dk = torch.zeros(k.shape, dtype=cd, device=k.device)
-    dv = torch.zeros(v.shape, dtype=cd, device=v.device)
+    dk, dv = zeros_public(k, cd), zeros_public(v, cd)
     for i in range(m):
         rows = slice(i * c, (i + 1) * c)
         packed = torch.cat([torch.stack([q[:, :, rows], dout[:, :, rows], out[:, :, rows]])
