@@ -263,6 +263,7 @@ def attend(q, q_runs, k, v, k_runs, *, scale, causal, kpm=None, backend="auto"):
         o, lb = block_attention(q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], scale=scale,
                                 causal=blk_causal, mask=mask, backend=backend)
         merge_(out[:, :, blk.q], lse[:, :, blk.q], o, lb)
+        del o, lb
     return out, lse
 
 
@@ -300,6 +301,7 @@ def attend_backward(dout, q, q_runs, k, v, k_runs, out, lse, *, scale, causal, k
             return dq, g[1].to(cd), g[2].to(cd)
         dk[:, :, blk.k] += g[1]
         dv[:, :, blk.k] += g[2]
+        del g  # before the next block's gradients exist: one set alive at a time
     if dk is None:  # no block at all
         dk, dv = zeros_public(k, cd), zeros_public(v, cd)
     return dq, dk, dv
