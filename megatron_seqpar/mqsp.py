@@ -83,14 +83,19 @@ def _scatter_rows(comm, x, c):
     return comm.reduce_scatter(x.unflatten(2, (comm.world_size, c)).movedim(2, 0))
 
 
-def mqsp_forward(setup, q, k, v, kpm_all):
-    comm, r, s = setup.comm(), setup.rank, q.size(2)
-    b, hq, _, d = q.shape
+def _micro_steps(setup, q, kpm_all):
+    """``(m, c, acc dtype, this rank's key padding)`` shared by the forward and backward."""
+    b, hq, s, _ = q.shape
     cd = acc_dtype(q.dtype)
     m = micro_chunks(setup.options, b=b, hq=hq, s=s, world_size=setup.world_size,
                      itemsize=torch.finfo(cd).bits // 8)
-    c = s // m
-    kpm = None if kpm_all is None else kpm_all[r]
+    return m, s // m, cd, None if kpm_all is None else kpm_all[setup.rank]
+
+
+def mqsp_forward(setup, q, k, v, kpm_all):
+    comm, r, s = setup.comm(), setup.rank, q.size(2)
+    b, hq, _, d = q.shape
+    m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
     out = torch.empty(b, hq, s, v.size(-1), dtype=cd, device=q.device)
     lse = torch.empty(b, hq, s, dtype=cd, device=q.device)
     for i in range(m):
@@ -114,11 +119,7 @@ def mqsp_forward(setup, q, k, v, kpm_all):
 def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
     comm, r, s = setup.comm(), setup.rank, q.size(2)
     b, hq, _, d = q.shape
-    cd = acc_dtype(q.dtype)
-    m = micro_chunks(setup.options, b=b, hq=hq, s=s, world_size=setup.world_size,
-                     itemsize=torch.finfo(cd).bits // 8)
-    c = s // m
-    kpm = None if kpm_all is None else kpm_all[r]
+    m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
     dq = torch.empty(q.shape, dtype=cd, device=q.device)
     dk, dv = zeros_public(k, cd), zeros_public(v, cd)
     for i in range(m):
