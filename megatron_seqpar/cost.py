@@ -218,15 +218,14 @@ def _rsa(sh: AttnShape, r: int):
 
 
 def mqsp_chunks(sh: AttnShape) -> int:
-    """MQSP's micro-query count: ``mqsp_chunks`` or the smallest divisor of ``s`` whose score
-    block ``(S/m)·s·b·hq`` fits ``mqsp_budget_mb`` (as ``megatron_seqpar.mqsp`` picks it)."""
+    """MQSP's micro-query count: ``mqsp_chunks`` or the choice of
+    ``megatron_seqpar.mqsp.pick_micro_chunks`` for ``mqsp_budget_mb``."""
     if sh.mqsp_chunks is not None:
         return sh.mqsp_chunks
-    for m in range(1, sh.s + 1):
-        if sh.s % m == 0 and (sh.P * sh.s // m) * sh.s * sh.b * sh.hq * sh.acc \
-                <= sh.mqsp_budget_mb * 2**20:
-            return m
-    return sh.s
+    from megatron_seqpar.mqsp import pick_micro_chunks
+
+    return pick_micro_chunks(s=sh.s, world_size=sh.P, row_bytes=sh.s * sh.b * sh.hq * sh.acc,
+                             budget_bytes=sh.mqsp_budget_mb * 2**20)
 
 
 def _mqsp(sh: AttnShape, r: int):

@@ -39,7 +39,8 @@ from megatron_seqpar.layouts import slice_runs
 @dataclass(frozen=True)
 class Options(BaseOptions):
     """``micro_q``: micro-chunks per rank (must divide the local length); ``None`` picks the
-    smallest count whose score block ``(S/m)·s·b·hq`` fits ``memory_budget_mb`` per rank."""
+    smallest count ``>= P`` whose score block ``(S/m)·s·b·hq`` fits ``memory_budget_mb`` per
+    rank (``pick_micro_chunks``)."""
 
     micro_q: int | None = None
     memory_budget_mb: float = 256.0
@@ -53,15 +54,27 @@ class Options(BaseOptions):
 
 
 def micro_chunks(opts: Options, *, b: int, hq: int, s: int, world_size: int, itemsize: int):
-    """Number of micro-chunks ``m`` (a divisor of ``s``)."""
+    """Number of micro-chunks ``m`` (a divisor of ``s``): ``opts.micro_q``, or else
+    ``pick_micro_chunks`` with the budget of ``opts``."""
     if opts.micro_q is not None:
         if s % opts.micro_q:
             raise ValueError(f"MQSP micro_q={opts.micro_q} does not divide the local length {s}; "
                              "choose a divisor of the local sequence length")
         return opts.micro_q
-    budget = opts.memory_budget_mb * 2**20
-    for m in range(1, s + 1):
-        if s % m == 0 and (world_size * s // m) * s * b * hq * itemsize <= budget:
+    return pick_micro_chunks(s=s, world_size=world_size, row_bytes=s * b * hq * itemsize,
+                             budget_bytes=opts.memory_budget_mb * 2**20)
+
+
+def pick_micro_chunks(*, s: int, world_size: int, row_bytes: int, budget_bytes: float) -> int:
+    """The smallest divisor ``m`` of ``s`` with ``m >= P`` whose score block fits the budget.
+
+    ``m >= P`` keeps every gathered buffer (``S/m`` queries, their dO/O, the partial context and
+    dQ) no larger than the local tensors, so MQSP's live memory stays linear in ``s``; the
+    score block of one micro-step is ``(S/m)`` rows of ``row_bytes`` (``s·b·hq·itemsize``).
+    Plain Python: ``megatron_seqpar.cost`` models the same choice.
+    """
+    for m in range(min(world_size, s), s + 1):
+        if s % m == 0 and (world_size * s // m) * row_bytes <= budget_bytes:
             return m
     return s
 
