@@ -112,12 +112,11 @@ class Comm:
         if dist.is_available() and dist.is_initialized():
             self.rank = dist.get_rank(group)
             self.world_size = dist.get_world_size(group)
-            self.nccl = dist.get_backend(group) == "nccl"
         else:
             if group is not None:
                 raise ValueError("a process group was given but torch.distributed is not "
                                  "initialised; call torch.distributed.init_process_group first")
-            self.rank, self.world_size, self.nccl = 0, 1, False
+            self.rank, self.world_size = 0, 1
 
     def _count(self, kind: str, sent: int, recv: int) -> None:
         if self.traffic is not None:
@@ -147,10 +146,8 @@ class Comm:
         n = _nbytes(x) * (self.world_size - 1)
         self._count("all_gather", n, n)
         with failure_hint("all_gather"):
-            if self.nccl:
-                dist.all_gather_into_tensor(out, x, group=self.group)
-            else:
-                dist.all_gather(list(out.unbind(0)), x, group=self.group)
+            # flat views: gloo wants the output's leading dim to be P x the input's
+            dist.all_gather_into_tensor(out.view(-1), x.view(-1), group=self.group)
         return out
 
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,13 +160,10 @@ class Comm:
         n = _nbytes(x) * (self.world_size - 1) // self.world_size
         self._count("reduce_scatter", n, n)
         with failure_hint("reduce_scatter"):
-            if self.nccl:
-                out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-                dist.reduce_scatter_tensor(out, x, group=self.group)
-                return out
-            recv = torch.empty_like(x)
-            dist.all_to_all_single(recv, x, group=self.group)
-        return recv.sum(0)
+            # gloo wants the input's leading dim to be P x the output's: flatten both
+            out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+            dist.reduce_scatter_tensor(out.view(-1), x.view(-1), group=self.group)
+        return out
 
     def all_reduce_(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """In-place all-reduce of a contiguous tensor."""
