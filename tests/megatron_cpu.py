@@ -36,11 +36,19 @@ The shims, each with the reason it exists:
 5. ``cuda_synchronize``: ``torch.cuda.synchronize`` is a no-op. ``dist_checkpointing``'s writer
    (``FileSystemWriterAsync.preload_tensors``) calls it after its device-to-host copies, even
    when every tensor already lives on the CPU. Reached when saving a checkpoint.
+6. ``sp_torch_norm``: megatron-core's torch norm (``WrappedTorchNorm``, the ``LNImpl`` of the
+   local specs and the final block norm when neither apex nor Transformer Engine is installed)
+   asserts ``sequence_parallel`` is off. The shim builds the same ``torch.nn.LayerNorm`` /
+   ``RMSNorm`` and marks its weight and bias ``sequence_parallel=True``, as apex's
+   ``FusedLayerNorm`` and TE's norms do, so ``finalize_model_grads`` sums their gradients over
+   the TP group (each TP rank normalises 1/TP of the tokens). Reached with
+   ``--sequence-parallel`` (Megatron's TP+SP baseline) on a machine without apex/TE.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
@@ -61,6 +69,22 @@ def pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> to
     return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
 
 
+def _sp_torch_norm(original):
+    """``WrappedTorchNorm.__new__`` that accepts ``sequence_parallel`` (shim 6)."""
+
+    def new(cls, config, hidden_size, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original(cls, config, hidden_size, *args, **kwargs)
+        plain = copy.copy(config)  # a shallow copy: the caller's config keeps SP on
+        plain.sequence_parallel = False
+        norm = original(cls, plain, hidden_size, *args, **kwargs)
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+    return new
+
+
 @contextlib.contextmanager
 def _setattr(obj, name: str, value):
     """Set ``obj.name`` for the duration; restore it (or remove an instance attribute)."""
@@ -78,10 +102,11 @@ def _setattr(obj, name: str, value):
 
 @contextlib.contextmanager
 def cpu_shims():
-    """Install shims 1-5 above; undo them on exit, even on error."""
+    """Install shims 1-6 above; undo them on exit, even on error."""
     from megatron.core import tensor_parallel
     from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
     from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     tracker = tensor_parallel.get_cuda_rng_tracker()
     with contextlib.ExitStack() as stack:
@@ -93,4 +118,7 @@ def cpu_shims():
         patch(tp_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
         patch(tp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
         patch(torch.cuda, "synchronize", lambda *a, **k: None)
+        new = vars(WrappedTorchNorm)["__new__"]  # the staticmethod itself, restored as is
+        WrappedTorchNorm.__new__ = staticmethod(_sp_torch_norm(new.__func__))
+        stack.callback(setattr, WrappedTorchNorm, "__new__", new)
         yield

@@ -53,6 +53,9 @@ def test_megatron_names_fill_the_config():
     (["--seqpar-method", "mqsp", "--seqpar-mqsp-micro-q", "0"], 1,
      "micro_q must be a positive integer"),
     (["--recompute-granularity", "full"], 1, "--recompute-method"),
+    (["--sequence-parallel"], 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--seq-length", "4097"], 2,
+     "local sequence length 4097 .* not divisible by --tensor-model-parallel-size 2"),
 ])
 def test_bad_combinations_raise_one_line(argv, world, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -71,6 +74,12 @@ def test_cli_error_is_one_line_before_any_process_group():
     assert lines == ["error: world size 3 is not a multiple of TP*CP = 1*2; launch a multiple "
                      "of 2 processes or change --tensor-model-parallel-size/"
                      "--context-parallel-size"], p.stderr
+
+
+def test_sequence_parallel_flag():
+    cfg = parse_args(["--device", "cpu", "--tensor-model-parallel-size", "2",
+                      "--sequence-parallel"], world_size=2)
+    assert cfg.sequence_parallel and not parse_args(["--device", "cpu"]).sequence_parallel
 
 
 def test_seqpar_flags_are_megatron_lm_s():
@@ -119,15 +128,18 @@ def test_cpu_shims_are_scoped():
     from megatron.core.models.common.embeddings import rotary_pos_embedding as rope
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     tracker = get_cuda_rng_tracker()
     before = (torch.cuda.current_device, torch.cuda.synchronize, rope.get_pos_emb_on_this_cp_rank,
-              mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state)
+              mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state,
+              vars(WrappedTorchNorm)["__new__"])
     with megatron_cpu.cpu_shims():
         assert torch.cuda.current_device() == torch.device("cpu")
         assert rope.get_pos_emb_on_this_cp_rank is megatron_cpu.pos_emb_on_this_cp_rank
         with tracker.fork():
             pass
     after = (torch.cuda.current_device, torch.cuda.synchronize, rope.get_pos_emb_on_this_cp_rank,
-             mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state)
+             mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state,
+             vars(WrappedTorchNorm)["__new__"])
     assert before == after and "fork" not in vars(tracker)

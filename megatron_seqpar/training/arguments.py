@@ -12,7 +12,7 @@ Megatron-LM names: --num-layers --hidden-size --ffn-hidden-size --num-attention-
 --hidden-dropout --attention-dropout --train-iters --seed --tensor-model-parallel-size
 --context-parallel-size --save --load --save-interval --exit-interval --log-interval --data-path
 --data-cache-path --split --bf16 --recompute-granularity --recompute-method
---recompute-num-layers --distributed-backend --mask-prob --short-seq-prob
+--recompute-num-layers --sequence-parallel --distributed-backend --mask-prob --short-seq-prob
 --untie-embeddings-and-output-weights.
 Ours: --seqpar-method {rsa,mqsp,lss,lightseq} and the method options (--seqpar-backend,
 --seqpar-mqsp-micro-q, --[no-]seqpar-lightseq-balance, ...: defined once, in
@@ -86,6 +86,7 @@ class TrainConfig:
     world_size: int = 1
     tensor_model_parallel_size: int = 1
     context_parallel_size: int = 1
+    sequence_parallel: bool = False  # Megatron's TP sequence parallelism (needs TP > 1)
     seqpar_method: str | None = None
     seqpar_options: tuple[tuple[str, Any], ...] = ()  # (Options field, value) given
     distributed_backend: str | None = None
@@ -185,6 +186,12 @@ def validate(c: TrainConfig) -> None:
     need(cp == 1 or c.seq_length % (2 * cp) == 0,
          f"--seq-length {c.seq_length} is not divisible by 2*CP = {2 * cp} (zigzag layout); "
          f"use a multiple of {2 * cp}")
+    need(not c.sequence_parallel or tp > 1,
+         "--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits the sequence "
+         "over the TP group, as in Megatron-LM)")
+    need(not c.sequence_parallel or (c.seq_length // cp) % tp == 0,
+         f"--sequence-parallel: the local sequence length {c.seq_length // cp} (seq length / CP) "
+         f"is not divisible by --tensor-model-parallel-size {tp}")
     need(cp == 1 or c.seqpar_method is not None,
          "--context-parallel-size > 1 needs --seqpar-method (megatron-core's local attention "
          "is CP=1 only)")
@@ -264,6 +271,9 @@ def build_parser(model: str = "gpt") -> argparse.ArgumentParser:
     add("--recompute-method", choices=("uniform", "block"))
     add("--distributed-backend", choices=("gloo", "nccl"))
     add("--device", choices=("auto", "cpu", "cuda"))
+    add("--sequence-parallel", action="store_true",
+        help="Megatron's sequence parallelism inside the TP group (norms, dropout and "
+        "embeddings on 1/TP of the tokens); needs --tensor-model-parallel-size > 1")
     add("--bf16", action="store_true")
     add("--fp64", action="store_true",
         help="float64 parameters and activations (ours; for exactness checks on CPU)")

@@ -29,6 +29,7 @@ def transformer_config(cfg, device: str):
         num_query_groups=cfg.num_query_groups,
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size,
+        sequence_parallel=cfg.sequence_parallel,
         hidden_dropout=cfg.hidden_dropout, attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
         use_cpu_initialization=device == "cpu",
