@@ -7,11 +7,19 @@ memory profiling and reads back
   and free of the c10 CPU allocator, so the same yardstick for every method and peer);
 - ``m.sent_bytes`` / ``m.recv_bytes``: bytes of every c10d collective and p2p op that ran,
   counted with the convention of ``megatron_seqpar.comm`` (p2p = bytes sent; all-gather of n
-  bytes per rank = (P-1)·n; reduce-scatter of N = (P-1)/P·N; all-reduce of N = 2(P-1)/P·N;
+  bytes per rank = (P-1)·n; reduce-scatter of N = (P-1)/P·N; all-reduce of N = 2(P-1)/P·N
+  (a coalesced all-reduce, as Megatron DDP issues, counts N = all its tensors);
   all-to-all of N = bytes that leave the rank). This sees collectives issued by any library
   (DeepSpeed, DTensor functional collectives, ours) because it reads the gloo ops themselves;
 - ``m.rss_peak_bytes``: the process's resident high-water mark while inside (``VmHWM``, reset
   on entry through ``/proc/self/clear_refs``; 0 where that is unavailable).
+
+The profiler does not say which process group an op ran on, so ``measure`` applies the ring
+factors of a group of ``world_size`` ranks to every op. Where collectives also run on smaller
+groups (Megatron: TP, CP, DP groups; a group of one still issues its gloo op), use
+``count_comm()``: a dispatch mode that sees each c10d op with its process group and counts the
+same convention with that group's size (a group of one moves nothing). It adds Python overhead
+to every op, so run it on a separate call, not the profiled or timed one.
 
 Timing is taken separately (``time_call``), without the profiler.
 """
@@ -24,7 +32,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _ELEM = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "long int": 8, "int": 4,
          "unsigned char": 1, "bool": 1, "signed char": 1, "short int": 2}
@@ -92,9 +102,13 @@ def _traffic(events, rank: int, world: int, m: Measurement) -> None:
             elif op in ("allreduce_", "allgather_", "send", "recv_", "alltoall_",
                         "reduce_scatter_"):
                 pending.setdefault(op, []).append(e)
+            elif op == "allreduce_coalesced_":  # one gloo:all_reduce event lists every tensor
+                pending.setdefault("allreduce_", []).append(e)  # (Megatron DDP's buckets)
         elif name.startswith("gloo:"):
             kind = name[5:]
-            n = sum(_numel(s) for s in e.shapes()) * _ELEM.get((e.dtypes() or ["float"])[0], 4)
+            dts = e.dtypes() or ["float"]
+            n = sum(_numel(s) * _ELEM.get(dts[min(i, len(dts) - 1)], 4)
+                    for i, s in enumerate(e.shapes()))
             if kind == "send":
                 m.sent_bytes += n
             elif kind == "recv":
@@ -135,6 +149,71 @@ def measure(rank: int = 0, world_size: int = 1):
     events = prof.profiler.kineto_results.events()
     m.peak_bytes = _peak(events)
     _traffic(events, rank, world_size, m)
+
+
+def _bytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    return sum(_bytes(t) for t in x)
+
+
+class count_comm(TorchDispatchMode):  # noqa: N801 - used like a function: with count_comm()
+    """``with count_comm() as c: fn()``: bytes of every c10d op, with its own group's size.
+
+    ``c.sent_bytes``, ``c.recv_bytes``, ``c.calls`` ({op: n}) and ``c.by_group``
+    ({group size: sent bytes}); the convention of ``measure`` (p2p = bytes sent; all-gather
+    of n bytes per rank = (P-1)·n; reduce-scatter of N = (P-1)/P·N; all-reduce of N, coalesced
+    or not, = 2(P-1)/P·N; all-to-all = bytes that leave / arrive), P = the op's group size.
+    Broadcasts and barriers are counted as calls only, as in ``measure``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.sent_bytes = self.recv_bytes = 0
+        self.calls: dict = {}
+        self.by_group: dict = {}
+
+    def _add(self, p: int, sent: int, recv: int) -> None:
+        self.sent_bytes += sent
+        self.recv_bytes += recv
+        self.by_group[p] = self.by_group.get(p, 0) + sent
+
+    def _count(self, op: str, args) -> None:
+        self.calls[op] = self.calls.get(op, 0) + 1
+        pg = next((a for a in args if isinstance(a, torch.ScriptObject)), None)
+        if pg is None:
+            return
+        group = dist.ProcessGroup.unbox(pg)
+        p, r = group.size(), group.rank()
+        if op in ("allreduce_", "allreduce_coalesced_"):
+            n = 2 * (p - 1) * _bytes(args[0]) // p
+            self._add(p, n, n)
+        elif op in ("_allgather_base_", "allgather_", "allgather_into_tensor_coalesced_"):
+            n = (p - 1) * _bytes(args[1])
+            self._add(p, n, n)
+        elif op in ("_reduce_scatter_base_", "reduce_scatter_",
+                    "reduce_scatter_tensor_coalesced_"):
+            n = (p - 1) * _bytes(args[1]) // p
+            self._add(p, n, n)
+        elif op == "alltoall_base_":
+            out, inp, _, osplit, isplit = args[:5]
+            own_in = _bytes(inp) * isplit[r] // max(1, sum(isplit)) if isplit \
+                else _bytes(inp) // p
+            own_out = _bytes(out) * osplit[r] // max(1, sum(osplit)) if osplit \
+                else _bytes(out) // p
+            self._add(p, _bytes(inp) - own_in, _bytes(out) - own_out)
+        elif op == "alltoall_":
+            outs, ins = args[0], args[1]
+            self._add(p, _bytes(ins) - _bytes(ins[r]), _bytes(outs) - _bytes(outs[r]))
+        elif op == "send":
+            self._add(p, _bytes(args[0]), 0)
+        elif op in ("recv_", "recv_any_source_"):
+            self._add(p, 0, _bytes(args[0]))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            self._count(func._schema.name.split("::")[-1], args)
+        return func(*args, **(kwargs or {}))
 
 
 def time_call(fn, *, repeats: int = 3, warmup: int = 1, barrier=None) -> float:
