@@ -205,7 +205,7 @@ def _worker(rank, world, port, a, todo, queue):
         for v in todo:
             gb = predicted_attention_gb(v, a)
             if gb > a.max_gb:
-                res = {"skipped": f"predicted attention memory {gb:.1f} GB > --max-gb {a.max_gb}"}
+                res = {"skipped": f"predicted attention memory {gb:.3g} GB > --max-gb {a.max_gb}"}
             else:
                 try:
                     res = _run_variant(rank, v, a)
@@ -329,7 +329,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     panels = (("t/ideal", "time / ideal (half of 1 process, 1 thread)", 1.0),
               ("peak_mb", "peak allocation per rank (MiB)", None),
-              ("sent_mb", "MiB sent per rank (all gloo ops)", None))
+              ("sent_mb", "MiB sent per rank (every collective)", None))
     for ax, (key, ylabel, ref) in zip(axes, panels):
         ax.bar(range(len(ok)), [r.get(key, 0.0) for r in ok],
                color=["tab:gray" if "/cp2" not in lab else "tab:blue" for lab in labels])
