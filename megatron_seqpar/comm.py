@@ -5,9 +5,10 @@
 - ``post(sends, recvs)``: one ``batch_isend_irecv`` of point-to-point transfers, returned as a
   ``Pending`` to wait on later, so step ``t+1``'s transfer overlaps step ``t``'s compute. No
   ``cuda.synchronize``; waits honour the group's timeout.
-- ``all_gather(x)`` -> ``[P, *x.shape]``, ``reduce_scatter(x)`` of ``[P, *shape]`` -> ``shape``
-  (sum), ``all_reduce_(x, op)``. On gloo, reduce-scatter is an ``all_to_all_single`` plus a
-  local sum (gloo has no reduce-scatter); on NCCL the native collectives are used.
+- ``all_gather(x)`` -> ``[P, *x.shape]``, ``all_gather_inplace(out)`` (this rank's data already
+  in ``out[rank]``: no input buffer), ``reduce_scatter(x)`` of ``[P, *shape]`` -> ``shape``
+  (sum), ``all_reduce_(x, op)``. The native single-tensor collectives on gloo and NCCL alike,
+  on flat views (gloo wants the leading dims to be P-fold).
 
 Byte accounting (``count_traffic``) uses the bandwidth-optimal per-rank volumes: a p2p send
 counts its bytes; an all-gather of ``n`` bytes per rank sends ``(P-1)·n``; a reduce-scatter of
@@ -103,6 +104,12 @@ class Pending:
         self._works, self._keep_alive = [], ()
 
 
+# torch >= 2.13 names; older releases call them all_gather_into_tensor / reduce_scatter_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
+                          or dist.reduce_scatter_tensor)
+
+
 class Comm:
     """Collectives and P2P on one explicit group. ``group=None`` is the default group."""
 
@@ -147,7 +154,21 @@ class Comm:
         self._count("all_gather", n, n)
         with failure_hint("all_gather"):
             # flat views: gloo wants the output's leading dim to be P x the input's
-            dist.all_gather_into_tensor(out.view(-1), x.view(-1), group=self.group)
+            _all_gather_single(out.view(-1), x.view(-1), group=self.group)
+        return out
+
+    def all_gather_inplace(self, out: torch.Tensor) -> torch.Tensor:
+        """All-gather into ``out`` (``[P, *shape]``, contiguous) whose slot ``out[rank]`` already
+        holds this rank's data: no separate input buffer. Returns ``out``."""
+        if out.size(0) != self.world_size or not out.is_contiguous():
+            raise ValueError(f"all_gather_inplace needs a contiguous [{self.world_size}, ...] "
+                             "buffer")
+        if self.world_size > 1:
+            n = _nbytes(out[0]) * (self.world_size - 1)
+            self._count("all_gather", n, n)
+            with failure_hint("all_gather"):
+                _all_gather_single(out.view(-1), out[self.rank].view(-1),
+                                            group=self.group)
         return out
 
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +183,7 @@ class Comm:
         with failure_hint("reduce_scatter"):
             # gloo wants the input's leading dim to be P x the output's: flatten both
             out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-            dist.reduce_scatter_tensor(out.view(-1), x.view(-1), group=self.group)
+            _reduce_scatter_single(out.view(-1), x.view(-1), group=self.group)
         return out
 
     def all_reduce_(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -54,6 +54,7 @@ class AttnShape:
     balance: bool = True  # LightSeq's Q-shipping balance (contiguous causal only)
     mqsp_chunks: int | None = None  # None: as megatron_seqpar.mqsp picks it from the budget
     mqsp_budget_mb: float = 256.0
+    lss_regather: bool = True  # LSS gathers K/V again in the backward (its regather_kv)
 
     def __post_init__(self):
         for name in ("S", "P", "b", "hq", "hkv", "D"):
@@ -248,9 +249,14 @@ def _mqsp(sh: AttnShape, r: int):
 def _lss(sh: AttnShape, r: int):
     P, KV, a, e = sh.P, sh.kv_bytes, sh.acc, sh.e
     fwd = (P - 1) * 2 * KV  # one fused all-gather of packed [K, V]
-    bwd = (P - 1) * 2 * KV * a // e  # one fused reduce-scatter of packed [dK, dV]
-    # gathered K/V and its reshaped copy (kept), full-length dK/dV, packed copy, RS buffers
-    act = _wrapper(sh) + 2 * (P * 2 * KV) + 4 * (P * 2 * KV) * a // e - 2 * KV
+    # one fused reduce-scatter of packed [dK, dV], after gathering K/V again (lss_regather)
+    bwd = (P - 1) * 2 * KV * a // e + fwd * sh.lss_regather
+    # the gathered K/V, in place (2·S); the backward recycles a regathered buffer of the
+    # accumulation dtype as the dK/dV send buffer, else holds one beside it; a segment's dK/dV
+    # (accumulation dtype) and the kernel's block gradients; the kernel's scratch
+    recycled = sh.lss_regather and a == e
+    act = (_wrapper(sh) + P * 2 * KV + (0 if recycled else P * 2 * KV * a // e)
+           + 2 * (sh.q_bytes + 2 * KV) * a // e + KERNEL_SCRATCH)
     return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)
 
 

@@ -248,16 +248,19 @@ def _block_mask(blk: Block, kpm, device):
     return causal, mask
 
 
-def attend(q, q_runs, k, v, k_runs, *, scale, causal, kpm=None, backend="auto"):
+def attend(q, q_runs, k, v, k_runs, *, scale, causal, kpm=None, backend="auto", out=None,
+           lse=None):
     """Attention of ``q`` against ``(k, v)`` whose tokens sit at the given runs.
 
     Returns ``(out, lse)`` in the accumulation dtype; rows that see no key get 0 / -inf.
     ``kpm``: ``[b, sk]`` bool key padding mask of the key buffer (True = padded) or None.
+    ``out``/``lse``: an earlier call's result to merge into (one key buffer after another).
     """
     b, hq, sq, d = q.shape
     cd = acc_dtype(q.dtype)
-    out = torch.zeros(b, hq, sq, v.size(-1), dtype=cd, device=q.device)
-    lse = torch.full((b, hq, sq), NEG_INF, dtype=cd, device=q.device)
+    if out is None:  # stored [b, s, h, d]: the caller's transpose back is free
+        out = zeros_public((b, hq, sq, v.size(-1)), cd, q.device)
+        lse = torch.full((b, hq, sq), NEG_INF, dtype=cd, device=q.device)
     for blk in plan_blocks(q_runs, k_runs, causal):
         blk_causal, mask = _block_mask(blk, kpm, q.device)
         o, lb = block_attention(q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], scale=scale,
@@ -267,11 +270,13 @@ def attend(q, q_runs, k, v, k_runs, *, scale, causal, kpm=None, backend="auto"):
     return out, lse
 
 
-def zeros_public(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Zeros shaped like the ``[b, h, s, d]`` view ``x`` but stored as ``[b, s, h, d]`` (the
-    public layout): gradients handed back to autograd or sent home need no copy."""
-    b, h, s, d = x.shape
-    return torch.zeros(b, s, h, d, dtype=dtype, device=x.device).transpose(1, 2)
+def zeros_public(x, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """Zeros shaped like the ``[b, h, s, d]`` view ``x`` (or a shape) but stored as
+    ``[b, s, h, d]`` (the public layout): outputs and gradients handed back to autograd or sent
+    home need no copy."""
+    b, h, s, d = x if isinstance(x, tuple) else x.shape
+    device = x.device if device is None else device
+    return torch.zeros(b, s, h, d, dtype=dtype, device=device).transpose(1, 2)
 
 
 def attend_backward(dout, q, q_runs, k, v, k_runs, out, lse, *, scale, causal, kpm=None,

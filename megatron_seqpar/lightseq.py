@@ -127,6 +127,9 @@ def lightseq_forward(setup, q, k, v, kpm_all):
         recvs += [(q_buf[q_slot[t]], st.q_from)] if st.q_from is not None else []
         return comm.post(sends, recvs)
 
+    def merge_home(bufs):  # our queries' (out, lse) against a later rank's K/V, public layout
+        merge_(out, lse, bufs[0].transpose(1, 2), bufs[1])
+
     pending = post(0) if steps else None
     returns = None  # (Pending, recv buffers or None, tensors kept alive) of the last step
     for t, st in enumerate(steps):
@@ -141,14 +144,14 @@ def lightseq_forward(setup, q, k, v, kpm_all):
         if st.q_from is not None:
             qa = q_buf[q_slot[t]].transpose(1, 2)
             o, lb = attend(qa, runs(st.q_from), k, v, runs(r), kpm=kpm(r), **kw)
-            sends += [(o, st.q_from), (lb, st.q_from)]
+            sends += [(public(o), st.q_from), (lb, st.q_from)]
             tally()
         if st.q_to is not None:
-            recvs += [(out.new_empty(out.shape), st.q_to), (lse.new_empty(lse.shape), st.q_to)]
-        _finish_returns(returns, lambda bufs: merge_(out, lse, bufs[0], bufs[1]))
+            recvs += [(torch.empty_like(public(out)), st.q_to), (torch.empty_like(lse), st.q_to)]
+        _finish_returns(returns, merge_home)
         returns = (comm.post(sends, recvs), [b for b, _ in recvs], sends)
         pending = nxt
-    _finish_returns(returns, lambda bufs: merge_(out, lse, bufs[0], bufs[1]))
+    _finish_returns(returns, merge_home)
     return out, lse, ()
 
 
@@ -164,11 +167,11 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
     kv_slot, n_kv = _slots(steps, "kv_from")
     q_slot, n_q = _slots(steps, "q_from")
     own_k, own_v = public(k), public(v)
-    own_q = ([public(q), public(dout.to(q.dtype)), out.to(q.dtype), lse]
+    own_q = ([public(q), public(dout.to(q.dtype)), public(out.to(q.dtype)), lse]
              if any(st.q_to is not None for st in steps) else [])
     kv_buf = [(torch.empty_like(own_k), torch.empty_like(own_v)) for _ in range(n_kv)]
-    q_template = [q.transpose(1, 2), q.transpose(1, 2), out.to(q.dtype), lse]
-    q_buf = [[x.new_empty(x.shape) for x in q_template] for _ in range(n_q)]
+    q_template = [public(q), public(q), public(out.to(q.dtype)), lse]
+    q_buf = [[torch.empty_like(x) for x in q_template] for _ in range(n_q)]
 
     def post(t):
         st = steps[t]
@@ -178,12 +181,9 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
         recvs += [(b, st.q_from) for b in q_buf[q_slot[t]]] if st.q_from is not None else []
         return comm.post(sends, recvs)
 
-    def consume(bufs):
+    def consume(bufs):  # partials arrive in the public layout
         for kind, buf in bufs:
-            if kind == "q":
-                dq.add_(buf)
-            else:  # partials arrive in the public layout
-                (dk if kind == "k" else dv).add_(buf.transpose(1, 2))
+            {"q": dq, "k": dk, "v": dv}[kind].add_(buf.transpose(1, 2))
 
     pending = post(0) if steps else None
     returns = None
@@ -200,13 +200,13 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
         if st.q_from is not None:
             qa, doa, oa, la = q_buf[q_slot[t]]
             g = attend_backward(doa.transpose(1, 2), qa.transpose(1, 2), runs(st.q_from), k, v,
-                                runs(r), oa, la, kpm=kpm(r), dk=dk, dv=dv, **kw)
-            sends.append((g[0], st.q_from))
+                                runs(r), oa.transpose(1, 2), la, kpm=kpm(r), dk=dk, dv=dv, **kw)
+            sends.append((public(g[0]), st.q_from))
         if st.kv_to is not None:
             recvs += [(("k", dk.new_empty(own_k.shape)), st.kv_to),
                       (("v", dv.new_empty(own_v.shape)), st.kv_to)]
         if st.q_to is not None:
-            recvs.append((("q", dq.new_empty(dq.shape)), st.q_to))
+            recvs.append((("q", torch.empty_like(public(dq))), st.q_to))
         _finish_returns(returns, consume)
         returns = (comm.post(sends, [(b, p) for (_, b), p in recvs]), [kb for kb, _ in recvs],
                    sends)

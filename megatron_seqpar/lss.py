@@ -2,17 +2,26 @@
 
 Each rank owns one segment of the sequence (its queries). Forward: ONE fused all-gather of a
 packed ``[K; V]`` buffer gives every rank the whole sequence's keys and values; the local
-queries attend all of them (causal mask by global position, key padding). Backward: the same
-blocks in reverse give dQ locally and this rank's share of every segment's dK/dV, returned to
-their owners by ONE fused reduce-scatter of a packed ``[dK; dV]`` buffer. Exact.
+queries attend every segment (causal mask by global position, key padding), merged by
+log-sum-exp. Backward: the same blocks in reverse give dQ locally and this rank's share of
+every segment's dK/dV, written straight into a packed ``[P, dK; dV]`` buffer that ONE fused
+reduce-scatter returns to the segments' owners. Exact.
+
+``regather_kv`` (default True): the backward all-gathers K/V again instead of keeping the
+forward's gathered copy, so between forward and backward a rank holds only its own segment
+(``2·s·b·hkv·D``) rather than the whole sequence's (``2·S·b·hkv·D``), for one more all-gather
+per call. With ``regather_kv=False`` the gathered K/V are saved for the backward (one
+all-gather per call, ``2·S`` held per layer until its backward).
 
 The other half of LSS, *double gradient averaging* of the parameters (sequence group, then
 data-parallel group), lives in the Megatron integration (``megatron_seqpar.megatron``), not in
 this op.
 
-Per rank and call: forward sends ``(P-1)·2·s·b·hkv·D`` elements (all-gather), backward
-``(P-1)/P·2·S·b·hkv·D`` in the accumulation dtype (reduce-scatter). Memory: the gathered K and
-V, ``2·S·b·hkv·D``, are kept for the backward (that is the method's activation cost).
+Per rank and call: forward sends ``(P-1)·2·s·b·hkv·D`` elements (all-gather); backward the
+same again when ``regather_kv``, plus ``(P-1)/P·2·S·b·hkv·D`` in the accumulation dtype
+(reduce-scatter). Live memory during one call: the gathered K/V (``2·S``, input dtype), whose
+buffer the backward reuses, segment by segment, as the packed dK/dV send buffer when it is
+regathered in the accumulation dtype (fp32, fp64); otherwise a ``2·S`` dK/dV buffer beside it.
 """
 
 from __future__ import annotations
@@ -23,46 +32,70 @@ import torch
 
 from megatron_seqpar.api import BaseOptions
 from megatron_seqpar.common import run_method
-from megatron_seqpar.kernels import attend, attend_backward
-from megatron_seqpar.layouts import shift_runs
+from megatron_seqpar.kernels import acc_dtype, attend, attend_backward, zeros_public
 
 
 @dataclass(frozen=True)
 class Options(BaseOptions):
-    """LSS has no options beyond the kernel backend."""
+    """``regather_kv``: all-gather K/V again in the backward instead of keeping the gathered
+    copy from the forward (holds ``2·s`` instead of ``2·S`` per layer between the passes)."""
+
+    regather_kv: bool = True
 
 
-def _all_runs(setup, s):
-    return tuple(r for j in range(setup.world_size) for r in shift_runs(setup.runs(j, s), j * s))
+def _gather_kv(setup, k, v):
+    """``[P, 2, b, s, hkv, D]``: every rank's K and V in the public layout, ONE all-gather,
+    in place (this rank's K/V are packed straight into their slot of the output)."""
+    comm = setup.comm()
+    kv = k.new_empty(comm.world_size, 2, *k.transpose(1, 2).shape)
+    kv[comm.rank, 0].copy_(k.transpose(1, 2))
+    kv[comm.rank, 1].copy_(v.transpose(1, 2))
+    return comm.all_gather_inplace(kv)
 
 
-def _flat_kpm(kpm_all):
-    return None if kpm_all is None else kpm_all.permute(1, 0, 2).reshape(kpm_all.size(1), -1)
+def _segment(kv, j):
+    """Segment ``j``'s K and V as ``[b, hkv, s, D]`` views."""
+    return kv[j, 0].transpose(1, 2), kv[j, 1].transpose(1, 2)
 
 
 def lss_forward(setup, q, k, v, kpm_all):
-    comm, s = setup.comm(), q.size(2)
-    b, hkv, _, d = k.shape
-    kv = comm.all_gather(torch.stack([k, v]))  # [P, 2, b, hkv, s, d], one collective
-    kv = kv.permute(1, 2, 3, 0, 4, 5).reshape(2, b, hkv, setup.world_size * s, d)
-    out, lse = attend(q, setup.runs(setup.rank, s), kv[0], kv[1], _all_runs(setup, s),
-                      scale=setup.scale, causal=setup.causal, kpm=_flat_kpm(kpm_all),
-                      backend=setup.options.backend)
+    kv = _gather_kv(setup, k, v)
+    out = lse = None
+    for j in range(setup.world_size):
+        out, lse = attend(q, setup.runs(setup.rank, q.size(2)), *_segment(kv, j),
+                          setup.runs(j, k.size(2)), scale=setup.scale, causal=setup.causal,
+                          kpm=None if kpm_all is None else kpm_all[j],
+                          backend=setup.options.backend, out=out, lse=lse)
     if setup.traffic:
         setup.traffic.add_block_steps(1)
-    return out, lse, (kv,)
+    return out, lse, () if setup.options.regather_kv else (kv,)
 
 
-def lss_backward(setup, dout, q, k, v, out, lse, kpm_all, kv):
-    comm, s, P = setup.comm(), q.size(2), setup.world_size
-    b, hkv, _, d = k.shape
-    dq, dk_all, dv_all = attend_backward(
-        dout, q, setup.runs(setup.rank, s), kv[0], kv[1], _all_runs(setup, s), out, lse,
-        scale=setup.scale, causal=setup.causal, kpm=_flat_kpm(kpm_all),
-        backend=setup.options.backend)
-    dkv = torch.stack([dk_all, dv_all]).view(2, b, hkv, P, s, d).permute(3, 0, 1, 2, 4, 5)
-    dkv = comm.reduce_scatter(dkv)  # [2, b, hkv, s, d], one collective
-    return dq, dkv[0], dkv[1]
+def lss_backward(setup, dout, q, k, v, out, lse, kpm_all, *saved):
+    P, s = setup.world_size, k.size(2)
+    kv = saved[0] if saved else _gather_kv(setup, k, v)
+    cd = acc_dtype(q.dtype)
+    # The reduce-scatter's packed send buffer: a regathered K/V buffer of the accumulation
+    # dtype is recycled (segment j's dK/dV overwrite its K/V once its blocks are done), so the
+    # backward holds 2·S once instead of twice; otherwise a buffer of its own.
+    recycle = not saved and kv.dtype == cd
+    dkv = kv if recycle else torch.zeros(kv.shape, dtype=cd, device=q.device)
+    dq = zeros_public(q, cd)
+    for j in range(P):
+        kj, vj = _segment(kv, j)
+        acc = {} if recycle else dict(zip(("dk", "dv"), _segment(dkv, j)))
+        _, dk, dv = attend_backward(dout, q, setup.runs(setup.rank, q.size(2)), kj, vj,
+                                    setup.runs(j, s), out, lse, scale=setup.scale,
+                                    causal=setup.causal,
+                                    kpm=None if kpm_all is None else kpm_all[j],
+                                    backend=setup.options.backend, dq=dq, **acc)
+        if recycle:
+            kj.copy_(dk)
+            vj.copy_(dv)
+        del dk, dv
+    del kv  # a regathered copy (if not recycled) goes before the reduce-scatter's output
+    dkv = setup.comm().reduce_scatter(dkv)  # [2, b, s, hkv, D], one collective
+    return dq, dkv[0].transpose(1, 2), dkv[1].transpose(1, 2)
 
 
 def apply(q, k, v, key_padding_mask, setup):

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_seqpar.api import BaseOptions
-from megatron_seqpar.common import run_method
+from megatron_seqpar.common import public, run_method
 from megatron_seqpar.kernels import acc_dtype, attend, attend_backward, zeros_public
 from megatron_seqpar.layouts import slice_runs
 
@@ -86,14 +86,17 @@ def _gathered_runs(setup, s, c, i):
 
 
 def _gather_rows(comm, x):
-    """All-gather ``[..., c, *]`` chunks into ``[..., P*c, *]`` (rank-major rows)."""
-    g = comm.all_gather(x)  # [P, b, h, c, *]
-    return g.movedim(0, 2).flatten(2, 3)
+    """All-gather ``[b, h, c, d]`` chunks into ``[b, h, P*c, d]`` (rank-major rows), moved in
+    the public ``[b, s, h, d]`` layout (no packing copy for ``b = 1``)."""
+    g = comm.all_gather(public(x))  # [P, b, c, h, d]
+    return g.movedim(0, 1).flatten(1, 2).transpose(1, 2)
 
 
 def _scatter_rows(comm, x, c):
-    """Reduce-scatter rows ``[b, h, P*c, *]``: rank j gets the sum of rows ``[j*c, (j+1)*c)``."""
-    return comm.reduce_scatter(x.unflatten(2, (comm.world_size, c)).movedim(2, 0))
+    """Reduce-scatter rows of ``[b, h, P*c, d]`` (public storage): rank j gets the sum of rows
+    ``[j*c, (j+1)*c)`` as a ``[b, h, c, d]`` view."""
+    rows = x.transpose(1, 2).unflatten(1, (comm.world_size, c)).movedim(1, 0)  # [P,b,c,h,d]
+    return comm.reduce_scatter(rows).transpose(1, 2)
 
 
 def _micro_steps(setup, q, kpm_all):
@@ -109,7 +112,7 @@ def mqsp_forward(setup, q, k, v, kpm_all):
     comm, r, s = setup.comm(), setup.rank, q.size(2)
     b, hq, _, d = q.shape
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
-    out = torch.empty(b, hq, s, v.size(-1), dtype=cd, device=q.device)
+    out = zeros_public((b, hq, s, v.size(-1)), cd, q.device)
     lse = torch.empty(b, hq, s, dtype=cd, device=q.device)
     for i in range(m):
         rows = slice(i * c, (i + 1) * c)
@@ -133,7 +136,7 @@ def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
     comm, r, s = setup.comm(), setup.rank, q.size(2)
     b, hq, _, d = q.shape
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
-    dq = torch.empty(q.shape, dtype=cd, device=q.device)
+    dq = zeros_public(q, cd)
     dk, dv = zeros_public(k, cd), zeros_public(v, cd)
     for i in range(m):
         rows = slice(i * c, (i + 1) * c)

@@ -37,6 +37,15 @@ def test_mqsp_budget_picks_micro_chunks():
     assert micro_chunks(Options(micro_q=1), b=1, hq=8, s=64, world_size=2, itemsize=4) == 1
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_lss_saved_kv_exact(world, causal):
+    # regather_kv=False keeps the forward's gathered K/V instead of gathering them again
+    opts = msp.method_options("lss")(regather_kv=False)
+    for errs in run_on_ranks(variant, world, "lss", "zigzag", opts, causal):
+        assert max(errs) < RTOL, errs
+
+
 @pytest.mark.parametrize("world", [3, 4])
 def test_lightseq_unbalanced_exact(world):
     opts = msp.method_options("lightseq")(balance=False)
