@@ -79,24 +79,9 @@ def pick_micro_chunks(*, s: int, world_size: int, row_bytes: int, budget_bytes: 
     return s
 
 
-def _gathered_runs(setup, s, c, i):
-    """Runs of micro-chunk ``i`` of every rank, as laid out in the gathered buffer."""
-    return tuple(r for j in range(setup.world_size)
-                 for r in slice_runs(setup.runs(j, s), i * c, (i + 1) * c, offset=j * c))
-
-
-def _gather_rows(comm, x):
-    """All-gather ``[b, h, c, d]`` chunks into ``[b, h, P*c, d]`` (rank-major rows), moved in
-    the public ``[b, s, h, d]`` layout (no packing copy for ``b = 1``)."""
-    g = comm.all_gather(public(x))  # [P, b, c, h, d]
-    return g.movedim(0, 1).flatten(1, 2).transpose(1, 2)
-
-
-def _scatter_rows(comm, x, c):
-    """Reduce-scatter rows of ``[b, h, P*c, d]`` (public storage): rank j gets the sum of rows
-    ``[j*c, (j+1)*c)`` as a ``[b, h, c, d]`` view."""
-    rows = x.transpose(1, 2).unflatten(1, (comm.world_size, c)).movedim(1, 0)  # [P,b,c,h,d]
-    return comm.reduce_scatter(rows).transpose(1, 2)
+def _chunk_runs(setup, j, s, c, i):
+    """Runs of micro-chunk ``i`` of rank ``j``'s queries, numbered from 0."""
+    return slice_runs(setup.runs(j, s), i * c, (i + 1) * c)
 
 
 def _micro_steps(setup, q, kpm_all):
@@ -108,50 +93,67 @@ def _micro_steps(setup, q, kpm_all):
     return m, s // m, cd, None if kpm_all is None else kpm_all[setup.rank]
 
 
+def _bhsd(x):
+    """``[b, c, h, d]`` slot of a gathered / reduce-scatter buffer as a ``[b, h, c, d]`` view."""
+    return x.transpose(1, 2)
+
+
 def mqsp_forward(setup, q, k, v, kpm_all):
-    comm, r, s = setup.comm(), setup.rank, q.size(2)
-    b, hq, _, d = q.shape
+    """Per micro-step, rank j's gathered queries attend the local K/V straight into slot j of
+    the reduce-scatter buffer ``[P, b, c, h, D]`` (no rearranging copies)."""
+    comm, r, s, P = setup.comm(), setup.rank, q.size(2), setup.world_size
+    b, hq, _, _ = q.shape
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
+    kw = dict(scale=setup.scale, causal=setup.causal, kpm=kpm, backend=setup.options.backend)
     out = zeros_public((b, hq, s, v.size(-1)), cd, q.device)
     lse = torch.empty(b, hq, s, dtype=cd, device=q.device)
     for i in range(m):
         rows = slice(i * c, (i + 1) * c)
-        gq = _gather_rows(comm, q[:, :, rows])
-        o, lo = attend(gq, _gathered_runs(setup, s, c, i), k, v, setup.runs(r, s),
-                       scale=setup.scale, causal=setup.causal, kpm=kpm,
-                       backend=setup.options.backend)
+        gq = comm.all_gather(public(q)[:, rows])  # [P, b, c, hq, D]
+        o = torch.zeros(P, b, c, hq, v.size(-1), dtype=cd, device=q.device)
+        lo = torch.full((P, b, hq, c), float("-inf"), dtype=cd, device=q.device)
+        for j in range(P):
+            attend(_bhsd(gq[j]), _chunk_runs(setup, j, s, c, i), k, v, setup.runs(r, s),
+                   out=_bhsd(o[j]), lse=lo[j], **kw)
+        del gq
+        # distributed softmax: every rank holds a column block of the same P·c rows
         top = comm.all_reduce_(lo.clone(), dist.ReduceOp.MAX)
         top = top.masked_fill_(torch.isinf(top), 0.0)
-        total = comm.all_reduce_(torch.exp(lo - top), dist.ReduceOp.SUM)
-        glse = torch.log(total).add_(top)  # global lse; -inf where no rank sees a key
-        o.mul_(torch.exp(lo - glse.masked_fill(torch.isinf(glse), 0.0)).unsqueeze(-1))
-        out[:, :, rows] = _scatter_rows(comm, o, c)
-        lse[:, :, rows] = glse[:, :, r * c:(r + 1) * c]
+        glse = torch.log(comm.all_reduce_(torch.exp(lo - top), dist.ReduceOp.SUM)).add_(top)
+        # global lse; -inf where no rank sees a key
+        o.mul_(torch.exp(lo - glse.masked_fill(torch.isinf(glse), 0.0)).transpose(2, 3)
+               .unsqueeze(-1))
+        out[:, :, rows] = _bhsd(comm.reduce_scatter(o))
+        lse[:, :, rows] = glse[r]
     if setup.traffic:
         setup.traffic.add_block_steps(m)
     return out, lse, ()
 
 
 def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
-    comm, r, s = setup.comm(), setup.rank, q.size(2)
+    """Per micro-step, ONE all-gather of the packed ``[Q; dO; O]`` chunk and lse; rank j's rows
+    are used as views of it, their dQ partials go straight into slot j of the reduce-scatter
+    buffer, dK/dV accumulate locally."""
+    comm, r, s, P = setup.comm(), setup.rank, q.size(2), setup.world_size
     b, hq, _, d = q.shape
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
+    kw = dict(scale=setup.scale, causal=setup.causal, kpm=kpm, backend=setup.options.backend)
     dq = zeros_public(q, cd)
     dk, dv = zeros_public(k, cd), zeros_public(v, cd)
+    n = 3 * b * c * hq * d
     for i in range(m):
         rows = slice(i * c, (i + 1) * c)
-        packed = torch.cat([torch.stack([q[:, :, rows], dout[:, :, rows], out[:, :, rows]])
-                            .to(cd).flatten(), lse[:, :, rows].flatten()])
-        g = comm.all_gather(packed)  # [P, 3*b*hq*c*d + b*hq*c], one collective
-        n = 3 * b * hq * c * d
-        qdo = g[:, :n].view(-1, 3, b, hq, c, d).movedim(0, 3).flatten(3, 4)  # [3,b,hq,P*c,d]
-        glse = g[:, n:].view(-1, b, hq, c).movedim(0, 2).flatten(2, 3)
-        gq, gdo, gout = qdo[0].to(q.dtype), qdo[1].to(q.dtype), qdo[2].to(q.dtype)
-        dgq, _, _ = attend_backward(gdo, gq, _gathered_runs(setup, s, c, i), k, v,
-                                    setup.runs(r, s), gout, glse, scale=setup.scale,
-                                    causal=setup.causal, kpm=kpm,
-                                    backend=setup.options.backend, dk=dk, dv=dv)
-        dq[:, :, rows] = _scatter_rows(comm, dgq, c)
+        packed = torch.cat([
+            torch.stack([public(x)[:, rows] for x in (q, dout, out)]).to(cd).flatten(),
+            lse[:, :, rows].flatten()])
+        g = comm.all_gather(packed)  # [P, 3·b·c·hq·D + b·hq·c], one collective
+        dqp = torch.zeros(P, b, c, hq, d, dtype=cd, device=q.device)
+        for j in range(P):
+            gq, gdo, gout = (_bhsd(x).to(q.dtype) for x in g[j, :n].view(3, b, c, hq, d))
+            attend_backward(gdo, gq, _chunk_runs(setup, j, s, c, i), k, v, setup.runs(r, s),
+                            gout, g[j, n:].view(b, hq, c), dq=_bhsd(dqp[j]), dk=dk, dv=dv, **kw)
+        del g
+        dq[:, :, rows] = _bhsd(comm.reduce_scatter(dqp))
     return dq, dk, dv
 
 
