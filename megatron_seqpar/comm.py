@@ -7,8 +7,11 @@
   ``cuda.synchronize``; waits honour the group's timeout.
 - ``all_gather(x)`` -> ``[P, *x.shape]``, ``all_gather_inplace(out)`` (this rank's data already
   in ``out[rank]``: no input buffer), ``reduce_scatter(x)`` of ``[P, *shape]`` -> ``shape``
-  (sum), ``all_reduce_(x, op)``. The native single-tensor collectives on gloo and NCCL alike,
-  on flat views (gloo wants the leading dims to be P-fold).
+  (sum), ``all_reduce_(x, op)``. NCCL runs its native collectives (all-gather in place). gloo
+  stages all-gather and reduce-scatter through a P-fold temporary copy, so there they are
+  batched point-to-point transfers straight into and out of the caller's buffers (P-1
+  pairwise steps with one chunk-sized receive buffer for the reduce-scatter): the same bytes,
+  no staging memory.
 
 Byte accounting (``count_traffic``) uses the bandwidth-optimal per-rank volumes: a p2p send
 counts its bytes; an all-gather of ``n`` bytes per rank sends ``(P-1)·n``; a reduce-scatter of
@@ -119,11 +122,12 @@ class Comm:
         if dist.is_available() and dist.is_initialized():
             self.rank = dist.get_rank(group)
             self.world_size = dist.get_world_size(group)
+            self.nccl = dist.get_backend(group) == "nccl"
         else:
             if group is not None:
                 raise ValueError("a process group was given but torch.distributed is not "
                                  "initialised; call torch.distributed.init_process_group first")
-            self.rank, self.world_size = 0, 1
+            self.rank, self.world_size, self.nccl = 0, 1, False
 
     def _count(self, kind: str, sent: int, recv: int) -> None:
         if self.traffic is not None:
@@ -143,47 +147,56 @@ class Comm:
         with failure_hint("point-to-point transfer"):
             return Pending(dist.batch_isend_irecv(ops), sends)
 
+    def _exchange(self, sends, recvs) -> None:
+        """Blocking batch of p2p transfers (not counted: the caller counts its collective)."""
+        ops = [dist.P2POp(dist.isend, t, group=self.group, group_peer=p) for t, p in sends]
+        ops += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=p) for t, p in recvs]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """``[P, *x.shape]``: every rank's ``x`` in rank order."""
-        x = x.contiguous()
         out = torch.empty((self.world_size, *x.shape), dtype=x.dtype, device=x.device)
-        if self.world_size == 1:
-            out[0].copy_(x)
-            return out
-        n = _nbytes(x) * (self.world_size - 1)
-        self._count("all_gather", n, n)
-        with failure_hint("all_gather"):
-            # flat views: gloo wants the output's leading dim to be P x the input's
-            _all_gather_single(out.view(-1), x.view(-1), group=self.group)
-        return out
+        out[self.rank].copy_(x)
+        return self.all_gather_inplace(out)
 
     def all_gather_inplace(self, out: torch.Tensor) -> torch.Tensor:
         """All-gather into ``out`` (``[P, *shape]``, contiguous) whose slot ``out[rank]`` already
         holds this rank's data: no separate input buffer. Returns ``out``."""
-        if out.size(0) != self.world_size or not out.is_contiguous():
-            raise ValueError(f"all_gather_inplace needs a contiguous [{self.world_size}, ...] "
-                             "buffer")
-        if self.world_size > 1:
-            n = _nbytes(out[0]) * (self.world_size - 1)
+        P, r = self.world_size, self.rank
+        if out.size(0) != P or not out.is_contiguous():
+            raise ValueError(f"all_gather_inplace needs a contiguous [{P}, ...] buffer")
+        if P > 1:
+            n = _nbytes(out[0]) * (P - 1)
             self._count("all_gather", n, n)
             with failure_hint("all_gather"):
-                _all_gather_single(out.view(-1), out[self.rank].view(-1),
-                                            group=self.group)
+                if self.nccl:  # in place: the input is this rank's slot of the output
+                    _all_gather_single(out.view(-1), out[r].view(-1), group=self.group)
+                else:  # gloo stages its collectives in a P-fold copy; p2p lands in place
+                    peers = [j for j in range(P) if j != r]
+                    self._exchange([(out[r], j) for j in peers], [(out[j], j) for j in peers])
         return out
 
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks of ``x[rank]``, where ``x`` is ``[P, *shape]`` (chunk i -> rank i)."""
-        if x.size(0) != self.world_size:
-            raise ValueError(f"reduce_scatter needs a leading dim of {self.world_size}")
+        P, r = self.world_size, self.rank
+        if x.size(0) != P:
+            raise ValueError(f"reduce_scatter needs a leading dim of {P}")
         x = x.contiguous()
-        if self.world_size == 1:
+        if P == 1:
             return x[0].clone()
-        n = _nbytes(x) * (self.world_size - 1) // self.world_size
+        n = _nbytes(x) * (P - 1) // P
         self._count("reduce_scatter", n, n)
         with failure_hint("reduce_scatter"):
-            # gloo wants the input's leading dim to be P x the output's: flatten both
-            out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-            _reduce_scatter_single(out.view(-1), x.view(-1), group=self.group)
+            if self.nccl:
+                out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+                _reduce_scatter_single(out.view(-1), x.view(-1), group=self.group)
+                return out
+            # gloo: P-1 pairwise steps, one chunk-sized receive buffer (no P-fold staging)
+            out, buf = x[r].clone(), torch.empty_like(x[r])
+            for t in range(1, P):
+                self._exchange([(x[(r + t) % P], (r + t) % P)], [(buf, (r - t) % P)])
+                out.add_(buf)
         return out
 
     def all_reduce_(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

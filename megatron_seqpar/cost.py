@@ -201,6 +201,9 @@ def _needed_pairs(sh: AttnShape, r: int) -> int:
 # ----------------------------------------------------------------------------- methods
 # Each model returns (sent_fwd, sent_bwd, recv_fwd, recv_bwd, act_bytes, pairs) for rank r.
 # ``a`` is the accumulation element size; partial outputs, lse and gradients travel in it.
+KERNEL_SCRATCH = 2**20  # the CPU fused kernel's per-call working buffers, measured
+
+
 def _wrapper(sh: AttnShape) -> int:
     """What the shared autograd wrapper holds during the backward: the output and lse
     (accumulation dtype) and dq, dk, dv (accumulation dtype); q, k, v and the incoming
@@ -214,7 +217,9 @@ def _rsa(sh: AttnShape, r: int):
     fwd = 2 * (P - 1) * KV  # K ring, then V ring
     bwd = 2 * (P - 1) * KV + 2 * (P - 1) * KV * a // e  # V and K rings; dV, dK partials home
     probs = sh.b * sh.hq * sh.s * sh.S * a  # the method: full score rows, kept for backward
-    act = 2 * probs + sh.q_bytes + 2 * KV  # + logsumexp's temporary of the same size
+    # forward: logsumexp's temporary of the same size as the rows; backward: the rows beside
+    # the wrapper's tensors and a dK/dV partial
+    act = probs + max(probs, _wrapper(sh) + 2 * KV * a // e)
     return fwd, bwd, fwd, bwd, act, sh.s * sh.S
 
 
@@ -239,9 +244,14 @@ def _mqsp(sh: AttnShape, r: int):
     ar = lambda n: 2 * (P - 1) * n // P  # noqa: E731
     fwd = m * ((P - 1) * qc * e + 2 * ar(stat) + rs(P * qc * a))  # Q gather, max+sum, ctx RS
     bwd = m * ((P - 1) * (3 * qc + sh.b * sh.hq * c) * a + rs(P * qc * a))  # packed gather, dQ
-    # one micro-step: gathered [q, dO, O] (+ contiguous copies), partial context, dQ partials
-    # and the reduce-scatter buffers, all P·c rows; the score block stays inside the kernel
-    act = _wrapper(sh) + 5 * sh.q_bytes * a // e + 7 * (1 + P) * qc * a
+    # the backward's micro-step holds the gathered [q, dO, O, lse] rows of every rank and
+    # their dQ partials (P·c rows, accumulation dtype, used in place), one kernel call's
+    # gradients (c rows of dQ; dK/dV of one key run: half the local keys when zigzag), the
+    # reduce-scatter's c rows and the kernel's scratch; the score block stays in the kernel
+    lc = sh.b * sh.hq * c * a  # one rank's lse rows
+    key_run = sh.kv_bytes // (2 if sh.layout == "zigzag" and P > 1 else 1)
+    act = (_wrapper(sh) + P * (4 * qc * a + lc) + 2 * qc * a
+           + 2 * key_run * a // e + KERNEL_SCRATCH)
     pairs = sum(_pairs(sh, _positions(sh, j), _positions(sh, r)) for j in range(P))
     return fwd, bwd, fwd, bwd, act, pairs
 
@@ -252,15 +262,13 @@ def _lss(sh: AttnShape, r: int):
     # one fused reduce-scatter of packed [dK, dV], after gathering K/V again (lss_regather)
     bwd = (P - 1) * 2 * KV * a // e + fwd * sh.lss_regather
     # the gathered K/V, in place (2·S); the backward recycles a regathered buffer of the
-    # accumulation dtype as the dK/dV send buffer, else holds one beside it; a segment's dK/dV
-    # (accumulation dtype) and the kernel's block gradients; the kernel's scratch
+    # accumulation dtype as the dK/dV send buffer, else holds one beside it; then either one
+    # segment's dK/dV with a block's gradients, or the reduce-scatter's receive buffer (2·s
+    # either way); the kernel's scratch
     recycled = sh.lss_regather and a == e
     act = (_wrapper(sh) + P * 2 * KV + (0 if recycled else P * 2 * KV * a // e)
-           + 2 * (sh.q_bytes + 2 * KV) * a // e + KERNEL_SCRATCH)
+           + 2 * KV * a // e + KERNEL_SCRATCH)
     return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)
-
-
-KERNEL_SCRATCH = 2**20  # the CPU fused kernel's per-call working buffers, measured
 
 
 def _lightseq(sh: AttnShape, r: int):
@@ -279,8 +287,14 @@ def _lightseq(sh: AttnShape, r: int):
     # lse, dq/dk/dv (accumulation dtype), the K/V receive slots, the kernel's block gradients
     # with the dK/dV partial on its way home, the Q-shipping slots, and the fused kernel's
     # scratch (about 1 MiB per call)
-    act = (_wrapper(sh) + n_kv * 2 * KV
-           + (Q + 2 * KV) * a // e * (n_kv > 0) + n_q * (3 * Q + L) + KERNEL_SCRATCH)
+    # ... and, from step 2 on, the previous step's returns still in flight: its dK/dV (dQ)
+    # partials going home and the buffers for ours coming back
+    ret = [sum(b_send[k] for k in ("kv_from", "q_from") if k in st)
+           + sum(b_recv[k] for k in ("kv_to", "q_to") if k in st) for st in steps]
+    # (a shipped query block also needs its own dQ accumulator)
+    act = (_wrapper(sh) + n_kv * 2 * KV + (Q + 2 * KV) * a // e * (n_kv + n_q > 0)
+           + n_q * (3 * Q + L) + Q * a // e * (n_q > 0) + max(ret[:-1], default=0)
+           + KERNEL_SCRATCH)
     pr = lambda i, j: _pairs(sh, _positions(sh, i), _positions(sh, j))  # noqa: E731
     pairs = pr(r, r) + sum(pr(r, (r - t) % sh.P) * ("kv_from" in st)
                            + pr((r - t) % sh.P, r) * ("q_from" in st)

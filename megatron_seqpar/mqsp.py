@@ -147,12 +147,13 @@ def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
             torch.stack([public(x)[:, rows] for x in (q, dout, out)]).to(cd).flatten(),
             lse[:, :, rows].flatten()])
         g = comm.all_gather(packed)  # [P, 3·b·c·hq·D + b·hq·c], one collective
+        del packed
         dqp = torch.zeros(P, b, c, hq, d, dtype=cd, device=q.device)
         for j in range(P):
             gq, gdo, gout = (_bhsd(x).to(q.dtype) for x in g[j, :n].view(3, b, c, hq, d))
             attend_backward(gdo, gq, _chunk_runs(setup, j, s, c, i), k, v, setup.runs(r, s),
                             gout, g[j, n:].view(b, hq, c), dq=_bhsd(dqp[j]), dk=dk, dv=dv, **kw)
-        del g
+        del g, gq, gdo, gout  # the views too: they keep the gathered buffer alive
         dq[:, :, rows] = _bhsd(comm.reduce_scatter(dqp))
     return dq, dk, dv
 

@@ -85,9 +85,12 @@ def test_memory_orders():
         assert rsa > sh.b * sh.hq * sh.s * sh.S * 4
         for m in ("lightseq", "lss", "mqsp"):
             assert attention_cost(m, sh).max_act_bytes < rsa
-        for m in ("lightseq", "ring"):  # LSS keeps full K/V, MQSP S/m gathered queries
+        for m in ("lightseq", "ring", "mqsp"):  # LSS holds the whole sequence's K/V
             more = attention_cost(m, AttnShape(S=S, P=2 * P)).max_act_bytes
-            assert more < 0.75 * attention_cost(m, sh).max_act_bytes, (m, P)
+            # from P=2 to 4 LightSeq gains the previous step's returns in flight (P=2 has a
+            # single step), so that doubling shrinks it less; every later one nearly halves
+            assert more < (0.85 if P == 2 else 0.75) * attention_cost(m, sh).max_act_bytes, \
+                (m, P)
     assert one < attention_cost("rsa", AttnShape(S=S, P=2)).max_act_bytes
 
 
@@ -210,21 +213,23 @@ def _measure_peak(rank, world, S):
 
 
 @pytest.mark.slow
-def test_model_memory_within_tolerance_of_measured():
-    """Peak allocation (profiler, fwd+bwd, beyond inputs) vs ``act_bytes``, P=2, S=1024, fp32.
+@pytest.mark.parametrize("P", [2, 3])
+def test_model_memory_within_tolerance_of_measured(P):
+    """Peak allocation (profiler, fwd+bwd, beyond inputs) vs ``act_bytes``, 512 tokens per rank,
+    fp32; P=3 has LightSeq steps whose returns overlap the next step and balanced Q shipping.
 
-    Tolerance 15%: the model counts tensors; the allocator also sees the fused kernel's
-    per-call scratch (~1 MiB here, ~5% at this size) and the ordering of frees in the backward.
+    Tolerance 10%: the model counts tensors; the allocator also sees the ordering of frees in
+    the backward and small temporaries (row statistics, masks) the model leaves out.
     """
     from distributed import run_on_ranks
 
-    S, P = 1024, 2
+    S = 512 * P
     per_rank = run_on_ranks(_measure_peak, P, S, timeout=300)
     bad = []
     for i, (method, layout) in enumerate(MEM_CASES):
         model = attention_cost(method, AttnShape(S=S, P=P, hq=8, hkv=8, D=64, layout=layout))
         got = max(per_rank[r][i] for r in range(P))
-        if not 0.85 <= got / model.max_act_bytes <= 1.15:
+        if not 0.9 <= got / model.max_act_bytes <= 1.1:
             bad.append(f"{method}/{layout}: measured {got} model {model.max_act_bytes} "
                        f"({got / model.max_act_bytes:.2f}x)")
     assert not bad, "\n".join(bad)
