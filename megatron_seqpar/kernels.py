@@ -258,14 +258,21 @@ def attend(q, q_runs, k, v, k_runs, *, scale, causal, kpm=None, backend="auto", 
     """
     b, hq, sq, d = q.shape
     cd = acc_dtype(q.dtype)
-    if out is None:  # stored [b, s, h, d]: the caller's transpose back is free
+    fresh = out is None  # then a query run's first block is copied in, not merged
+    if fresh:  # stored [b, s, h, d]: the caller's transpose back is free
         out = zeros_public((b, hq, sq, v.size(-1)), cd, q.device)
         lse = torch.full((b, hq, sq), NEG_INF, dtype=cd, device=q.device)
+    seen = None
     for blk in plan_blocks(q_runs, k_runs, causal):
         blk_causal, mask = _block_mask(blk, kpm, q.device)
         o, lb = block_attention(q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], scale=scale,
                                 causal=blk_causal, mask=mask, backend=backend)
-        merge_(out[:, :, blk.q], lse[:, :, blk.q], o, lb)
+        if fresh and blk.q != seen:
+            out[:, :, blk.q].copy_(o)
+            lse[:, :, blk.q].copy_(lb)
+        else:
+            merge_(out[:, :, blk.q], lse[:, :, blk.q], o, lb)
+        seen = blk.q
         del o, lb
     return out, lse
 
