@@ -201,7 +201,11 @@ def _needed_pairs(sh: AttnShape, r: int) -> int:
 # ----------------------------------------------------------------------------- methods
 # Each model returns (sent_fwd, sent_bwd, recv_fwd, recv_bwd, act_bytes, pairs) for rank r.
 # ``a`` is the accumulation element size; partial outputs, lse and gradients travel in it.
-KERNEL_SCRATCH = 2**20  # the CPU fused kernel's per-call working buffers, measured
+def _kernel_scratch(sh: AttnShape, rows: int) -> int:
+    """The fused kernel's own working buffer in a backward call: one more gradient-sized
+    tensor of the block's larger side (measured: a call on ``n``-row blocks peaks at its three
+    gradients plus one ``n``-row tensor), in the accumulation dtype."""
+    return sh.b * rows * sh.hq * sh.D * sh.acc
 
 
 def _wrapper(sh: AttnShape) -> int:
@@ -249,9 +253,10 @@ def _mqsp(sh: AttnShape, r: int):
     # gradients (c rows of dQ; dK/dV of one key run: half the local keys when zigzag), the
     # reduce-scatter's c rows and the kernel's scratch; the score block stays in the kernel
     lc = sh.b * sh.hq * c * a  # one rank's lse rows
-    key_run = sh.kv_bytes // (2 if sh.layout == "zigzag" and P > 1 else 1)
+    half = sh.s // (2 if sh.layout == "zigzag" and P > 1 else 1)  # one key run
+    key_run = sh.kv_bytes * half // sh.s
     act = (_wrapper(sh) + P * (4 * qc * a + lc) + 2 * qc * a
-           + 2 * key_run * a // e + KERNEL_SCRATCH)
+           + 2 * key_run * a // e + _kernel_scratch(sh, max(c, half)))
     pairs = sum(_pairs(sh, _positions(sh, j), _positions(sh, r)) for j in range(P))
     return fwd, bwd, fwd, bwd, act, pairs
 
@@ -267,7 +272,7 @@ def _lss(sh: AttnShape, r: int):
     # either way); the kernel's scratch
     recycled = sh.lss_regather and a == e
     act = (_wrapper(sh) + P * 2 * KV + (0 if recycled else P * 2 * KV * a // e)
-           + 2 * KV * a // e + KERNEL_SCRATCH)
+           + 2 * KV * a // e + _kernel_scratch(sh, sh.s // (1 + (sh.layout == "zigzag"))))
     return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)
 
 
@@ -286,7 +291,7 @@ def _lightseq(sh: AttnShape, r: int):
     # the op works on views of q, k, v, dO (no copies); during the backward it holds out and
     # lse, dq/dk/dv (accumulation dtype), the K/V receive slots, the kernel's block gradients
     # with the dK/dV partial on its way home, the Q-shipping slots, and the fused kernel's
-    # scratch (about 1 MiB per call)
+    # scratch (one local-sized tensor: the own block is one call)
     # ... and, from step 2 on, the previous step's returns still in flight: its dK/dV (dQ)
     # partials going home and the buffers for ours coming back
     ret = [sum(b_send[k] for k in ("kv_from", "q_from") if k in st)
@@ -294,7 +299,7 @@ def _lightseq(sh: AttnShape, r: int):
     # (a shipped query block also needs its own dQ accumulator)
     act = (_wrapper(sh) + n_kv * 2 * KV + (Q + 2 * KV) * a // e * (n_kv + n_q > 0)
            + n_q * (3 * Q + L) + Q * a // e * (n_q > 0) + max(ret[:-1], default=0)
-           + KERNEL_SCRATCH)
+           + _kernel_scratch(sh, sh.s))
     pr = lambda i, j: _pairs(sh, _positions(sh, i), _positions(sh, j))  # noqa: E731
     pairs = pr(r, r) + sum(pr(r, (r - t) % sh.P) * ("kv_from" in st)
                            + pr((r - t) % sh.P, r) * ("q_from" in st)

@@ -201,11 +201,30 @@ class Block(NamedTuple):
     k_run: Run
 
 
+def _in_position_order(runs) -> bool:
+    """Runs that tile the local buffer from index 0 with increasing positions."""
+    local = 0
+    for a, b in zip(runs, runs[1:] + (None,)):
+        if a.local != local or (b is not None and a.end > b.start):
+            return False
+        local += a.length
+    return True
+
+
 def plan_blocks(q_runs, k_runs, causal: bool) -> list[Block]:
     """The non-empty (query rows, key columns) blocks, grouped by query run.
 
-    Fully visible key ranges adjacent in the key buffer are joined into one block.
+    Fully visible key ranges adjacent in the key buffer are joined into one block. Two more
+    joins make fewer, larger kernel calls: a buffer against itself (the same runs, positions
+    increasing with the local index) is ONE diagonal block, since its local triangle is then
+    the causal mask; and adjacent query runs whose only block is the same fully visible key
+    range share one call.
     """
+    q_runs, k_runs = tuple(q_runs), tuple(k_runs)
+    if causal and q_runs and q_runs == k_runs and _in_position_order(q_runs):
+        n = sum(r.length for r in q_runs)
+        local = Run(0, 0, n)  # positions stand in for local indices: the same triangle
+        return [Block(slice(0, n), slice(0, n), "causal", local, local)]
     blocks: list[Block] = []
     for qr in q_runs:
         q_sl = slice(qr.local, qr.local + qr.length)
@@ -229,6 +248,13 @@ def plan_blocks(q_runs, k_runs, causal: bool) -> list[Block]:
                     merged[-1] = ("full", Run(prev.local, prev.start, prev.length + kr.length))
                     continue
             merged.append((kind, kr))
+        if len(merged) == 1 and merged[0][0] == "full" and blocks:
+            last, k_sl = blocks[-1], slice(merged[0][1].local, merged[0][1].local
+                                           + merged[0][1].length)
+            alone = len(blocks) == 1 or blocks[-2].q != last.q
+            if alone and last.kind == "full" and last.k == k_sl and last.q.stop == q_sl.start:
+                blocks[-1] = last._replace(q=slice(last.q.start, q_sl.stop))
+                continue
         for kind, kr in merged:
             blocks.append(Block(q_sl, slice(kr.local, kr.local + kr.length), kind, qr, kr))
     return blocks

@@ -83,6 +83,18 @@ def test_plan_blocks_kinds():
     # partial overlap that is not the same positions: explicit mask
     odd = plan_blocks((Run(0, 6, 4),), (Run(0, 4, 4),), causal=True)
     assert [b.kind for b in odd] == ["full", "mask"]
+    # a zigzag shard against itself: one diagonal block over both runs (local order is
+    # position order, so the local triangle is the causal mask)
+    own = (Run(0, 0, 4), Run(4, 28, 4))
+    assert [(b.kind, b.q, b.k) for b in plan_blocks(own, own, causal=True)] == \
+        [("causal", slice(0, 8), slice(0, 8))]
+    # query runs that each see only the same fully visible keys share one call
+    shared = plan_blocks((Run(0, 8, 4), Run(4, 20, 4)), (Run(0, 0, 4),), causal=True)
+    assert [(b.kind, b.q, b.k) for b in shared] == [("full", slice(0, 8), slice(0, 4))]
+    # ... but not when one of them also has a diagonal block
+    mixed = plan_blocks((Run(0, 8, 4), Run(4, 12, 4)), (Run(0, 0, 4), Run(4, 12, 4)), True)
+    assert [(b.kind, b.q) for b in mixed] == [("full", slice(0, 4)), ("full", slice(4, 8)),
+                                              ("causal", slice(4, 8))]
 
 
 def test_attend_with_arbitrary_runs_matches_masked_reference():

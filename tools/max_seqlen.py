@@ -1,6 +1,6 @@
 """Longest sequence each method trains one step of a small GPT-ish stack within a memory budget.
 
-    python tools/max_seqlen.py --ranks 1 2 4 --budget-mb 64 --out runs/max_seqlen
+    python tools/max_seqlen.py --ranks 1 2 4 --budget-mb 96 --out runs/max_seqlen
 
 For P in ``--ranks`` it starts P gloo processes (one thread each) and, for every method (ours)
 and baseline (Ulysses, PyTorch ring, all-gather K/V; no-SP at P=1), searches the longest
@@ -9,6 +9,11 @@ sequence S (a multiple of ``2·P·--granule``) for which one training step (forw
 rank's peak allocation, measured by the profiler (``tools/measure.py``), within
 ``--budget-mb``. Doubling then bisection; all ranks agree on each probe (max over ranks). It
 prints the lengths and their ratio to the no-SP length and writes ``<out>.json``.
+
+Depth matters for the ratios: what an attention method holds only while its own layer runs
+(receive buffers, a gathered K/V, returns in flight) is paid once, while every layer's saved
+activations add up. The default stack has 4 layers (``--layers 2`` shows the shallow case,
+where one layer's transient buffers weigh twice as much).
 """
 
 from __future__ import annotations
@@ -144,12 +149,12 @@ def main(argv=None) -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--methods", nargs="*", default=["rsa", "mqsp", "lss", "lightseq"])
     p.add_argument("--peers", nargs="*", default=["ulysses", "ring", "allgather"])
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--budget-mb", type=float, default=64.0)
-    p.add_argument("--granule", type=int, default=64, help="S is a multiple of 2*P*granule")
-    p.add_argument("--tolerance", type=float, default=0.05, help="stop bisecting within this")
+    p.add_argument("--budget-mb", type=float, default=96.0)
+    p.add_argument("--granule", type=int, default=16, help="S is a multiple of 2*P*granule")
+    p.add_argument("--tolerance", type=float, default=0.01, help="stop bisecting within this")
     p.add_argument("--max-seqlen", type=int, default=1 << 17)
     p.add_argument("--out", default="runs/max_seqlen")
     a = p.parse_args(argv)
@@ -161,11 +166,13 @@ def main(argv=None) -> None:
             names.remove("ulysses")
         results[world] = run(world, a, names)
     base = results.get(1, {}).get("nosp")
-    print(f"\n{'P':>3} {'method':>10} {'max S':>8} {'x no-SP':>8}")
+    print(f"\n{'P':>3} {'method':>10} {'max S':>8} {'x no-SP':>8} {'x RSA':>8}")
     for world, res in results.items():
+        rsa = res.get("rsa")
         for name, S in res.items():
             ratio = f"{S / base:.2f}" if base else ""
-            print(f"{world:>3} {name:>10} {S:>8} {ratio:>8}")
+            vs_rsa = f"{S / rsa:.2f}" if rsa else ""
+            print(f"{world:>3} {name:>10} {S:>8} {ratio:>8} {vs_rsa:>8}")
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump({"args": vars(a), "results": results, "nosp": base}, f, indent=1)
