@@ -8,7 +8,8 @@ sequence S (a multiple of ``2·P·--granule``) for which one training step (forw
 ``--layers`` pre-norm layers: LayerNorm, QKV, attention, projection, LayerNorm, MLP) keeps every
 rank's peak allocation, measured by the profiler (``tools/measure.py``), within
 ``--budget-mb``. Doubling then bisection; all ranks agree on each probe (max over ranks). It
-prints the lengths and their ratio to the no-SP length and writes ``<out>.json``.
+prints the lengths and their ratios to the no-SP and RSA lengths and writes ``<out>.json``
+and ``<out>.png``.
 
 Depth matters for the ratios: what an attention method holds only while its own layer runs
 (receive buffers, a gathered K/V, returns in flight) is paid once, while every layer's saved
@@ -144,6 +145,30 @@ def run(world: int, a, names) -> dict:
     return res
 
 
+def plot(results: dict, base: int | None, path: str) -> None:
+    """Bars of the longest sequence per method, as a multiple of no-SP, one group per P."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    worlds = [w for w in results if w > 1]
+    names = sorted({n for w in worlds for n in results[w]})
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        ys = [results[w].get(name, 0) / base if base else 0 for w in worlds]
+        ax.bar([j + i * width for j in range(len(worlds))], ys, width, label=name)
+    for j, w in enumerate(worlds):
+        ax.hlines(w, j - width / 2, j + 0.8 - width / 2, colors="k", linestyles=":")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(worlds))], [f"P={w}" for w in worlds])
+    ax.set_ylabel("longest S / no-SP (dotted: P)")
+    ax.legend(fontsize=8, ncol=4, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
@@ -176,7 +201,8 @@ def main(argv=None) -> None:
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump({"args": vars(a), "results": results, "nosp": base}, f, indent=1)
-    print(f"wrote {a.out}.json")
+    plot(results, base, a.out + ".png")
+    print(f"wrote {a.out}.json and {a.out}.png")
 
 
 if __name__ == "__main__":
