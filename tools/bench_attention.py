@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from baselines import BASELINES  # noqa: E402
-from measure import measure, time_call  # noqa: E402
+from measure import free_port, measure, time_call  # noqa: E402
 
 from megatron_seqpar.cost import AttnShape, attention_cost  # noqa: E402
 
@@ -179,12 +178,6 @@ def _worker(rank, world, port, a, variants, queue):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def collect(rows: list[dict], world: int) -> list[dict]:
     """Merge per-rank rows into one record per (S, variant)."""
     table: dict = {}
@@ -306,7 +299,7 @@ def main(argv=None) -> None:
     variants = default_variants(a.methods, peers)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, a.ranks, port, a, variants, queue))
              for r in range(a.ranks)]
     for pr in procs:

@@ -48,7 +48,6 @@ import gc
 import json
 import os
 import queue as queue_mod
-import socket
 import sys
 import time
 import traceback
@@ -64,7 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.join(_ROOT, "tests"))  # megatron_cpu: CPU shims (test support)
 
-from measure import count_comm, measure, time_call  # noqa: E402
+from measure import count_comm, free_port, measure, time_call  # noqa: E402
 
 METHODS = ("rsa", "mqsp", "lss", "lightseq")
 BASELINES = ("nosp", "tp2sp", "tp2")
@@ -223,17 +222,11 @@ def _worker(rank, world, port, a, todo, queue):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_world(world: int, todo: list[Variant], a) -> dict:
     """Run ``todo`` on ``world`` fresh gloo processes; {label: {rank: result}}."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, a, todo, queue))
              for r in range(world)]
     for p in procs:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 
 import torch
@@ -34,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from baselines import BASELINES  # noqa: E402
-from measure import measure  # noqa: E402
+from measure import free_port, measure  # noqa: E402
 
 
 class Stack(torch.nn.Module):
@@ -132,9 +131,7 @@ def _worker(rank, world, port, a, names, queue):
 def run(world: int, a, names) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, a, names, queue))
              for r in range(world)]
     for p in procs:

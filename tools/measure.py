@@ -27,6 +27,7 @@ Timing is taken separately (``time_call``), without the profiler.
 from __future__ import annotations
 
 import re
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -214,6 +215,13 @@ class count_comm(TorchDispatchMode):  # noqa: N801 - used like a function: with 
         if func.namespace == "c10d":
             self._count(func._schema.name.split("::")[-1], args)
         return func(*args, **(kwargs or {}))
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def time_call(fn, *, repeats: int = 3, warmup: int = 1, barrier=None) -> float:
