@@ -201,6 +201,11 @@ def _needed_pairs(sh: AttnShape, r: int) -> int:
 # ----------------------------------------------------------------------------- methods
 # Each model returns (sent_fwd, sent_bwd, recv_fwd, recv_bwd, act_bytes, pairs) for rank r.
 # ``a`` is the accumulation element size; partial outputs, lse and gradients travel in it.
+def _run_tokens(sh: AttnShape) -> int:
+    """Tokens in one of a rank's position runs: half the local ones when zigzag (P > 1)."""
+    return sh.s // (2 if sh.layout == "zigzag" and sh.P > 1 else 1)
+
+
 def _kernel_scratch(sh: AttnShape, rows: int) -> int:
     """The fused kernel's own working buffer in a backward call: one more gradient-sized
     tensor of the block's larger side (measured: a call on ``n``-row blocks peaks at its three
@@ -253,10 +258,10 @@ def _mqsp(sh: AttnShape, r: int):
     # gradients (c rows of dQ; dK/dV of one key run: half the local keys when zigzag), the
     # reduce-scatter's c rows and the kernel's scratch; the score block stays in the kernel
     lc = sh.b * sh.hq * c * a  # one rank's lse rows
-    half = sh.s // (2 if sh.layout == "zigzag" and P > 1 else 1)  # one key run
-    key_run = sh.kv_bytes * half // sh.s
+    run = _run_tokens(sh)
+    key_run = sh.kv_bytes * run // sh.s
     act = (_wrapper(sh) + P * (4 * qc * a + lc) + 2 * qc * a
-           + 2 * key_run * a // e + _kernel_scratch(sh, max(c, half)))
+           + 2 * key_run * a // e + _kernel_scratch(sh, max(c, run)))
     pairs = sum(_pairs(sh, _positions(sh, j), _positions(sh, r)) for j in range(P))
     return fwd, bwd, fwd, bwd, act, pairs
 
@@ -272,7 +277,7 @@ def _lss(sh: AttnShape, r: int):
     # either way); the kernel's scratch
     recycled = sh.lss_regather and a == e
     act = (_wrapper(sh) + P * 2 * KV + (0 if recycled else P * 2 * KV * a // e)
-           + 2 * KV * a // e + _kernel_scratch(sh, sh.s // (1 + (sh.layout == "zigzag"))))
+           + 2 * KV * a // e + _kernel_scratch(sh, _run_tokens(sh)))
     return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)
 
 

@@ -248,16 +248,23 @@ def plan_blocks(q_runs, k_runs, causal: bool) -> list[Block]:
                     merged[-1] = ("full", Run(prev.local, prev.start, prev.length + kr.length))
                     continue
             merged.append((kind, kr))
-        if len(merged) == 1 and merged[0][0] == "full" and blocks:
-            last, k_sl = blocks[-1], slice(merged[0][1].local, merged[0][1].local
-                                           + merged[0][1].length)
-            alone = len(blocks) == 1 or blocks[-2].q != last.q
-            if alone and last.kind == "full" and last.k == k_sl and last.q.stop == q_sl.start:
-                blocks[-1] = last._replace(q=slice(last.q.start, q_sl.stop))
-                continue
-        for kind, kr in merged:
-            blocks.append(Block(q_sl, slice(kr.local, kr.local + kr.length), kind, qr, kr))
+        new = [Block(q_sl, slice(kr.local, kr.local + kr.length), kind, qr, kr)
+               for kind, kr in merged]
+        if len(new) == 1 and _joins(blocks, new[0]):
+            blocks[-1] = blocks[-1]._replace(q=slice(blocks[-1].q.start, q_sl.stop))
+        else:
+            blocks += new
     return blocks
+
+
+def _joins(blocks: list[Block], blk: Block) -> bool:
+    """Whether ``blk``, the only block of its query run, extends the last query run's only
+    block: both fully visible, the same keys, adjacent query rows."""
+    if not blocks or blk.kind != "full":
+        return False
+    last = blocks[-1]
+    alone = len(blocks) == 1 or blocks[-2].q != last.q
+    return alone and last.kind == "full" and last.k == blk.k and last.q.stop == blk.q.start
 
 
 def _block_mask(blk: Block, kpm, device):

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_seqpar.api import BaseOptions
-from megatron_seqpar.common import public, run_method
+from megatron_seqpar.common import public, run_method, to_bhsd
 from megatron_seqpar.kernels import acc_dtype, attend, attend_backward, zeros_public
 from megatron_seqpar.layouts import slice_runs
 
@@ -93,11 +93,6 @@ def _micro_steps(setup, q, kpm_all):
     return m, s // m, cd, None if kpm_all is None else kpm_all[setup.rank]
 
 
-def _bhsd(x):
-    """``[b, c, h, d]`` slot of a gathered / reduce-scatter buffer as a ``[b, h, c, d]`` view."""
-    return x.transpose(1, 2)
-
-
 def mqsp_forward(setup, q, k, v, kpm_all):
     """Per micro-step, rank j's gathered queries attend the local K/V straight into slot j of
     the reduce-scatter buffer ``[P, b, c, h, D]`` (no rearranging copies)."""
@@ -113,8 +108,8 @@ def mqsp_forward(setup, q, k, v, kpm_all):
         o = torch.zeros(P, b, c, hq, v.size(-1), dtype=cd, device=q.device)
         lo = torch.full((P, b, hq, c), float("-inf"), dtype=cd, device=q.device)
         for j in range(P):
-            attend(_bhsd(gq[j]), _chunk_runs(setup, j, s, c, i), k, v, setup.runs(r, s),
-                   out=_bhsd(o[j]), lse=lo[j], **kw)
+            attend(to_bhsd(gq[j]), _chunk_runs(setup, j, s, c, i), k, v, setup.runs(r, s),
+                   out=to_bhsd(o[j]), lse=lo[j], **kw)
         del gq
         # distributed softmax: every rank holds a column block of the same P·c rows
         top = comm.all_reduce_(lo.clone(), dist.ReduceOp.MAX)
@@ -123,7 +118,7 @@ def mqsp_forward(setup, q, k, v, kpm_all):
         # global lse; -inf where no rank sees a key
         o.mul_(torch.exp(lo - glse.masked_fill(torch.isinf(glse), 0.0)).transpose(2, 3)
                .unsqueeze(-1))
-        out[:, :, rows] = _bhsd(comm.reduce_scatter(o))
+        out[:, :, rows] = to_bhsd(comm.reduce_scatter(o))
         lse[:, :, rows] = glse[r]
     if setup.traffic:
         setup.traffic.add_block_steps(m)
@@ -150,11 +145,11 @@ def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
         del packed
         dqp = torch.zeros(P, b, c, hq, d, dtype=cd, device=q.device)
         for j in range(P):
-            gq, gdo, gout = (_bhsd(x).to(q.dtype) for x in g[j, :n].view(3, b, c, hq, d))
+            gq, gdo, gout = (to_bhsd(x).to(q.dtype) for x in g[j, :n].view(3, b, c, hq, d))
             attend_backward(gdo, gq, _chunk_runs(setup, j, s, c, i), k, v, setup.runs(r, s),
-                            gout, g[j, n:].view(b, hq, c), dq=_bhsd(dqp[j]), dk=dk, dv=dv, **kw)
+                            gout, g[j, n:].view(b, hq, c), dq=to_bhsd(dqp[j]), dk=dk, dv=dv, **kw)
         del g, gq, gdo, gout  # the views too: they keep the gathered buffer alive
-        dq[:, :, rows] = _bhsd(comm.reduce_scatter(dqp))
+        dq[:, :, rows] = to_bhsd(comm.reduce_scatter(dqp))
     return dq, dk, dv
 
 
