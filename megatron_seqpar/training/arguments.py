@@ -12,7 +12,8 @@ Megatron-LM names: --num-layers --hidden-size --ffn-hidden-size --num-attention-
 --hidden-dropout --attention-dropout --train-iters --seed --tensor-model-parallel-size
 --context-parallel-size --save --load --save-interval --exit-interval --log-interval --data-path
 --data-cache-path --split --bf16 --recompute-granularity --recompute-method
---recompute-num-layers --sequence-parallel --distributed-backend --mask-prob --short-seq-prob
+--recompute-num-layers --sequence-parallel --distributed-backend --distributed-timeout-minutes
+--mask-prob --short-seq-prob
 --untie-embeddings-and-output-weights.
 Ours: --seqpar-method {rsa,mqsp,lss,lightseq} and the method options (--seqpar-backend,
 --seqpar-mqsp-micro-q, --[no-]seqpar-lightseq-balance, ...: defined once, in
@@ -90,6 +91,7 @@ class TrainConfig:
     seqpar_method: str | None = None
     seqpar_options: tuple[tuple[str, Any], ...] = ()  # (Options field, value) given
     distributed_backend: str | None = None
+    distributed_timeout_minutes: int = 10  # every collective's bound (Megatron-LM's flag)
     device: str = "auto"
     cpu_threads: int | None = None
     # data
@@ -215,6 +217,7 @@ def validate(c: TrainConfig) -> None:
          "--recompute-method needs --recompute-granularity full")
     need(c.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda")
     need(c.distributed_backend in (None, "gloo", "nccl"), "--distributed-backend gloo or nccl")
+    need(c.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be positive")
     need(not (c.bf16 and c.fp64), "--bf16 and --fp64 exclude each other")
     need(not (c.bf16 and c.resolved_device() == "cpu"),
          "--bf16 needs a CUDA device (the CPU path uses torch.optim in fp32); drop --bf16")
@@ -263,7 +266,8 @@ def build_parser(model: str = "gpt") -> argparse.ArgumentParser:
                     ("--cpu-threads", int), ("--data-path", str), ("--data-cache-path", str),
                     ("--split", str), ("--mask-prob", float), ("--short-seq-prob", float),
                     ("--save", str), ("--load", str), ("--save-interval", int),
-                    ("--exit-interval", int), ("--log-interval", int), ("--log-dir", str)):
+                    ("--exit-interval", int), ("--log-interval", int), ("--log-dir", str),
+                    ("--distributed-timeout-minutes", int)):
         add(flag, t)
     add("--position-embedding-type", choices=("learned_absolute", "rope"))
     add("--lr-decay-style", choices=("constant", "linear", "cosine"))

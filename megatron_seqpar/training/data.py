@@ -128,13 +128,21 @@ def default_prefix(cfg) -> str:
 
 
 def prepare_data_prefix(cfg) -> str:
-    """The dataset prefix to train on; builds the default corpus on global rank 0 if missing."""
+    """The dataset prefix to train on. Text (the default corpus, or ``--data-path`` text files)
+    is built into the indexed format on global rank 0 on first use and cached
+    (``preflight.text_prefix``); an indexed ``--data-path`` is used as it is."""
+    from megatron_seqpar.training import preflight
+
     if cfg.data_path:
-        return cfg.data_path
-    prefix = default_prefix(cfg)
+        kind, found = preflight.data_kind(cfg.data_path)
+        if kind == "indexed":
+            return found
+        prefix, docs = preflight.text_prefix(cfg, found), lambda: read_documents(found)
+    else:
+        prefix, docs = default_prefix(cfg), default_documents
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0 and not (os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx")):
-        build_indexed_dataset(default_documents(), prefix, split=cfg.model == "bert")
+        build_indexed_dataset(docs(), prefix, split=cfg.model == "bert")
     if dist.is_initialized():
         dist.barrier()
     return prefix

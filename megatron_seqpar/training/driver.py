@@ -36,7 +36,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from megatron_seqpar.training import checkpoint, report
+from megatron_seqpar.training import checkpoint, preflight, report
 from megatron_seqpar.training.arguments import ConfigError, TrainConfig, parse_args
 
 # What a CPU run uses instead of megatron-core's CUDA-only pieces (recorded in the run's log).
@@ -148,6 +148,10 @@ class _CudaOptimizer:
         self.opt.load_state_dict(state)
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (a non-finite loss); the message says at which step and what to do."""
+
+
 def _peak_memory(device: str) -> int:
     if device == "cuda":
         return int(torch.cuda.max_memory_allocated())
@@ -253,9 +257,16 @@ def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -
                         (s * (dpcp_size / max(n_tokens, 1.0))).backward()
                     local_sum += s.detach().double()
                 finalize([model])
-            grad_norm = opt.step()
             dist.all_reduce(local_sum, group=dp_cp)
             loss = float(local_sum) / max(n_tokens, 1.0)
+            if not math.isfinite(loss):  # every rank sees the same all-reduced value
+                last = checkpoint.latest_step(cfg.save) if cfg.save else None
+                kept = (f"the last good checkpoint is step {last} in {cfg.save}"
+                        if last is not None else "no checkpoint was saved")
+                raise TrainingStopped(
+                    f"loss is {loss} at step {step + 1}; stopped before applying it ({kept}); "
+                    "lower --lr, raise --lr-warmup-iters or set --clip-grad, then resume")
+            grad_norm = opt.step()
             dt = time.perf_counter() - t0
             stats = torch.tensor([float(_peak_memory(device)), float(traffic.sent_bytes)],
                                  dtype=torch.float64, device=device)
@@ -292,7 +303,8 @@ def _save(cfg, step, model, module, opt, cp_group) -> None:
         from megatron_seqpar.megatron.lss_grad import sync_position_embeddings
 
         sync_position_embeddings(module, cp_group, cfg.seq_length)
-    checkpoint.save_checkpoint(cfg.save, step, module, opt)
+    checkpoint.save_checkpoint(cfg.save, step, module, opt,
+                               model_meta=preflight.model_signature(cfg))
 
 
 def _finish(cfg, log_path: str, log_dir: str) -> None:
@@ -323,7 +335,7 @@ def _init_process_group(cfg: TrainConfig, device: str) -> None:
                           WORLD_SIZE="1", LOCAL_RANK="0")
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    dist.init_process_group(backend, timeout=timedelta(minutes=cfg.distributed_timeout_minutes))
 
 
 def _free_port() -> int:
@@ -355,15 +367,34 @@ def main(argv=None, model: str = "gpt", cpu_shims=None) -> int:
               "examples/pretrain_gpt.py or examples/pretrain_bert.py, which apply "
               "tests/megatron_cpu.py, or pass main(..., cpu_shims=...)", file=sys.stderr)
         return 2
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        note = preflight.check_inputs(cfg)  # files only: every rank reaches the same verdict
+    except ConfigError as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if note and rank0:
+        print(note, flush=True)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
     _init_process_group(cfg, device)
     try:
         with cpu_shims() if device == "cpu" else nullcontext():
             train(cfg, device=device)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, checkpoint.CheckpointError, TrainingStopped) as e:
+        if dist.get_rank() == 0:  # every rank stops; rank 0 says why
+            print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, (ConfigError, checkpoint.CheckpointError)) else 1
+    except RuntimeError as e:  # a collective that outlived --distributed-timeout-minutes
+        text = str(e)
+        if "timed out" not in text.lower() and "timeout" not in text.lower():
+            raise
+        print(f"error: rank {dist.get_rank()}: a collective timed out after "
+              f"{cfg.distributed_timeout_minutes} min ({text.splitlines()[0][:200]}); a peer "
+              "rank stalled or died: check the other ranks' logs, raise "
+              "--distributed-timeout-minutes if it was only slow", file=sys.stderr)
+        return 1
     finally:
         dist.destroy_process_group()
     return 0
