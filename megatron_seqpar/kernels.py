@@ -7,14 +7,18 @@ uses kv head ``i // (hq // hkv)``):
     dq, dk, dv = backend.backward(dout, q, k, v, out, lse, scale, causal, mask)
 
 ``causal`` is the top-left diagonal of a square block; ``mask`` is a bool tensor
-``[b or 1, 1, sq, sk]``, True = masked. A row with every key masked has ``out = 0`` and
-``lse = -inf``. In the backward, ``out`` and ``lse`` are the *final* (merged) ones of the rows,
-so the block's share of the gradient is exact.
+``[b or 1, 1, sq or 1, sk]``, True = masked (``[b, 1, 1, sk]``: key padding, broadcast over
+rows); both may be given (a causal diagonal with padded keys). A row with every key masked
+has ``out = 0`` and ``lse = -inf``. In the backward, ``out`` and ``lse`` are the *final*
+(merged) ones of the rows, so the block's share of the gradient is exact.
 
 Backends: ``reference`` (pure torch, float64-safe, materialises the block's scores),
-``cpu_flash`` (PyTorch's fused CPU flash kernel, ~10x the math path, float64 included) and
-``cuda_flash`` (PyTorch's CUDA flash kernel, fp16/bf16, no explicit mask). ``auto`` picks the
-fastest one that supports the call and falls back to ``reference``.
+``cpu_flash`` (PyTorch's fused CPU flash kernel, ~10x the math path, float64 included), and on
+CUDA ``cuda_flash`` (PyTorch's flash kernel: fp16/bf16 blocks without a mask) and
+``cuda_efficient`` (the memory-efficient kernel: fp32/fp16/bf16, additive bias for masks),
+both in ``kernels_cuda``, which holds the dispatch table. ``auto`` picks per block with the
+pure rule ``kernels_cuda.choose_backend`` and falls back to ``reference``; a named backend
+that cannot serve a block falls back to ``reference`` too.
 
 ``attend``/``attend_backward`` run a query buffer against a key buffer whose tokens are given
 as position runs (see ``layouts``): the causal mask follows global positions, blocks that are
@@ -30,6 +34,7 @@ from typing import NamedTuple
 
 import torch
 
+from megatron_seqpar import kernels_cuda
 from megatron_seqpar.layouts import Run
 
 NEG_INF = float("-inf")
@@ -112,71 +117,48 @@ def _cpu_flash_backward(dout, q, k, v, out, lse, scale, causal, mask):
               attn_mask=bias, scale=scale)
 
 
-def _cuda_flash_forward(q, k, v, scale, causal, mask):
-    g = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False,
-                                                              scale=scale)
-    return res[0], res[1]
-
-
-def _cuda_flash_backward(dout, q, k, v, out, lse, scale, causal, mask):
-    g = q.size(1) // k.size(1)
-    ke, ve = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    sq, sk = q.size(2), k.size(2)
-    zero = torch.zeros((), dtype=torch.int64, device=q.device)
-    lse = lse.masked_fill(torch.isinf(lse), 0.0).float()
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        dout.to(q.dtype), q, ke, ve, out.to(q.dtype), lse, None, None, sq, sk, 0.0, causal,
-        zero, zero, scale=scale)
-    b, hkv, d = k.size(0), k.size(1), k.size(3)
-    return dq, dk.view(b, hkv, g, sk, d).sum(2), dv.view(b, hkv, g, sk, d).sum(2)
-
-
 @dataclass(frozen=True)
 class Backend:
     name: str
     forward: Callable
     backward: Callable
-    supports: Callable  # (q, mask) -> bool
 
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("reference", _ref_forward, _ref_backward, lambda q, mask: True),
-        Backend("cpu_flash", _cpu_flash_forward, _cpu_flash_backward,
-                lambda q, mask: q.device.type == "cpu"),
-        Backend("cuda_flash", _cuda_flash_forward, _cuda_flash_backward,
-                lambda q, mask: q.is_cuda and mask is None
-                and q.dtype in (torch.float16, torch.bfloat16)),
+        Backend("reference", _ref_forward, _ref_backward),
+        Backend("cpu_flash", _cpu_flash_forward, _cpu_flash_backward),
+        Backend("cuda_flash", kernels_cuda.flash_forward, kernels_cuda.flash_backward),
+        Backend("cuda_efficient", kernels_cuda.efficient_forward,
+                kernels_cuda.efficient_backward),
     )
 }
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
-def pick_backend(name: str, q: torch.Tensor, mask) -> Backend:
-    """The backend ``name`` (or the fastest that supports this call for ``auto``)."""
-    if name == "auto":
-        for cand in ("cpu_flash", "cuda_flash"):
-            if BACKENDS[cand].supports(q, mask):
-                return BACKENDS[cand]
-        return BACKENDS["reference"]
-    if name not in BACKENDS:
+def pick_backend(name: str, q: torch.Tensor, mask, causal: bool = False) -> Backend:
+    """The backend ``name`` (or, for ``auto``, ``kernels_cuda.choose_backend``'s pick) for this
+    block; one that cannot serve it falls back to ``reference``. Shapes and dtypes only."""
+    if name not in BACKEND_NAMES:
         raise ValueError(f"unknown kernel backend {name!r}; use one of {BACKEND_NAMES}")
-    backend = BACKENDS[name]
-    return backend if backend.supports(q, mask) else BACKENDS["reference"]
+    kind = (q.device.type, q.dtype, mask is not None, causal, q.size(-1))
+    if name == "auto":
+        return BACKENDS[kernels_cuda.choose_backend(*kind)]
+    ok = name in kernels_cuda.available_backends() and kernels_cuda.supports(name, *kind)
+    return BACKENDS[name] if ok else BACKENDS["reference"]
 
 
 def block_attention(q, k, v, *, scale, causal=False, mask=None, backend="auto"):
     """One block: ``(out, lse)``; out in q's dtype, lse in fp32 (fp64 for fp64 inputs)."""
-    return pick_backend(backend, q, mask).forward(q, k, v, scale, causal, mask)
+    return pick_backend(backend, q, mask, causal).forward(q, k, v, scale, causal, mask)
 
 
 def block_attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, mask=None,
                              backend="auto"):
     """Gradients of one block given the rows' final ``out`` and ``lse``."""
-    return pick_backend(backend, q, mask).backward(dout, q, k, v, out, lse, scale, causal, mask)
+    return pick_backend(backend, q, mask, causal).backward(dout, q, k, v, out, lse, scale, causal,
+                                                           mask)
 
 
 def merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
@@ -268,17 +250,19 @@ def _joins(blocks: list[Block], blk: Block) -> bool:
 
 
 def _block_mask(blk: Block, kpm, device):
-    """Bool mask ``[b|1, 1, sq, sk]`` for a block (None when the kernel needs none)."""
+    """``(causal, mask)`` for a block: mask ``[b|1, 1, sq|1, sk]`` bool or None. A diagonal
+    block keeps ``causal`` with only the key padding ``[b, 1, 1, sk]`` as its mask (the fused
+    kernels apply the triangle themselves); an offset ``mask`` block gets its explicit
+    ``[1, 1, sq, sk]`` triangle (never emitted for the contiguous and zigzag layouts)."""
     mask = None
-    if blk.kind == "mask" or (blk.kind == "causal" and kpm is not None):
+    if blk.kind == "mask":
         qp = torch.arange(blk.q_run.start, blk.q_run.end, device=device)
         kp = torch.arange(blk.k_run.start, blk.k_run.end, device=device)
         mask = (kp.unsqueeze(0) > qp.unsqueeze(1)).view(1, 1, len(qp), len(kp))
     if kpm is not None:
         pad = kpm[:, blk.k].view(kpm.size(0), 1, 1, -1)
         mask = pad if mask is None else mask | pad
-    causal = blk.kind == "causal" and mask is None
-    return causal, mask
+    return blk.kind == "causal", mask
 
 
 def attend(q, q_runs, k, v, k_runs, *, scale, causal, kpm=None, backend="auto", out=None,
