@@ -10,16 +10,32 @@ raises on any rank is re-raised here with the child's traceback; a call that out
 timeout (a hang, a dead peer) kills the pool, which is rebuilt on the next call, and fails with
 a message naming the timeout. Workers are daemonic and killed at interpreter exit, so no stray
 processes survive the run. Workers run with one torch thread each (the machine has 2 cores).
+
+Under Megatron's runner (``torchrun --nproc-per-node N -m pytest tests``) there is no pool: the
+N pytest processes that torchrun started are the ranks. ``run_on_ranks(fn, N, ...)`` then runs
+``fn`` on this process, inside a gloo world of the N torchrun ranks built for that one call and
+destroyed after it (Megatron's ``Utils.initialize_model_parallel`` / ``destroy_model_parallel``
+pattern, per call, so that single-process tests, which run on every rank, see no process group,
+as under plain pytest: ``group=None`` would otherwise mean the N-rank world). Every rank gets
+every rank's result; a rank that raised is re-raised on all ranks with its traceback. The
+start and the results of a call are exchanged through torchrun's store, not a collective, so a
+rank whose ``fn`` raised never leaves a peer stuck in a collective it will not join; a peer
+already stuck in one of ``fn``'s own collectives is freed by the group timeout. Calls for another
+world size skip with the reason. ``timeout`` is not enforced there (nothing can be killed).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import pickle
 import queue
 import socket
+import sys
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.multiprocessing as mp
@@ -148,8 +164,10 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, *
 
     Returns the list of per-rank return values (they must be picklable). Raises
     ``DistributedTestError`` with the child's traceback when any rank raises, or when the call
-    does not finish within ``timeout`` seconds.
+    does not finish within ``timeout`` seconds. Under torchrun: see the module docstring.
     """
+    if TORCHRUN is not None:
+        return _run_in_torchrun_world(fn, world_size, args, kwargs)
     pool = _POOLS.get(world_size)
     if pool is None or not pool.alive():
         if pool is not None:
@@ -169,3 +187,183 @@ def shutdown_pools() -> None:
 
 
 atexit.register(shutdown_pools)
+
+
+# ------------------------------------------------------------------ under Megatron's runner
+# Variables torchrun sets for its workers (torch/distributed/elastic/agent/server/
+# local_elastic_agent.py), all TORCHELASTIC_* included. While the tests run they are hidden
+# from os.environ (see hide_launcher_env), so that code under test and the subprocesses that
+# tests launch see what they see under plain pytest: no RANK/WORLD_SIZE, no agent store.
+_REQUIRED = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+             "TORCHELASTIC_RUN_ID")
+_LAUNCHER = (*_REQUIRED, "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WORLD_SIZE",
+             "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE")
+# How long a rank waits for its peers to reach a call or to finish it. Tests marked own_world
+# run on local rank 0 only while the others go ahead to the next run_on_ranks call and wait
+# there, so this must comfortably exceed the longest stretch of such tests between two
+# distributed calls (each launches torchrun subprocesses with timeouts of up to 10 minutes).
+# A crashed rank does not leave the others waiting this long: torchrun then stops them all.
+TORCHRUN_WAIT = timedelta(seconds=float(os.environ.get("SEQPAR_TEST_TORCHRUN_WAIT_S", 7200)))
+# What each collective inside fn waits at most: the pool's 90 s, raised because N ranks of a
+# torchrun world share the cores with whatever else runs (N=4 on 2 cores here).
+TORCHRUN_GROUP_TIMEOUT = timedelta(seconds=300)
+
+
+@dataclass(frozen=True)
+class TorchrunWorld:
+    """This process's place in the world torchrun launched, read once at import."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    env: tuple  # (name, value) of every launcher variable, to rendezvous with later
+
+
+def _detect_torchrun(environ) -> TorchrunWorld | None:
+    """The torchrun world this pytest process belongs to, or None (plain pytest, pool workers).
+
+    All of RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and TORCHELASTIC_RUN_ID must be
+    set (torchrun sets them all; a stray RANK in a shell does not switch modes).
+    """
+    if not all(environ.get(name) for name in _REQUIRED):
+        return None
+    try:
+        rank, local_rank, world = (int(environ[n]) for n in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    except ValueError as exc:
+        raise RuntimeError(f"torchrun variables are not integers: {exc}") from None
+    if not 0 <= rank < world or local_rank < 0:
+        raise RuntimeError(f"torchrun variables disagree: RANK={rank} WORLD_SIZE={world}")
+    env = tuple((n, v) for n, v in environ.items()
+                if n in _LAUNCHER or n.startswith("TORCHELASTIC_"))
+    return TorchrunWorld(rank, local_rank, world, env)
+
+
+TORCHRUN = _detect_torchrun(os.environ)
+_STORE = None
+_CALLS = 0
+_TEST = {"nodeid": "", "own_world": False}  # set by conftest.py around each test
+
+
+def hide_launcher_env() -> None:
+    """Remove torchrun's variables from os.environ (conftest.py, once, under torchrun)."""
+    for name, _ in TORCHRUN.env if TORCHRUN else ():
+        os.environ.pop(name, None)
+
+
+def set_current_test(nodeid: str, own_world: bool) -> None:
+    _TEST.update(nodeid=nodeid, own_world=own_world)
+
+
+@contextlib.contextmanager
+def _launcher_env():
+    saved = {n: os.environ.get(n) for n, _ in TORCHRUN.env}
+    os.environ.update(dict(TORCHRUN.env))
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
+def _store():
+    """A client of torchrun's store (torch's own env:// rendezvous), under a prefix of ours."""
+    global _STORE
+    if _STORE is None:
+        import torch.distributed as dist
+
+        with _launcher_env():
+            store, _, _ = next(dist.rendezvous("env://", TORCHRUN.rank, TORCHRUN.world_size,
+                                               timeout=TORCHRUN_WAIT))
+        _STORE = dist.PrefixStore("megatron_seqpar_tests", store)
+    return _STORE
+
+
+def _exchange(store, call: int, what: str, payload: bytes) -> list[bytes]:
+    """Every rank posts ``payload`` and gets all ranks' payloads (no collective involved)."""
+    keys = [f"{call}/{what}/{r}" for r in range(TORCHRUN.world_size)]
+    store.set(keys[TORCHRUN.rank], payload)
+    try:
+        store.wait(keys, TORCHRUN_WAIT)
+    except RuntimeError:  # torch's DistStoreError on timeout
+        missing = [r for r, k in enumerate(keys) if not store.check([k])]
+        raise DistributedTestError(
+            f"ranks {missing} of the torchrun world did not reach '{what}' of call {call} "
+            f"({_TEST['nodeid']}) within {TORCHRUN_WAIT.total_seconds():.0f}s "
+            "(SEQPAR_TEST_TORCHRUN_WAIT_S)") from None
+    return [store.get(k) for k in keys]
+
+
+def _forget(store, call: int) -> None:
+    for what in ("start", "result"):
+        store.delete_key(f"{call}/{what}/{TORCHRUN.rank}")
+
+
+def _clean_parallel_state() -> None:
+    """Megatron's ``destroy_model_parallel``, should ``fn`` have left its groups behind."""
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if ps is not None:
+        ps.destroy_model_parallel()
+
+
+def _call_in_world(store, call: int, fn, args, kwargs) -> bytes:
+    import torch
+    import torch.distributed as dist
+
+    world = TORCHRUN
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a pool worker
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"{call}/pg", store),
+                            rank=world.rank, world_size=world.world_size,
+                            timeout=TORCHRUN_GROUP_TIMEOUT)
+    try:
+        try:
+            payload = pickle.dumps((True, fn(world.rank, world.world_size, *args, **kwargs)))
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # noqa: BLE001 - everything goes to every rank
+            payload = pickle.dumps((False, traceback.format_exc()))
+        # only once every rank is done with fn may the group go: a peer may still be reading
+        return _exchange(store, call, "result", payload)
+    finally:
+        _clean_parallel_state()
+        dist.destroy_process_group()
+        torch.set_num_threads(threads)
+
+
+def _run_in_torchrun_world(fn, world_size: int, args, kwargs):
+    import pytest
+
+    global _CALLS
+    world, name = TORCHRUN, getattr(fn, "__qualname__", repr(fn))
+    if world_size != world.world_size:
+        pytest.skip(f"needs {world_size} ranks, this torchrun world has {world.world_size}: "
+                    f"run it with plain pytest (its own {world_size}-process pool) or "
+                    f"torchrun --nproc-per-node {world_size}")
+    if _TEST["own_world"]:
+        raise DistributedTestError(f"{_TEST['nodeid']} is marked own_world (local rank 0 only) "
+                                   "but calls run_on_ranks, which needs every rank")
+    _CALLS += 1
+    store = _store()
+    here = f"{_TEST['nodeid']} / {name}"
+    starts = [s.decode() for s in _exchange(store, _CALLS, "start", here.encode())]
+    if len(set(starts)) > 1:
+        raise DistributedTestError(
+            f"torchrun ranks out of step at call {_CALLS}: "
+            + "; ".join(f"rank {r} in {s}" for r, s in enumerate(starts)))
+    if _CALLS > 1:
+        _forget(store, _CALLS - 1)  # every rank has read those: it reached this call
+    outcomes = []
+    for payload in _call_in_world(store, _CALLS, fn, args, kwargs):
+        try:
+            outcomes.append(pickle.loads(payload))
+        except Exception as exc:  # noqa: BLE001 - e.g. a class only one rank could import
+            outcomes.append((False, f"result could not be unpickled: {exc!r}"))
+    failed = [r for r, (ok, _) in enumerate(outcomes) if not ok]
+    if failed:
+        raise DistributedTestError(f"{name} failed on rank {failed[0]} of {world_size} "
+                                   f"(torchrun world; ranks {failed} failed):\n"
+                                   f"{outcomes[failed[0]][1]}")
+    return [value for _, value in outcomes]

@@ -109,6 +109,7 @@ def _dead_peer_child(rank, port, result):
         result.put((str(exc), time.monotonic() - start))
 
 
+@pytest.mark.own_world
 def test_dead_peer_raises_instead_of_hanging():
     ctx = multiprocessing.get_context("spawn")
     result, port = ctx.Queue(), _free_port()

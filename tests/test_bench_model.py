@@ -61,6 +61,7 @@ def test_count_comm_agrees_with_the_profiler_and_knows_group_sizes():
 
 
 @pytest.mark.megatron
+@pytest.mark.own_world
 def test_bench_model_tiny_run_has_every_row(tmp_path, capsys):
     import bench_model
 

@@ -339,6 +339,7 @@ def _tool(*argv):
 
 @NEEDS_MLM
 @pytest.mark.megatron
+@pytest.mark.own_world
 class TestMegatronLM:
     def test_patches_apply_and_revert_cleanly(self, tmp_path):
         root = _overlay(tmp_path)

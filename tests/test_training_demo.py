@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 @pytest.mark.megatron
+@pytest.mark.own_world
 def test_small_demo_learns_and_reports(tmp_path):
     from megatron_seqpar.training import report
 

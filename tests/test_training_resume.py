@@ -44,6 +44,7 @@ def _losses(path):
 
 @pytest.mark.slow
 @pytest.mark.megatron
+@pytest.mark.own_world
 def test_kill_and_resume_repeats_losses(tmp_path):
     full_log = tmp_path / "full" / "train_log.jsonl"
     p = _launch(tmp_path, ["--log-dir", str(tmp_path / "full")])
