@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP_FLAGS := -q -c constraints.txt $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 NPROC ?= 2
 
-.PHONY: setup demo test lint bench-deps clean
+.PHONY: setup demo test test-torchrun lint bench-deps clean
 
 $(VENV)/.installed: constraints.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q --durations=15
+
+test-torchrun: setup  # the suite under Megatron's runner: the NPROC pytest processes are the ranks
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m pytest -q tests
 
 bench-deps: setup  # optional peers for tools/bench_attention.py (DeepSpeed-Ulysses)
 	DS_BUILD_OPS=0 $(PY) -m pip install $(PIP_FLAGS) deepspeed
