@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP_FLAGS := -q -c constraints.txt $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 NPROC ?= 2
 
-.PHONY: setup demo test test-torchrun lint bench-deps clean
+.PHONY: setup demo test test-torchrun lint bench-deps megatron-lm-deps clean
 
 $(VENV)/.installed: constraints.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,9 @@ test-torchrun: setup  # the suite under Megatron's runner: the NPROC pytest proc
 
 bench-deps: setup  # optional peers for tools/bench_attention.py (DeepSpeed-Ulysses)
 	DS_BUILD_OPS=0 $(PY) -m pip install $(PIP_FLAGS) deepspeed
+
+megatron-lm-deps: setup  # what Megatron-LM's megatron.training imports beyond megatron-core
+	$(PY) -m pip install $(PIP_FLAGS) six regex pyyaml triton pydantic
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
+from pathlib import Path
 
 import torch
 
@@ -103,22 +105,129 @@ def _setattr(obj, name: str, value):
 @contextlib.contextmanager
 def cpu_shims():
     """Install shims 1-6 above; undo them on exit, even on error."""
-    from megatron.core import tensor_parallel
     from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    tracker = tensor_parallel.get_cuda_rng_tracker()
     with contextlib.ExitStack() as stack:
         patch = lambda obj, name, value: stack.enter_context(_setattr(obj, name, value))  # noqa: E731
         patch(torch.cuda, "current_device", _cpu_device)
         patch(rope_utils, "get_pos_emb_on_this_cp_rank", pos_emb_on_this_cp_rank)
         patch(rotary_pos_embedding, "get_pos_emb_on_this_cp_rank", pos_emb_on_this_cp_rank)
-        patch(tracker, "fork", lambda *a, **k: contextlib.nullcontext())
+        # on the class: Megatron-LM's initialisation re-creates the tracker (force_reset)
+        patch(tp_random.CudaRNGStatesTracker, "fork", lambda *a, **k: contextlib.nullcontext())
         patch(tp_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
         patch(tp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
         patch(torch.cuda, "synchronize", lambda *a, **k: None)
         new = vars(WrappedTorchNorm)["__new__"]  # the staticmethod itself, restored as is
         WrappedTorchNorm.__new__ = staticmethod(_sp_torch_norm(new.__func__))
         stack.callback(setattr, WrappedTorchNorm, "__new__", new)
+        yield
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class CudaToCpu(torch.overrides.TorchFunctionMode):
+    """Shim 9: a torch function mode that puts every ``"cuda"`` tensor on the CPU.
+
+    Tensor factories called with ``device="cuda"`` (or ``torch.device("cuda", i)``), and
+    ``Tensor.to("cuda")`` / ``Tensor.cuda()`` (so ``Module.cuda()`` too), get the CPU instead.
+    ``Tensor.type()`` (no argument) of a CPU tensor answers the CUDA name
+    (``"torch.cuda.FloatTensor"``): Megatron's optimizer checks parameter and gradient types
+    by those names (``clip_grad_by_total_norm_fp32`` asserts them, the fp16 optimizer sorts
+    parameters by them). Nothing else is touched: every computation runs as written.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else name
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Shim 10: ``torch.cuda.Stream`` / ``current_stream()`` on CPU, where work is in order."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def _needs_transformer_engine(*args, **kwargs):
+    raise ImportError("bert_layer_with_transformer_engine_spec needs Transformer Engine, which "
+                      "is not installed; pass --spec local (or --seqpar-method ...)")
+
+
+def _prebuilt_dataset_helpers():
+    """``compile_helpers`` replacement (shim 11): use a built ``helpers_cpp`` instead of ``make``.
+
+    Returns True when it registered the module (False: already importable)."""
+    import importlib.metadata
+    import importlib.util
+
+    name = "megatron.core.datasets.helpers_cpp"
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        return False  # the checkout has its own build
+    where = importlib.metadata.distribution("megatron-core").locate_file("megatron/core/datasets")
+    built = sorted(Path(where).glob("helpers_cpp*.so"))
+    if not built:
+        raise ImportError(f"no helpers_cpp*.so in {where}: reinstall megatron-core==0.16.1")
+    spec = importlib.util.spec_from_file_location(name, built[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return True
+
+
+@contextlib.contextmanager
+def training_cpu_shims():
+    """Install Megatron-LM ``megatron.training``'s CPU shims (7-...); undo them on exit."""
+    import megatron.core.datasets.utils as dataset_utils
+    from megatron.core.models.bert import bert_layer_specs
+    import megatron.training.arguments as arguments
+    import megatron.training.initialize as initialize
+    import megatron.training.training as training
+    from megatron.legacy import fused_kernels
+
+    with contextlib.ExitStack() as stack:
+        patch = lambda obj, name, value: stack.enter_context(_setattr(obj, name, value))  # noqa: E731
+        init = training.initialize_megatron
+        patch(training, "initialize_megatron",
+              lambda *a, **k: init(*a, **dict(k, allow_no_cuda=True)))
+        patch(torch.cuda, "device_count", lambda: 1)
+        patch(torch.cuda, "set_device", lambda *a, **k: None)
+        patch(arguments, "get_device_arch_version", lambda: 9)
+        patch(torch.cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())
+        patch(torch.cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+        if _prebuilt_dataset_helpers():  # on every rank: only rank 0 calls compile_helpers
+            stack.callback(sys.modules.pop, "megatron.core.datasets.helpers_cpp", None)
+        patch(dataset_utils, "compile_helpers", _prebuilt_dataset_helpers)
+        patch(fused_kernels, "load", lambda *a, **k: None)
+        patch(initialize, "_warmup_jit_function", lambda *a, **k: None)
+        patch(torch.cuda, "Stream", _NullStream)
+        patch(torch.cuda, "current_stream", lambda *a, **k: _NullStream())
+        patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
+        if "bert_layer_with_transformer_engine_spec" not in vars(bert_layer_specs):
+            from megatron.core.transformer.spec_utils import ModuleSpec
+
+            bert_layer_specs.bert_layer_with_transformer_engine_spec = ModuleSpec(
+                module=_needs_transformer_engine)
+            stack.callback(delattr, bert_layer_specs, "bert_layer_with_transformer_engine_spec")
+        stack.enter_context(CudaToCpu())
         yield
