@@ -214,19 +214,30 @@ def lss_finalize_model_grads(seq_group: dist.ProcessGroup):
     return finalize
 
 
-def sync_position_embeddings(module: torch.nn.Module, seq_group: dist.ProcessGroup,
-                             seq_len: int) -> None:
-    """Make every rank's position tables equal the owners' rows (before save / resharding).
+def assemble_owned_rows(t: torch.Tensor, seq_group: dist.ProcessGroup, seq_len: int,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """The table ``t`` (a position embedding or an optimizer moment of one) whose first
+    ``seq_len`` rows are taken from their owners; into ``out`` (default: a new tensor).
 
-    Collective: one all-reduce over ``seq_group`` of each table's first ``seq_len`` rows (rows
-    zeroed except the owned ones, so the sum assembles the table). Rows beyond ``seq_len`` get
-    a zero gradient on every rank, so they stay equal across ranks and are left alone.
+    Collective: one all-reduce over ``seq_group`` of the first ``seq_len`` rows (zeroed except
+    the owned ones, so the sum assembles the table); rows beyond ``seq_len`` are copied as they
+    are (they get a zero gradient on every rank, so they stay equal across ranks).
     """
     p, r = dist.get_world_size(seq_group), dist.get_rank(seq_group)
     rows = owned_position_rows(seq_len, r, p)
+    with torch.no_grad():
+        mine = torch.zeros_like(t[:seq_len])
+        mine[rows] = t[rows]
+        dist.all_reduce(mine, group=seq_group)
+        if out is None:
+            out = t.clone()
+        out[:seq_len].copy_(mine)
+    return out
+
+
+def sync_position_embeddings(module: torch.nn.Module, seq_group: dist.ProcessGroup,
+                             seq_len: int) -> None:
+    """Make every rank's position tables equal the owners' rows (before save / resharding):
+    ``assemble_owned_rows`` in place, one all-reduce per table."""
     for w in position_embedding_params(module):
-        with torch.no_grad():
-            mine = torch.zeros_like(w.data[:seq_len])
-            mine[rows] = w.data[rows]
-            dist.all_reduce(mine, group=seq_group)
-            w.data[:seq_len].copy_(mine)
+        assemble_owned_rows(w.data, seq_group, seq_len, out=w.data)

@@ -116,6 +116,13 @@ class _CpuOptimizer:
     def load_state_dict(self, state):
         self.opt.load_state_dict(state)
 
+    def sharded_state_dict(self, model_sd, is_loading=False, rows_from_owners=None):
+        return checkpoint.torch_optimizer_sharded_state(self.opt, model_sd, is_loading,
+                                                        rows_from_owners)
+
+    def load_sharded_state_dict(self, loaded) -> None:
+        checkpoint.load_torch_optimizer_state(self.opt, loaded)
+
 
 class _CudaOptimizer:
     """megatron-core's optimizer (``get_megatron_optimizer``) behind the same small interface."""
@@ -146,6 +153,14 @@ class _CudaOptimizer:
 
     def load_state_dict(self, state):
         self.opt.load_state_dict(state)
+
+    def sharded_state_dict(self, model_sd, is_loading=False, rows_from_owners=None):
+        """megatron-core's own sharded optimizer state. Not yet handled here: LSS position-
+        embedding moments (rows spread over CP ranks) resume from CP rank 0's copy."""
+        return self.opt.sharded_state_dict(model_sd, is_loading=is_loading)
+
+    def load_sharded_state_dict(self, loaded) -> None:
+        self.opt.load_state_dict(loaded)
 
 
 class TrainingStopped(RuntimeError):
@@ -211,7 +226,10 @@ def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -
                                 cp_group)
         start = 0
         if cfg.load:
-            start, _ = checkpoint.load_checkpoint(cfg.load, module, opt)
+            start, extra = checkpoint.load_checkpoint(cfg.load, module, opt)
+            note = _layout_note(extra.get("layout"), _layout(cfg), start)
+            if note and rank == 0:
+                print(note, flush=True)
         prefix = data_mod.prepare_data_prefix(cfg)
         dataset = data_mod.build_train_dataset(cfg, prefix)
         source = data_mod.BatchSource(dataset, cfg, ps.get_data_parallel_rank(), cp_group, device)
@@ -298,13 +316,39 @@ def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -
         ps.destroy_model_parallel()
 
 
+def _layout(cfg) -> dict:
+    return {"world_size": cfg.world_size, "tp": cfg.tensor_model_parallel_size,
+            "cp": cfg.context_parallel_size, "seqpar_method": cfg.seqpar_method}
+
+
+def _layout_note(saved: dict | None, now: dict, step: int) -> str | None:
+    """The line that says a checkpoint is loaded into another layout (None: the same one)."""
+    if not saved or saved == now:
+        return None
+
+    def show(x):
+        return (f"TP={x['tp']} CP={x['cp']} {x['seqpar_method'] or 'local attention'} "
+                f"(world {x['world_size']})")
+
+    return (f"resuming step {step} saved with {show(saved)} as {show(now)}: dist_checkpointing "
+            "reshards the model and optimizer state; the attention methods add no parameters")
+
+
 def _save(cfg, step, model, module, opt, cp_group) -> None:
+    spread = None
     if cfg.seqpar_method == "lss" and cp_group.size() > 1:
-        from megatron_seqpar.megatron.lss_grad import sync_position_embeddings
+        from megatron_seqpar.megatron.lss_grad import (
+            assemble_owned_rows,
+            position_embedding_params,
+            sync_position_embeddings,
+        )
 
         sync_position_embeddings(module, cp_group, cfg.seq_length)
-    checkpoint.save_checkpoint(cfg.save, step, module, opt,
-                               model_meta=preflight.model_signature(cfg))
+        spread = (position_embedding_params(module),
+                  lambda t: assemble_owned_rows(t, cp_group, cfg.seq_length))
+    checkpoint.save_checkpoint(cfg.save, step, module, opt, extra={"layout": _layout(cfg)},
+                               model_meta=preflight.model_signature(cfg),
+                               rows_from_owners=spread)
 
 
 def _finish(cfg, log_path: str, log_dir: str) -> None:
