@@ -11,6 +11,8 @@ pytest processes runs the whole suite:
 * tests marked ``own_world`` launch a process world of their own (torchrun subprocesses,
   spawned gloo ranks, a peer killed on purpose): they run on local rank 0 only and skip on the
   other ranks, so N ranks do not start N such worlds on the same cores;
+* each rank waits for the others before it exits, so every rank prints its own summary
+  (torchrun stops all ranks once one exits non-zero);
 * every rank has its own pytest temporary directory (pytest numbers one per process, created
   with an atomic mkdir), and free ports are asked of the OS, so nothing collides across ranks.
 """
@@ -36,6 +38,10 @@ def pytest_runtest_protocol(item, nextitem):
         return (yield)
     finally:
         distributed.set_current_test("", False)
+
+
+def pytest_unconfigure(config):
+    distributed.wait_for_all_ranks()  # after this rank's summary; no-op under plain pytest
 
 
 def pytest_runtest_setup(item):

@@ -35,7 +35,7 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch.multiprocessing as mp
@@ -216,7 +216,7 @@ class TorchrunWorld:
     rank: int
     local_rank: int
     world_size: int
-    env: tuple  # (name, value) of every launcher variable, to rendezvous with later
+    env: tuple = field(repr=False)  # (name, value) of each launcher variable, to rendezvous
 
 
 def _detect_torchrun(environ) -> TorchrunWorld | None:
@@ -281,7 +281,7 @@ def _store():
     return _STORE
 
 
-def _exchange(store, call: int, what: str, payload: bytes) -> list[bytes]:
+def _exchange(store, call: int | str, what: str, payload: bytes) -> list[bytes]:
     """Every rank posts ``payload`` and gets all ranks' payloads (no collective involved)."""
     keys = [f"{call}/{what}/{r}" for r in range(TORCHRUN.world_size)]
     store.set(keys[TORCHRUN.rank], payload)
@@ -294,6 +294,16 @@ def _exchange(store, call: int, what: str, payload: bytes) -> list[bytes]:
             f"({_TEST['nodeid']}) within {TORCHRUN_WAIT.total_seconds():.0f}s "
             "(SEQPAR_TEST_TORCHRUN_WAIT_S)") from None
     return [store.get(k) for k in keys]
+
+
+def wait_for_all_ranks() -> None:
+    """Under torchrun, return once every rank got here (conftest.py, at the end of the session).
+
+    torchrun stops every rank as soon as one exits non-zero; waiting here first lets each rank
+    finish and print its own summary, whatever the others' outcome.
+    """
+    if TORCHRUN is not None:
+        _exchange(_store(), "session", "end", b"")
 
 
 def _forget(store, call: int) -> None:
