@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_seqpar.comm import Comm, Traffic, current_traffic, failure_hint
+from megatron_seqpar.comm import Comm, Traffic, current_traffic, failure_hint, staging_enabled
 from megatron_seqpar.kernels import BACKEND_NAMES
 from megatron_seqpar.layouts import LAYOUTS, Run, check_layout, local_runs
 
@@ -44,9 +44,10 @@ class Setup:
     layout: str
     options: Any
     traffic: Traffic | None
+    staged: bool = False  # comm.stage_through_host() was active (tests: ranks share a GPU)
 
     def comm(self) -> Comm:
-        return Comm(self.group, self.traffic)
+        return Comm(self.group, self.traffic, staged=self.staged)
 
     def runs(self, rank: int, local_len: int) -> tuple[Run, ...]:
         return local_runs(self.layout, rank, self.world_size, local_len)
@@ -141,5 +142,5 @@ def attention(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
         _check_across_ranks(group, q, k, method, layout, causal, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     setup = Setup(group, comm.rank, comm.world_size, bool(causal), scale, layout, opts,
-                  current_traffic())
+                  current_traffic(), staging_enabled())
     return mod.apply(q, k, v, key_padding_mask, setup)

@@ -13,6 +13,20 @@
   pairwise steps with one chunk-sized receive buffer for the reduce-scatter): the same bytes,
   no staging memory.
 
+CUDA with NCCL: every transfer runs on a side stream of the ``Comm`` (from PyTorch's stream
+pool, made on first use: nothing at import). The side stream first waits on the compute
+stream (an event: what is sent has been written), the transfer is issued there, the buffers
+are ``record_stream``-ed to it, and ``Pending.wait()`` makes the compute stream wait on the
+side stream and NCCL's work (device-side waits: no host synchronisation, capturable in CUDA
+graphs). Collectives do the same and return with the compute stream already waiting.
+
+``stage_through_host()`` (TEST ONLY, never entered by the library): ``Comm``s of attention
+calls made inside it stage every transfer through fresh host buffers (copy to CPU, the gloo
+op on the copies, copy back on ``wait``). That is how P processes share ONE GPU in tests:
+NCCL refuses two ranks on one device and gloo moves CUDA tensors only for all_reduce and
+broadcast. The same bytes are counted; on CPU tensors it runs the same staging, so its
+results are checked bit for bit on CPU. Its copies synchronise with the host, by nature.
+
 Byte accounting (``count_traffic``) uses the bandwidth-optimal per-rank volumes: a p2p send
 counts its bytes; an all-gather of ``n`` bytes per rank sends ``(P-1)·n``; a reduce-scatter of
 an ``N``-byte buffer sends ``(P-1)/P·N``; an all-reduce of ``N`` bytes sends ``2(P-1)/P·N``.
@@ -75,6 +89,45 @@ def current_traffic() -> Traffic | None:
     return _CURRENT.get()
 
 
+_STAGED: contextvars.ContextVar[bool] = contextvars.ContextVar("megatron_seqpar_staged",
+                                                               default=False)
+
+
+@contextmanager
+def stage_through_host():
+    """TEST ONLY: attention calls made inside stage their transfers through host memory over
+    the (gloo) group, so several ranks can share one GPU. Never used by the library itself."""
+    token = _STAGED.set(True)
+    try:
+        yield
+    finally:
+        _STAGED.reset(token)
+
+
+def staging_enabled() -> bool:
+    return _STAGED.get()
+
+
+def _host(x: torch.Tensor) -> torch.Tensor:
+    """A fresh, dense host copy of ``x`` (staging)."""
+    with _sync_allowed():
+        return torch.empty(x.shape, dtype=x.dtype).copy_(x)
+
+
+@contextmanager
+def _sync_allowed():
+    """Staging copies synchronise by nature: keep CUDA's sync debug mode quiet for them only
+    (so a test running under ``torch.cuda.set_sync_debug_mode`` sees every other sync)."""
+    mode = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else 0
+    if mode:
+        torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        if mode:
+            torch.cuda.set_sync_debug_mode(mode)
+
+
 def _nbytes(x: torch.Tensor) -> int:
     return x.numel() * x.element_size()
 
@@ -94,17 +147,26 @@ def failure_hint(kind: str):
 
 
 class Pending:
-    """Transfers in flight; ``wait()`` blocks until they are done (group timeout applies)."""
+    """Transfers in flight; ``wait()`` returns when their results may be used (group timeout
+    applies): on CUDA the compute stream is made to wait (device-side), on CPU the host waits;
+    staged receives are copied back into the caller's buffers."""
 
-    def __init__(self, works, keep_alive=()):
+    def __init__(self, works, keep_alive=(), stream=None, copy_back=()):
         self._works = works
         self._keep_alive = keep_alive  # send buffers must outlive their transfer
+        self._stream = stream  # the side stream the transfers were issued on (CUDA)
+        self._copy_back = copy_back  # (host buffer, caller's buffer) pairs (staging)
 
     def wait(self) -> None:
         with failure_hint("point-to-point transfer"):
             for w in self._works:
                 w.wait()
-        self._works, self._keep_alive = [], ()
+        if self._stream is not None:
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+        with _sync_allowed():
+            for host, buf in self._copy_back:
+                buf.copy_(host)
+        self._works, self._keep_alive, self._copy_back = [], (), ()
 
 
 # torch >= 2.13 names; older releases call them all_gather_into_tensor / reduce_scatter_tensor
@@ -116,9 +178,11 @@ _reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
 class Comm:
     """Collectives and P2P on one explicit group. ``group=None`` is the default group."""
 
-    def __init__(self, group=None, traffic: Traffic | None = None):
+    def __init__(self, group=None, traffic: Traffic | None = None, staged: bool = False):
         self.group = group
         self.traffic = traffic
+        self.staged = staged  # stage_through_host: host copies over gloo (tests only)
+        self._stream = None  # CUDA side stream, made on first use
         if dist.is_available() and dist.is_initialized():
             self.rank = dist.get_rank(group)
             self.world_size = dist.get_world_size(group)
@@ -133,19 +197,49 @@ class Comm:
         if self.traffic is not None:
             self.traffic.add(kind, sent, recv)
 
+    @contextmanager
+    def _side_stream(self, tensors):
+        """Issue NCCL work on the side stream (after the compute stream's pending writes);
+        yields the stream, or None off CUDA/NCCL."""
+        if not (self.nccl and not self.staged and tensors and tensors[0].is_cuda):
+            yield None
+            return
+        dev = tensors[0].device
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=dev)
+        self._stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(self._stream):
+            yield self._stream
+        for t in tensors:
+            t.record_stream(self._stream)
+
+    def _join(self, stream) -> None:
+        """After a blocking collective: the compute stream waits on the side stream."""
+        if stream is not None:
+            torch.cuda.current_stream(stream.device).wait_stream(stream)
+
     def post(self, sends=(), recvs=()) -> Pending:
         """Start sends ``[(tensor, dst)]`` and receives ``[(tensor, src)]`` (group ranks).
 
         Sends are made contiguous (a no-op for dense tensors); receive buffers must be.
         """
         sends = [(t.contiguous(), p) for t, p in sends]
-        ops = [dist.P2POp(dist.isend, t, group=self.group, group_peer=p) for t, p in sends]
-        ops += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=p) for t, p in recvs]
-        if not ops:
+        recvs = list(recvs)
+        if not sends and not recvs:
             return Pending([])
         self._count("p2p", sum(_nbytes(t) for t, _ in sends), sum(_nbytes(t) for t, _ in recvs))
-        with failure_hint("point-to-point transfer"):
-            return Pending(dist.batch_isend_irecv(ops), sends)
+        copy_back = ()
+        if self.staged:
+            sends = [(_host(t), p) for t, p in sends]
+            host = [(torch.empty(t.shape, dtype=t.dtype), p) for t, p in recvs]
+            copy_back = [(h, t) for (h, _), (t, _) in zip(host, recvs)]
+            recvs = host
+        ops = [dist.P2POp(dist.isend, t, group=self.group, group_peer=p) for t, p in sends]
+        ops += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=p) for t, p in recvs]
+        with failure_hint("point-to-point transfer"), \
+                self._side_stream([t for t, _ in sends + recvs]) as stream:
+            works = dist.batch_isend_irecv(ops)
+        return Pending(works, sends, stream, copy_back)
 
     def _exchange(self, sends, recvs) -> None:
         """Blocking batch of p2p transfers (not counted: the caller counts its collective)."""
@@ -170,16 +264,28 @@ class Comm:
             n = _nbytes(out[0]) * (P - 1)
             self._count("all_gather", n, n)
             with failure_hint("all_gather"):
-                if self.nccl:  # in place: the input is this rank's slot of the output
-                    _all_gather_single(out.view(-1), out[r].view(-1), group=self.group)
-                else:  # gloo stages its collectives in a P-fold copy; p2p lands in place
-                    peers = [j for j in range(P) if j != r]
-                    self._exchange([(out[r], j) for j in peers], [(out[j], j) for j in peers])
+                if self.staged:
+                    buf = _host(out)
+                    self._gather_p2p(buf)
+                    with _sync_allowed():
+                        out.copy_(buf)
+                elif self.nccl:  # in place: the input is this rank's slot of the output
+                    with self._side_stream([out]) as stream:
+                        _all_gather_single(out.view(-1), out[r].view(-1), group=self.group)
+                    self._join(stream)
+                else:
+                    self._gather_p2p(out)
         return out
+
+    def _gather_p2p(self, out: torch.Tensor) -> None:
+        """gloo stages its collectives in a P-fold copy; p2p lands in place."""
+        P, r = self.world_size, self.rank
+        peers = [j for j in range(P) if j != r]
+        self._exchange([(out[r], j) for j in peers], [(out[j], j) for j in peers])
 
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks of ``x[rank]``, where ``x`` is ``[P, *shape]`` (chunk i -> rank i)."""
-        P, r = self.world_size, self.rank
+        P = self.world_size
         if x.size(0) != P:
             raise ValueError(f"reduce_scatter needs a leading dim of {P}")
         x = x.contiguous()
@@ -188,15 +294,25 @@ class Comm:
         n = _nbytes(x) * (P - 1) // P
         self._count("reduce_scatter", n, n)
         with failure_hint("reduce_scatter"):
+            if self.staged:
+                out = self._reduce_scatter_p2p(_host(x))
+                with _sync_allowed():
+                    return out.to(x.device)
             if self.nccl:
                 out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-                _reduce_scatter_single(out.view(-1), x.view(-1), group=self.group)
+                with self._side_stream([out, x]) as stream:
+                    _reduce_scatter_single(out.view(-1), x.view(-1), group=self.group)
+                self._join(stream)
                 return out
-            # gloo: P-1 pairwise steps, one chunk-sized receive buffer (no P-fold staging)
-            out, buf = x[r].clone(), torch.empty_like(x[r])
-            for t in range(1, P):
-                self._exchange([(x[(r + t) % P], (r + t) % P)], [(buf, (r - t) % P)])
-                out.add_(buf)
+            return self._reduce_scatter_p2p(x)
+
+    def _reduce_scatter_p2p(self, x: torch.Tensor) -> torch.Tensor:
+        """gloo: P-1 pairwise steps, one chunk-sized receive buffer (no P-fold staging)."""
+        P, r = self.world_size, self.rank
+        out, buf = x[r].clone(), torch.empty_like(x[r])
+        for t in range(1, P):
+            self._exchange([(x[(r + t) % P], (r + t) % P)], [(buf, (r - t) % P)])
+            out.add_(buf)
         return out
 
     def all_reduce_(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -205,5 +321,13 @@ class Comm:
             n = 2 * (self.world_size - 1) * _nbytes(x) // self.world_size
             self._count("all_reduce", n, n)
             with failure_hint("all_reduce"):
-                dist.all_reduce(x, op=op, group=self.group)
+                if self.staged:
+                    buf = _host(x)
+                    dist.all_reduce(buf, op=op, group=self.group)
+                    with _sync_allowed():
+                        x.copy_(buf)
+                    return x
+                with self._side_stream([x]) as stream:
+                    dist.all_reduce(x, op=op, group=self.group)
+                self._join(stream)
         return x

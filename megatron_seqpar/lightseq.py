@@ -19,7 +19,10 @@ Per rank and call (elements; ``s`` local length, ``b`` batch): forward sends
 ``2·s·b·hkv·D`` per K/V step, or ``s·b·hq·D`` (Q) per Q-shipping step, whose helper returns
 ``s·b·hq·D`` (out, accumulation dtype) plus ``s·b·hq`` (lse). The backward re-sends K/V (or Q
 with dO, O and lse) and returns dK/dV to their owner (dQ to the Q owner) in the accumulation
-dtype. Memory: q, k, v, out, lse saved; two K/V (or Q) receive buffers in flight.
+dtype. Memory: q, k, v, out, lse saved; two K/V (or Q) receive buffers in flight. Every
+receive buffer is allocated once per call; on CUDA the transfers run on the communicator's
+side stream (``comm``), so step ``t+1``'s transfer is in flight while step ``t`` computes, and
+no step synchronises with the host.
 """
 
 from __future__ import annotations
@@ -118,6 +121,10 @@ def lightseq_forward(setup, q, k, v, kpm_all):
     own_q = public(q) if any(st.q_to is not None for st in steps) else None
     kv_buf = [(torch.empty_like(own_k), torch.empty_like(own_v)) for _ in range(n_kv)]
     q_buf = [q.new_empty(q.transpose(1, 2).shape) for _ in range(n_q)]
+    # returned (out, lse) land here, step after step: a step's returns are merged before the
+    # next step posts its receives, so one set per call suffices (made at first use, so it is
+    # not alive during the steps before)
+    ret_buf = []
 
     def post(t):
         st = steps[t]
@@ -147,7 +154,8 @@ def lightseq_forward(setup, q, k, v, kpm_all):
             sends += [(public(o), st.q_from), (lb, st.q_from)]
             tally()
         if st.q_to is not None:
-            recvs += [(torch.empty_like(public(out)), st.q_to), (torch.empty_like(lse), st.q_to)]
+            ret_buf = ret_buf or [torch.empty_like(public(out)), torch.empty_like(lse)]
+            recvs += [(ret_buf[0], st.q_to), (ret_buf[1], st.q_to)]
         _finish_returns(returns, merge_home)
         returns = (comm.post(sends, recvs), [b for b, _ in recvs], sends)
         pending = nxt
@@ -172,6 +180,9 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
     kv_buf = [(torch.empty_like(own_k), torch.empty_like(own_v)) for _ in range(n_kv)]
     q_template = [public(q), public(q), public(out.to(q.dtype)), lse]
     q_buf = [[torch.empty_like(x) for x in q_template] for _ in range(n_q)]
+    # returned partials (dK/dV to us as K/V owner, or dQ as Q owner): one set per call, made
+    # at first use, as in the forward
+    kv_ret, q_ret = [], []
 
     def post(t):
         st = steps[t]
@@ -203,10 +214,11 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
                                 runs(r), oa.transpose(1, 2), la, kpm=kpm(r), dk=dk, dv=dv, **kw)
             sends.append((public(g[0]), st.q_from))
         if st.kv_to is not None:
-            recvs += [(("k", dk.new_empty(own_k.shape)), st.kv_to),
-                      (("v", dv.new_empty(own_v.shape)), st.kv_to)]
+            kv_ret = kv_ret or [dk.new_empty(own_k.shape), dv.new_empty(own_v.shape)]
+            recvs += [(("k", kv_ret[0]), st.kv_to), (("v", kv_ret[1]), st.kv_to)]
         if st.q_to is not None:
-            recvs.append((("q", torch.empty_like(public(dq))), st.q_to))
+            q_ret = q_ret or [torch.empty_like(public(dq))]
+            recvs.append((("q", q_ret[0]), st.q_to))
         _finish_returns(returns, consume)
         returns = (comm.post(sends, [(b, p) for (_, b), p in recvs]), [kb for kb, _ in recvs],
                    sends)
