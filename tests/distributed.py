@@ -12,16 +12,18 @@ a message naming the timeout. Workers are daemonic and killed at interpreter exi
 processes survive the run. Workers run with one torch thread each (the machine has 2 cores).
 
 Under Megatron's runner (``torchrun --nproc-per-node N -m pytest tests``) there is no pool: the
-N pytest processes that torchrun started are the ranks. ``run_on_ranks(fn, N, ...)`` then runs
-``fn`` on this process, inside a gloo world of the N torchrun ranks built for that one call and
+N pytest processes that torchrun started are the ranks. ``run_on_ranks(fn, N, ...)`` runs
+``fn`` in this process, in a gloo world of the N torchrun ranks that is built for the call and
 destroyed after it (Megatron's ``Utils.initialize_model_parallel`` / ``destroy_model_parallel``
-pattern, per call, so that single-process tests, which run on every rank, see no process group,
-as under plain pytest: ``group=None`` would otherwise mean the N-rank world). Every rank gets
-every rank's result; a rank that raised is re-raised on all ranks with its traceback. The
-start and the results of a call are exchanged through torchrun's store, not a collective, so a
-rank whose ``fn`` raised never leaves a peer stuck in a collective it will not join; a peer
-already stuck in one of ``fn``'s own collectives is freed by the group timeout. Calls for another
-world size skip with the reason. ``timeout`` is not enforced there (nothing can be killed).
+pattern, per call, so that single-process tests, which run on every rank, see no process group
+as under plain pytest; ``group=None`` would otherwise mean the N-rank world).
+``run_on_ranks(fn, 1, ...)`` runs ``fn`` on every rank, each alone in a world of one, like any
+single-process test. Other world sizes skip with the reason. Every rank gets every rank's
+result; a rank that raised is re-raised on all ranks with its traceback. The start and the
+results of a call are exchanged through torchrun's store, not a collective, so a rank whose
+``fn`` raised never leaves a peer stuck in a collective it will not join (a peer already stuck
+in one of ``fn``'s own collectives is freed by the group timeout). ``timeout`` is not enforced
+there: nothing can be killed.
 """
 
 from __future__ import annotations
@@ -318,19 +320,21 @@ def _clean_parallel_state() -> None:
         ps.destroy_model_parallel()
 
 
-def _call_in_world(store, call: int, fn, args, kwargs) -> bytes:
+def _call_in_world(store, call: int, world_size: int, fn, args, kwargs) -> list[bytes]:
+    """Build the group, run fn, exchange outcomes, destroy the group; every rank's outcome."""
     import torch
     import torch.distributed as dist
 
-    world = TORCHRUN
+    me = TORCHRUN.rank
+    solo = world_size == 1  # each rank alone, in a world of its own
+    rank, prefix = (0, f"{call}/pg/{me}") if solo else (me, f"{call}/pg")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a pool worker
-    dist.init_process_group("gloo", store=dist.PrefixStore(f"{call}/pg", store),
-                            rank=world.rank, world_size=world.world_size,
-                            timeout=TORCHRUN_GROUP_TIMEOUT)
+    dist.init_process_group("gloo", store=dist.PrefixStore(prefix, store), rank=rank,
+                            world_size=world_size, timeout=TORCHRUN_GROUP_TIMEOUT)
     try:
         try:
-            payload = pickle.dumps((True, fn(world.rank, world.world_size, *args, **kwargs)))
+            payload = pickle.dumps((True, fn(rank, world_size, *args, **kwargs)))
         except KeyboardInterrupt:
             raise
         except BaseException:  # noqa: BLE001 - everything goes to every rank
@@ -344,11 +348,13 @@ def _call_in_world(store, call: int, fn, args, kwargs) -> bytes:
 
 
 def _run_in_torchrun_world(fn, world_size: int, args, kwargs):
+    """``run_on_ranks`` under torchrun: on the N torchrun ranks, or, for ``world_size=1``, on
+    each rank alone (a single-process case, run on every rank like any single-process test)."""
     import pytest
 
     global _CALLS
     world, name = TORCHRUN, getattr(fn, "__qualname__", repr(fn))
-    if world_size != world.world_size:
+    if world_size not in (1, world.world_size):
         pytest.skip(f"needs {world_size} ranks, this torchrun world has {world.world_size}: "
                     f"run it with plain pytest (its own {world_size}-process pool) or "
                     f"torchrun --nproc-per-node {world_size}")
@@ -357,7 +363,7 @@ def _run_in_torchrun_world(fn, world_size: int, args, kwargs):
                                    "but calls run_on_ranks, which needs every rank")
     _CALLS += 1
     store = _store()
-    here = f"{_TEST['nodeid']} / {name}"
+    here = f"{_TEST['nodeid']} / {name} / {world_size}"
     starts = [s.decode() for s in _exchange(store, _CALLS, "start", here.encode())]
     if len(set(starts)) > 1:
         raise DistributedTestError(
@@ -366,14 +372,16 @@ def _run_in_torchrun_world(fn, world_size: int, args, kwargs):
     if _CALLS > 1:
         _forget(store, _CALLS - 1)  # every rank has read those: it reached this call
     outcomes = []
-    for payload in _call_in_world(store, _CALLS, fn, args, kwargs):
+    for payload in _call_in_world(store, _CALLS, world_size, fn, args, kwargs):
         try:
             outcomes.append(pickle.loads(payload))
         except Exception as exc:  # noqa: BLE001 - e.g. a class only one rank could import
             outcomes.append((False, f"result could not be unpickled: {exc!r}"))
     failed = [r for r, (ok, _) in enumerate(outcomes) if not ok]
-    if failed:
-        raise DistributedTestError(f"{name} failed on rank {failed[0]} of {world_size} "
-                                   f"(torchrun world; ranks {failed} failed):\n"
+    if failed:  # raised on every rank, so that all of them stay in step
+        raise DistributedTestError(f"{name} failed on torchrun rank {failed[0]} (ranks {failed} "
+                                   f"of {world.world_size} failed; world of {world_size}):\n"
                                    f"{outcomes[failed[0]][1]}")
+    if world_size == 1:
+        return [outcomes[world.rank][1]]
     return [value for _, value in outcomes]
