@@ -121,7 +121,10 @@ def dead_rows(mask, causal: bool, sq: int):
     if mask is None:
         return None
     if causal and mask.size(2) == 1:
-        return mask[:, :, 0, :sq].to(torch.int32).cumprod(-1).bool()
+        run = mask[:, :, 0].to(torch.int32).cumprod(-1).bool()  # keys 0..j all padded
+        if sq <= run.size(-1):
+            return run[..., :sq]
+        return torch.cat([run, run[..., -1:].expand(*run.shape[:-1], sq - run.size(-1))], -1)
     if causal:
         tri = torch.ones(sq, mask.size(-1), dtype=torch.bool, device=mask.device).triu_(1)
         mask = mask | tri

@@ -221,6 +221,9 @@ def test_dead_rows_match_brute_force():
     dense = torch.rand(1, 1, 9, 9, generator=torch.Generator().manual_seed(4)) < 0.8
     assert torch.equal(kernels_cuda.dead_rows(dense, False, 9), dense.all(-1))
     assert kernels_cuda.dead_rows(None, True, 9) is None
+    # top-left causal over more rows than keys: rows past the last key see every key
+    tall = (pad.view(3, 1, 1, 9) | torch.ones(12, 9, dtype=torch.bool).triu(1)).all(-1)
+    assert torch.equal(kernels_cuda.dead_rows(pad, True, 12), tall)
 
 
 def test_bias_is_broadcast_not_materialised():
