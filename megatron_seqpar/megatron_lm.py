@@ -35,6 +35,8 @@ import functools
 
 GROUP_TITLE = "megatron-seqpar"
 BERT_MODEL = "megatron_seqpar.megatron.bert:SeqParBertModel"  # the CP-aware BertModel
+LSS_INSTALLED_LOG = "megatron-seqpar: LSS double gradient averaging installed"
+CHECKPOINT_LOG = "megatron-seqpar: checkpoint"
 
 
 class SeqParArgumentError(ValueError):
@@ -298,24 +300,87 @@ def install_lss_grad_averaging(model_chunks) -> None:
     ``config.finalize_model_grads_func`` just before its training loop, so this runs from the
     first forward step (``wrap_forward_step``), after both. It defers to
     ``megatron_seqpar.megatron.lss_grad.install_lss_grad_averaging`` (groups from
-    ``parallel_state``): bucket reduction over pure DP, CP average in finalize.
+    ``parallel_state``): bucket reduction over pure DP, CP average in finalize. Rank 0 prints
+    ``LSS_INSTALLED_LOG`` with the group sizes and the finalize function now in place.
     """
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_model_config
+
     from megatron_seqpar.megatron.lss_grad import install_lss_grad_averaging as install
 
-    install(model_chunks)
+    chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+    install(chunks)
+    finalize = get_model_config(chunks[0]).finalize_model_grads_func
+    _print_rank_0(
+        f"{LSS_INSTALLED_LOG}: CP={parallel_state.get_context_parallel_world_size()} average "
+        f"in {getattr(finalize, '__qualname__', finalize)}, then DDP buckets over "
+        f"DP={parallel_state.get_data_parallel_world_size()}")
+
+
+def _print_rank_0(text: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(text, flush=True)
+
+
+def loaded_checkpoint_note(args) -> str | None:
+    """One line on the checkpoint ``--load`` resumed: the ``--seqpar-method`` and CP size it was
+    saved with against this run's (the methods add no parameters, so any method loads any
+    other's checkpoint). None without ``--load`` or a checkpoint there. Reads the tracker file
+    and the ``torch_dist`` checkpoint's ``common.pt`` (its saved ``args``); no collective.
+    """
+    import os
+
+    load = getattr(args, "load", None)
+    tracker = os.path.join(load or "", "latest_checkpointed_iteration.txt")
+    if not load or not os.path.isfile(tracker):
+        return None
+    with open(tracker) as f:
+        text = f.read().strip()
+    step = getattr(args, "ckpt_step", None)
+    name = "release" if text == "release" and step is None else f"iter_{int(step or text):07d}"
+    here = (getattr(args, "seqpar_method", None), getattr(args, "context_parallel_size", 1))
+    saved = None
+    common = os.path.join(load, name, "common.pt")
+    if os.path.isfile(common):
+        import torch
+
+        old = torch.load(common, map_location="cpu", weights_only=False).get("args")
+        if old is not None:
+            saved = (getattr(old, "seqpar_method", None), getattr(old, "context_parallel_size", 1))
+
+    def say(method, cp):
+        return f"--seqpar-method {method} (CP={cp})" if method else f"no --seqpar-method (CP={cp})"
+
+    where = os.path.join(load, name)
+    if saved is None:
+        return f"{CHECKPOINT_LOG}: {where} (its --seqpar-method is not recorded) into {say(*here)}"
+    if saved[0] == here[0]:
+        return f"{CHECKPOINT_LOG}: {where} saved with {say(*saved)}, resumed with the same method"
+    return (f"{CHECKPOINT_LOG}: {where} saved with {say(*saved)}, loaded into {say(*here)}: a "
+            "different method; the methods add no parameters, so weights and optimizer state "
+            "carry over unchanged")
 
 
 def wrap_forward_step(forward_step):
     """Megatron-LM ``forward_step`` that, for ``--seqpar-method lss``, installs double
-    gradient averaging on each model chunk the first time the chunk is seen."""
+    gradient averaging on each model chunk the first time the chunk is seen, and at the first
+    step after ``--load`` prints ``loaded_checkpoint_note`` (rank 0)."""
 
     @functools.wraps(forward_step)
     def step(data_iterator, model, *args, **kwargs):
         if not getattr(model, "_seqpar_lss_checked", False):
             from megatron.training import get_args
 
-            if getattr(get_args(), "seqpar_method", None) == "lss":
+            margs = get_args()
+            if getattr(margs, "seqpar_method", None) == "lss":
                 install_lss_grad_averaging([model])
+            if not getattr(step, "_checkpoint_noted", False):
+                step._checkpoint_noted = True
+                note = loaded_checkpoint_note(margs)
+                if note:
+                    _print_rank_0(note)
             model._seqpar_lss_checked = True
         return forward_step(data_iterator, model, *args, **kwargs)
 

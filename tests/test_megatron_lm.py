@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -337,6 +338,177 @@ def _tool(*argv):
                           timeout=120, check=False)
 
 
+# Megatron-LM's own training loop on CPU: tools/megatron_lm_cpu.py under torchrun, tiny
+# models, 10 iterations; every run is launched once per session and shared by the tests.
+LAUNCHER = REPO / "tools" / "megatron_lm_cpu.py"
+ITERS, SAVE_AT = 10, 5
+LSS_LOG = mlm.LSS_INSTALLED_LOG
+# Megatron-LM prints losses as ``{:.6E}`` (7 significant digits, +-0.5 unit of the last digit)
+# and the grad norm as ``{:.3f}``. A CP=2 run adds the same fp32 terms in another order
+# (blockwise attention with lse merges, loss and gradient all-reduces of partial sums), which
+# moves a loss by ~1e-7 relative per step; Adam carries that into later steps. Measured over
+# 10 iterations, GPT and BERT, every method, CP=2 and TP=2 x CP=2: at most 1 unit of the last
+# printed digit. 3 units allow for it; a real difference is larger (LSS's partial grad norm
+# under clipping: 9 units by iteration 8).
+LOSS_UNITS = 3
+GRAD_NORM_TOL = 2e-3  # 2 units of the printed grad norm's last digit
+MLM_DEPS = ("six", "regex", "yaml", "triton", "pydantic")
+TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--seq-length", "128", "--max-position-embeddings", "128", "--micro-batch-size", "1",
+        "--global-batch-size", "2", "--train-iters", str(ITERS), "--lr", "1e-4", "--seed", "1234",
+        "--attention-dropout", "0", "--hidden-dropout", "0",
+        "--transformer-impl", "local", "--use-cpu-initialization", "--distributed-backend", "gloo",
+        "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-bias-gelu-fusion",
+        "--no-bias-dropout-fusion", "--no-bias-swiglu-fusion", "--no-masked-softmax-fusion",
+        "--eval-iters", "0", "--eval-interval", "1000", "--log-interval", "1"]
+# vocabulary 255 (+ eod) pads to 256 rows at TP=1 and TP=2 alike
+GPT_DATA = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "255"]
+
+
+def _bert_data(where: Path) -> list[str]:
+    """A sentence-level indexed dataset (tools/preprocess_data.py, byte tokens) and a vocab
+    file naming ids 0-255 for Megatron's legacy BERT tokenizer (ids 0-4 its specials)."""
+    subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--output-prefix",
+                    str(where / "pydoc"), "--split-sentences"], check=True, capture_output=True,
+                   timeout=300)
+    names = ["[PAD]", "[CLS]", "[SEP]", "[unused3]", "[MASK]"]
+    names += [f"[unused{i}]" for i in range(5, 9)] + [f"b{i}" for i in range(9, 256)]
+    (where / "vocab.txt").write_text("\n".join(names) + "\n")
+    return ["--data-path", str(where / "pydoc_text_sentence"), "--split", "100,0,0",
+            "--legacy-tokenizer", "--tokenizer-type", "BertWordPieceLowerCase",
+            "--vocab-file", str(where / "vocab.txt")]
+
+
+@dataclasses.dataclass
+class LoopRun:
+    """One launcher run: its log and what Megatron-LM logged per iteration."""
+
+    log: str
+    lm: dict
+    sop: dict
+    grad_norm: dict
+
+    @property
+    def tail(self) -> str:
+        return self.log[-3000:]
+
+    @classmethod
+    def parse(cls, log: str) -> LoopRun:
+        import re
+
+        out = {"lm loss": {}, "sop loss": {}, "grad norm": {}}
+        for line in log.splitlines():
+            m = re.search(r"iteration\s+(\d+)/\s*\d+ \|", line)
+            if not m:
+                continue
+            for key, table in out.items():
+                v = re.search(rf"\| {key}: ([-+0-9.Ee]+) \|", line)
+                if v:
+                    table[int(m.group(1))] = float(v.group(1))
+        return cls(log, out["lm loss"], out["sop loss"], out["grad norm"])
+
+
+class MegatronLoop:
+    """Launches ``torchrun tools/megatron_lm_cpu.py <overlay>/pretrain_{gpt,bert}.py`` (each
+    configuration once) on a patched overlay of the checkout."""
+
+    def __init__(self, work: Path):
+        self.work, self.root = work, _overlay(work)
+        assert _tool("--apply", str(self.root)).returncode == 0
+        self.bert_data = None
+        self.runs = {}
+
+    def _launch(self, script: str, nproc: int, argv: list[str]) -> LoopRun:
+        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1")
+        cmd = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(nproc), str(LAUNCHER), str(self.root / script), *argv]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
+                              check=False, cwd=self.work)
+        run = LoopRun.parse(proc.stdout + proc.stderr)
+        assert proc.returncode == 0, f"{' '.join(cmd[-len(argv):])}\n{run.tail}"
+        return run
+
+    def _argv(self, model, cp, method, clip, tp):
+        if model == "bert" and self.bert_data is None:
+            (self.work / "data").mkdir()
+            self.bert_data = _bert_data(self.work / "data")
+        argv = [*TINY, *(GPT_DATA if model == "gpt" else self.bert_data),
+                "--clip-grad", str(clip), "--context-parallel-size", str(cp),
+                "--tensor-model-parallel-size", str(tp)]
+        if method:
+            argv += ["--seqpar-method", method]
+        elif model == "bert":
+            argv += ["--spec", "local"]  # Megatron's local BERT layers (default needs TE)
+        return argv
+
+    def run(self, model, cp, method=None, *, clip=1.0, tp=1) -> LoopRun:
+        """CP=1 is plain Megatron-LM (its local core attention); CP=2 GPT runs save at
+        iteration ``SAVE_AT`` for the checkpoint tests (saving changes no number)."""
+        key = (model, cp, method, clip, tp)
+        if key not in self.runs:
+            argv = self._argv(model, cp, method, clip, tp)
+            if model == "gpt" and cp == 2 and tp == 1:
+                argv += ["--save", str(self.work / f"ckpt-{method}-{clip}"),
+                         "--save-interval", str(SAVE_AT)]
+            script = "pretrain_gpt.py" if model == "gpt" else "pretrain_bert.py"
+            self.runs[key] = self._launch(script, cp * tp, argv)
+        return self.runs[key]
+
+    def resume(self, saved_by: str, method: str, *, clip=1.0) -> LoopRun:
+        """GPT at CP=2 with ``method``, ``--load`` from the ``saved_by`` run's checkpoint of
+        iteration ``SAVE_AT`` (``--ckpt-step``: the run also saved its last iteration)."""
+        self.run("gpt", 2, saved_by, clip=clip)
+        argv = self._argv("gpt", 2, method, clip, 1)
+        argv += ["--load", str(self.work / f"ckpt-{saved_by}-{clip}"), "--ckpt-step", str(SAVE_AT)]
+        return self._launch("pretrain_gpt.py", 2, argv)
+
+
+@pytest.fixture(scope="class")
+def loop(tmp_path_factory):
+    missing = [m for m in MLM_DEPS if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"megatron.training needs {', '.join(missing)}: run make megatron-lm-deps")
+    return MegatronLoop(tmp_path_factory.mktemp("megatron_loop"))
+
+
+def _unit(x: float) -> float:
+    """One unit of the last digit Megatron-LM prints of ``x`` (``{:.6E}``)."""
+    import math
+
+    return 10.0 ** (math.floor(math.log10(abs(x))) - 6) if x else 1e-12
+
+
+class LossMismatch(AssertionError):
+    """A logged value differs beyond the tolerance (a missing iteration is a plain failure)."""
+
+
+def _assert_same(got: dict, want: dict, iterations, tol=None):
+    for it in iterations:
+        assert it in got and it in want, (it, got, want)
+        limit = tol if tol is not None else LOSS_UNITS * _unit(want[it])
+        if abs(got[it] - want[it]) > limit:
+            raise LossMismatch(f"iteration {it}: {got[it]} != {want[it]} (+-{limit:.1e}); "
+                               f"got {got}, want {want}")
+
+
+def _assert_same_losses(run: LoopRun, ref: LoopRun, iterations):
+    _assert_same(run.lm, ref.lm, iterations)
+    if ref.sop:  # BERT's sentence-order loss
+        _assert_same(run.sop, ref.sop, iterations)
+
+
+def _assert_resumed(resumed: LoopRun, full: LoopRun):
+    """Iterations SAVE_AT+1.. of a resumed run against the uninterrupted one. Megatron-LM logs
+    a run's first iteration without resetting its loss accumulator (``training_log``:
+    ``should_reset = not is_first_iteration``), so the second logged value of any run is the
+    mean of its first two iterations; the resumed run's iteration SAVE_AT+2 is compared as such.
+    """
+    first, second = SAVE_AT + 1, SAVE_AT + 2
+    want = dict(full.lm)
+    want[second] = (full.lm[first] + full.lm[second]) / 2
+    _assert_same(resumed.lm, want, range(first, ITERS + 1))
+
+
 @NEEDS_MLM
 @pytest.mark.megatron
 @pytest.mark.own_world
@@ -418,21 +590,69 @@ class TestMegatronLM:
         assert lss["method"] == "lss" and "backend='reference'" in lss["options"], lss
         assert "lss_finalize_model_grads" in lss["finalize"], lss
 
+    # ---------------------------------------------- Megatron-LM's own loop on CPU (issue 14)
     @pytest.mark.slow
-    @pytest.mark.parametrize("method", msp.METHODS)
-    def test_pretrain_gpt_mock_data(self, tmp_path, method):
-        if torch.cuda.device_count() < 2:
-            pytest.skip("needs 2 CUDA devices (CP=2, one rank per GPU)")
-        root = _overlay(tmp_path)
-        assert _tool("--apply", str(root)).returncode == 0
-        env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS="1")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), str(REPO),
-                                                        env.get("PYTHONPATH")) if p)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "2", str(root / "pretrain_gpt.py"), *BASE,
-               "--seqpar-method", method, "--eval-iters", "0", "--log-interval", "1"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
-                              check=False, cwd=root)
-        log = proc.stdout + proc.stderr
-        assert proc.returncode == 0, log[-4000:]
-        assert "iteration        3/" in log, log[-4000:]
+    @pytest.mark.parametrize("model", ["gpt", "bert"])
+    @pytest.mark.parametrize("method", ["rsa", "mqsp", "lightseq"])
+    def test_cp2_losses_equal_cp1(self, loop, model, method):
+        """10 iterations of ``pretrain()`` at Megatron-LM's defaults (Adam, clip-grad 1.0):
+        each method at CP=2 logs CP=1's ``lm loss`` (and BERT's ``sop loss``) and grad norm."""
+        ref, run = loop.run(model, 1), loop.run(model, 2, method)
+        _assert_same_losses(run, ref, range(1, ITERS + 1))
+        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        assert LSS_LOG not in run.log
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("model", ["gpt", "bert"])
+    def test_lss_double_averaging_is_exact(self, loop, model):
+        """LSS at CP=2 logs CP=1's losses, with double gradient averaging active: the hook's
+        log line names the LSS finalize function, and the logged grad norm is the signature
+        of the position rows skipping the sequence-group average (it is rank 0's, whose
+        position-embedding gradient holds only its own segments' rows, so it is smaller).
+
+        ``--clip-grad 0`` in both runs: with clipping (Megatron-LM's default 1.0) that smaller
+        norm clips differently and the losses drift apart by ~1e-5 within 10 iterations
+        (measured; docs/megatron_lm.md, "What does not run, or not exactly")."""
+        ref, run = loop.run(model, 1, clip=0), loop.run(model, 2, "lss", clip=0)
+        _assert_same_losses(run, ref, range(1, ITERS + 1))
+        assert f"{LSS_LOG}: CP=2 average in lss_finalize_model_grads" in run.log, run.tail
+        for it in range(1, ITERS + 1):
+            assert run.grad_norm[it] < ref.grad_norm[it] - GRAD_NORM_TOL, (it, run.grad_norm)
+
+    @pytest.mark.slow
+    def test_checkpoint_resume_same_method(self, loop):
+        """``--save`` at iteration 5 of the CP=2 LightSeq run, ``--load`` with LightSeq:
+        iterations 6-10 log the uninterrupted run's losses."""
+        full = loop.run("gpt", 2, "lightseq")
+        resumed = loop.resume("lightseq", "lightseq")
+        assert sorted(resumed.lm) == list(range(SAVE_AT + 1, ITERS + 1)), resumed.tail
+        _assert_resumed(resumed, full)
+        assert "resumed with the same method" in resumed.log, resumed.tail
+
+    @pytest.mark.slow
+    def test_checkpoint_into_another_method(self, loop):
+        """The LightSeq checkpoint loads into RSA (the methods add no parameters), says so, and
+        continues with the uninterrupted LightSeq run's losses (both methods are exact)."""
+        full = loop.run("gpt", 2, "lightseq")
+        resumed = loop.resume("lightseq", "rsa")
+        _assert_resumed(resumed, full)
+        assert ("saved with --seqpar-method lightseq (CP=2), loaded into --seqpar-method rsa "
+                "(CP=2): a different method") in resumed.log, resumed.tail
+
+    @pytest.mark.slow
+    @pytest.mark.xfail(strict=True, raises=LossMismatch, reason="LSS keeps learned "
+                       "position-embedding rows per segment; the checkpoint stores CP rank 0's "
+                       "copy, whose other rows are stale, so a resumed LSS run drifts "
+                       "(docs/megatron_lm.md)")
+    def test_lss_checkpoint_resume(self, loop):
+        full = loop.run("gpt", 2, "lss", clip=0)
+        _assert_resumed(loop.resume("lss", "lss", clip=0), full)
+
+    @pytest.mark.slow
+    def test_tp2_cp2_losses_equal_cp1(self, loop):
+        """World 4: tensor parallel 2 x context parallel 2 (MQSP) logs CP=1's losses (the
+        vocabulary pads to the same 256 rows at TP=1 and 2, and CPU initialisation splits
+        the same full weights, so both start from one model)."""
+        ref, run = loop.run("gpt", 1), loop.run("gpt", 2, "mqsp", tp=2)
+        _assert_same_losses(run, ref, range(1, ITERS + 1))
+        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
