@@ -16,9 +16,9 @@ Backends: ``reference`` (pure torch, float64-safe, materialises the block's scor
 ``cpu_flash`` (PyTorch's fused CPU flash kernel, ~10x the math path, float64 included), and on
 CUDA ``cuda_flash`` (PyTorch's flash kernel: fp16/bf16 blocks without a mask) and
 ``cuda_efficient`` (the memory-efficient kernel: fp32/fp16/bf16, additive bias for masks),
-both in ``kernels_cuda``, which holds the dispatch table. ``auto`` picks per block with the
-pure rule ``kernels_cuda.choose_backend`` and falls back to ``reference``; a named backend
-that cannot serve a block falls back to ``reference`` too.
+and the opt-in ``cuda_cudnn``, all in ``kernels_cuda``, which holds the dispatch table.
+``auto`` picks per block with the pure rule ``kernels_cuda.choose_backend`` and falls back
+to ``reference``; a named backend that cannot serve a block falls back to ``reference`` too.
 
 ``attend``/``attend_backward`` run a query buffer against a key buffer whose tokens are given
 as position runs (see ``layouts``): the causal mask follows global positions, blocks that are
@@ -132,6 +132,7 @@ BACKENDS: dict[str, Backend] = {
         Backend("cuda_flash", kernels_cuda.flash_forward, kernels_cuda.flash_backward),
         Backend("cuda_efficient", kernels_cuda.efficient_forward,
                 kernels_cuda.efficient_backward),
+        Backend("cuda_cudnn", kernels_cuda.cudnn_forward, kernels_cuda.cudnn_backward),
     )
 }
 BACKEND_NAMES = ("auto", *BACKENDS)

@@ -20,6 +20,12 @@ layouts, carry a ``[1, 1, sq, sk]`` bias). Its ``lse`` is padded to a multiple o
 equal head counts, so GQA K/V are expanded for the duration of ONE call (a temporary, freed
 when the call returns; dK/dV are summed over each group of ``hq/hkv`` query heads).
 
+``cuda_cudnn`` (opt-in: ``backend="cuda_cudnn"``; ``auto`` does not pick it until the device
+check has measured it): ``aten._scaled_dot_product_cudnn_attention`` and its ``_backward``,
+fp16/bf16 blocks without a mask, head dim up to 128, GQA natively. Its lse comes as
+``[b, h, sq, 1]`` in this torch; the shape its backward takes is read from the op's meta
+kernel (no device call), so a torch that changes it keeps working.
+
 Rows with no visible key (padding, a causal row whose keys are all padded): whatever the
 kernel writes there (0 or NaN, lse -inf or +inf), the forward sets out = 0 and lse = -inf,
 from the mask alone (device ops, no host sync). In the backward such rows get lse = +inf, so
@@ -35,6 +41,8 @@ ops -> name):
 | cuda | fp16, bf16 | key-padded, causal + padded, partially masked | ``cuda_efficient`` |
 | cuda | fp32 | any | ``cuda_efficient`` |
 | cuda | fp64, or head dim not a multiple of 8 / above 256 | any | ``reference`` |
+
+(``cuda_cudnn`` serves fp16/bf16 blocks without a mask when asked for by name.)
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ _OPS = {
     "cuda_flash": ("_scaled_dot_product_flash_attention",
                    "_scaled_dot_product_flash_attention_backward"),
     "cuda_efficient": ("_efficient_attention_forward", "_efficient_attention_backward"),
+    "cuda_cudnn": ("_scaled_dot_product_cudnn_attention",
+                   "_scaled_dot_product_cudnn_attention_backward"),
 }
 
 
@@ -75,6 +85,8 @@ def supports(name: str, device_type: str, dtype: torch.dtype, has_mask: bool, ca
         return not has_mask and dtype in (torch.float16, torch.bfloat16)
     if name == "cuda_efficient":
         return dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if name == "cuda_cudnn":
+        return not has_mask and dtype in (torch.float16, torch.bfloat16) and head_dim <= 128
     return False
 
 
@@ -189,3 +201,29 @@ def efficient_backward(dout, q, k, v, out, lse, scale, causal, mask):
         dk = dk.view(b, sk, hkv, g, d).sum(3)
         dv = dv.view(b, sk, hkv, g, -1).sum(3)
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- cuda_cudnn
+def _cudnn_lse_dims() -> int:
+    """How many dims the cuDNN op's lse has in this torch (3 or 4), from its meta kernel."""
+    x = torch.empty(1, 1, 8, 8, device="meta", dtype=torch.bfloat16)
+    return _op("_scaled_dot_product_cudnn_attention")(x, x, x, None, True, 0.0, False,
+                                                       False)[1].dim()
+
+
+def cudnn_forward(q, k, v, scale, causal, mask):
+    res = _op("_scaled_dot_product_cudnn_attention")(q, k, v, None, True, 0.0, causal, False,
+                                                      scale=scale)
+    return res[0], res[1].reshape(q.shape[:3])
+
+
+def cudnn_backward(dout, q, k, v, out, lse, scale, causal, mask):
+    sq, sk = q.size(2), k.size(2)
+    zero = _zeros_int64(q.device)
+    lse = lse.float().masked_fill(torch.isneginf(lse), POS_INF)
+    if _cudnn_lse_dims() == 4:
+        lse = lse.unsqueeze(-1)
+    dq, dk, dv = _op("_scaled_dot_product_cudnn_attention_backward")(
+        dout.to(q.dtype), q, k, v, out.to(q.dtype), lse, zero, zero, None, None, None, sq, sk,
+        0.0, causal, scale=scale)
+    return dq, dk, dv

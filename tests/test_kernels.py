@@ -188,6 +188,11 @@ def test_dispatch_table(kind, dtype):
 def test_named_backend_falls_back_and_unknown_raises():
     q = torch.zeros(1, 2, 4, 8)
     assert pick_backend("cuda_flash", q, None).name == "reference"  # a CPU tensor
+    assert kernels_cuda.supports("cuda_cudnn", "cuda", torch.bfloat16, False, True, 128)
+    assert not kernels_cuda.supports("cuda_cudnn", "cuda", torch.bfloat16, True, True, 128)
+    assert not kernels_cuda.supports("cuda_cudnn", "cuda", torch.float32, False, True, 128)
+    assert kernels_cuda.choose_backend("cuda", torch.bfloat16, False, True, 128,
+                                       CUDA_OPS | {"cuda_cudnn"}) == "cuda_flash"  # opt-in
     assert pick_backend("auto", q, None).name == "cpu_flash"
     assert "cuda_efficient" in kernels_cuda.available_backends()  # the schema exists on CPU
     with pytest.raises(ValueError, match="unknown kernel backend"):
@@ -298,20 +303,34 @@ def _flash_bwd(dout, q, k, v, out, lse, cq, ck, mq, mk, p, causal, seed, off, *,
     return dq.to(q.dtype), *(x.view(b, hkv, g, sk, d).sum(2).to(q.dtype) for x in (dk, dv))
 
 
+def _cudnn_fwd(q, k, v, bias, lse_on, p, causal, debug, *, scale=None):
+    assert bias is None and lse_on
+    out, lse = _flash_fwd(q, k, v, p, causal, debug, scale=scale or q.size(-1) ** -0.5)[:2]
+    return out, lse.unsqueeze(-1), None, None, q.size(2), k.size(2), None, None, None
+
+
+def _cudnn_bwd(dout, q, k, v, out, lse, seed, off, bias, cq, ck, mq, mk, p, causal, *, scale):
+    assert lse.shape == (*q.shape[:3], 1) and bias is None  # the forward's [b, h, sq, 1]
+    return _flash_bwd(dout, q, k, v, out, lse[..., 0], cq, ck, mq, mk, p, causal, seed, off,
+                      scale=scale)
+
+
 EMULATED = {"_efficient_attention_forward": _eff_fwd, "_efficient_attention_backward": _eff_bwd,
             "_scaled_dot_product_flash_attention": _flash_fwd,
-            "_scaled_dot_product_flash_attention_backward": _flash_bwd}
+            "_scaled_dot_product_flash_attention_backward": _flash_bwd,
+            "_scaled_dot_product_cudnn_attention": _cudnn_fwd,
+            "_scaled_dot_product_cudnn_attention_backward": _cudnn_bwd}
 
 
-@pytest.mark.parametrize("backend", ["cuda_flash", "cuda_efficient"])
+@pytest.mark.parametrize("backend", ["cuda_flash", "cuda_efficient", "cuda_cudnn"])
 @pytest.mark.parametrize("kind", ["full", "causal", "padded", "causal+padded", "mask"])
 def test_cuda_glue_with_emulated_kernels(monkeypatch, backend, kind):
     """The CUDA backends' glue (layouts, GQA expansion and group sums, bias, lse padding,
     empty rows) around float64 CPU emulations of the aten kernels, against the reference."""
     monkeypatch.setattr(kernels_cuda, "_op", EMULATED.__getitem__)
     has_mask, causal = kind not in ("full", "causal"), kind.startswith("causal")
-    if backend == "cuda_flash" and has_mask:
-        pytest.skip("cuda_flash serves unmasked blocks only (see test_dispatch_table)")
+    if backend != "cuda_efficient" and has_mask:
+        pytest.skip(f"{backend} serves unmasked blocks only (see test_dispatch_table)")
     b, hq, hkv, s, d = 3, 4, 2, 37, 8  # 37 rows: the efficient lse is padded to 64
     # public [b, s, h, d] storage, [b, h, s, d] views: what the methods pass
     q, k, v, do = (rand(b, s, h, d, dtype=torch.float32, seed=i).transpose(1, 2)

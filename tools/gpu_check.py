@@ -77,7 +77,8 @@ def section_kernels(a) -> list[dict]:
     from megatron_seqpar.kernels import BACKENDS, block_attention, block_attention_backward
 
     dev = a.device
-    backends = (["cpu_flash"] if dev == "cpu" else ["cuda_flash", "cuda_efficient"]) + ["auto"]
+    backends = (["cpu_flash"] if dev == "cpu" else ["cuda_flash", "cuda_efficient", "cuda_cudnn"]
+                ) + ["auto"]
     b, hq, hkv, s, d = (2, 4, 2, 48, 16) if a.dry_run else (2, 8, 2, 1000, 128)
     rows = []
     for dtype in ("bfloat16", "float16", "float32"):
