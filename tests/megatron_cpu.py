@@ -1,4 +1,5 @@
-"""Every CPU workaround megatron-core 0.16.1 needs, in one place: test support, not library.
+"""Every CPU workaround megatron-core 0.16.1 and Megatron-LM's ``megatron.training`` need, in
+one place: test support, not library.
 
 megatron-core assumes CUDA in a few spots that a CPU/gloo run reaches. The library never
 patches Megatron (DESIGN §5, §7.10). The tests, and the example entry points when they run on
@@ -25,7 +26,8 @@ The shims, each with the reason it exists:
    ``rotary_pos_embedding``) builds its index with ``pin_memory=True`` and ``.cuda()``; the
    replacement builds the same zigzag index (chunks ``r`` and ``2P-1-r``) on the embedding's
    device. Reached with RoPE and CP>1.
-3. ``rng_tracker_fork``: the CUDA RNG tracker's ``fork()`` is a null context. Megatron forks
+3. ``rng_tracker_fork``: the CUDA RNG tracker's ``fork()`` is a null context (patched on the
+   class, since Megatron-LM's initialisation re-creates the tracker). Megatron forks
    the tracker around dropout in model-parallel regions, reading ``torch.cuda.get_rng_state``;
    on CPU, dropout there draws from the default CPU generator (seeded identically on every
    rank by the caller). Reached with TP>1 or dropout under the tracker.
@@ -43,6 +45,45 @@ The shims, each with the reason it exists:
    ``FusedLayerNorm`` and TE's norms do, so ``finalize_model_grads`` sums their gradients over
    the TP group (each TP rank normalises 1/TP of the tokens). Reached with
    ``--sequence-parallel`` (Megatron's TP+SP baseline) on a machine without apex/TE.
+
+Megatron-LM's ``megatron.training`` (its ``pretrain()`` loop: initialisation, Megatron's own
+optimizer, schedules, ``finalize_model_grads``, logging, checkpoints) needs a few more, in
+``training_cpu_shims()``; ``tools/megatron_lm_cpu.py`` installs both sets around
+``pretrain_gpt.py`` / ``pretrain_bert.py`` (the script's directory first on ``sys.path``, so
+these patch the checkout's ``megatron`` package):
+
+7. ``allow_no_cuda``: ``pretrain()`` calls ``initialize_megatron``, which asserts
+   ``torch.cuda.is_available()`` unless ``allow_no_cuda=True``; the shim passes that.
+8. ``device_count`` / ``set_device``: ``torch.cuda.device_count`` answers 1 and ``set_device``
+   does nothing. ``_initialize_distributed`` builds the model-parallel groups, and
+   ``_set_random_seed`` seeds the model-parallel RNG tracker, only when it sees a device.
+9. ``cuda_to_cpu`` (``CudaToCpu``, a ``TorchFunctionMode``): tensors that ``megatron.training``
+   and Megatron's optimizer create with ``device="cuda"`` (loss accumulators, grad-norm
+   buffers, start-time and exit flags, ``Module.cuda()``) are made on the CPU, and
+   ``Tensor.type()`` answers the CUDA type name (``clip_grad_by_total_norm_fp32`` asserts
+   ``'torch.cuda.FloatTensor'``; the mixed-precision optimizer sorts parameters by those names).
+   Megatron's own optimizer (``get_megatron_optimizer``: Adam with fp32 grad-norm clipping)
+   therefore runs unchanged; nothing is computed differently.
+10. ``null_streams``: ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` are no-ops
+    (``get_model`` builds DDP on a side stream); CPU work is in program order.
+11. ``dataset_helpers``: ``compile_helpers`` would run ``make`` inside the checkout (which
+    needs pybind11 and a writable checkout); instead every rank imports the ``helpers_cpp``
+    extension built into the installed megatron-core wheel of the same version (its
+    ``helpers.cpp`` is identical), unless the checkout has its own build.
+12. ``fused_kernels``: ``megatron.legacy.fused_kernels.load`` probes ``nvcc`` under
+    ``CUDA_HOME`` and makes a build directory in the checkout; it builds nothing in 0.16.1.
+    A no-op.
+13. ``warmup_jit``: ``_warmup_jit_function`` runs the TorchScript bias-GeLU /
+    bias-dropout-add fusions on CUDA tensors to warm them up; skipped (pass the
+    ``--no-bias-*-fusion`` flags on CPU).
+14. ``device_arch``: ``validate_args`` asks ``get_device_arch_version()`` (a CUDA query) when
+    TP or CP > 1; it answers 9.
+15. ``cuda_rng_state``: ``torch.cuda.get_rng_state`` / ``set_rng_state`` read and write the CPU
+    generator (the RNG tracker's ``add`` and checkpoint save/load of RNG states call them).
+16. ``bert_te_spec``: ``pretrain_bert.py`` imports ``bert_layer_with_transformer_engine_spec``
+    at module level, which raises without Transformer Engine; the name becomes a spec that
+    raises only if a layer is built from it (CPU runs pass ``--spec local`` or
+    ``--seqpar-method``).
 """
 
 from __future__ import annotations
@@ -148,7 +189,8 @@ class CudaToCpu(torch.overrides.TorchFunctionMode):
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
-            return name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else name
+            on_cpu = args[0].device.type == "cpu"
+            return name.replace("torch.", "torch.cuda.", 1) if on_cpu else name
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to:
@@ -197,37 +239,39 @@ def _prebuilt_dataset_helpers():
 
 @contextlib.contextmanager
 def training_cpu_shims():
-    """Install Megatron-LM ``megatron.training``'s CPU shims (7-...); undo them on exit."""
+    """Install the ``megatron.training`` shims 7-16 above; undo them on exit, even on error.
+
+    Use inside ``cpu_shims()``, with the checkout's ``megatron`` first on ``sys.path``."""
     import megatron.core.datasets.utils as dataset_utils
-    from megatron.core.models.bert import bert_layer_specs
     import megatron.training.arguments as arguments
     import megatron.training.initialize as initialize
     import megatron.training.training as training
+    from megatron.core.models.bert import bert_layer_specs
     from megatron.legacy import fused_kernels
 
     with contextlib.ExitStack() as stack:
         patch = lambda obj, name, value: stack.enter_context(_setattr(obj, name, value))  # noqa: E731
-        init = training.initialize_megatron
+        init = training.initialize_megatron  # 7
         patch(training, "initialize_megatron",
               lambda *a, **k: init(*a, **dict(k, allow_no_cuda=True)))
-        patch(torch.cuda, "device_count", lambda: 1)
+        patch(torch.cuda, "device_count", lambda: 1)  # 8
         patch(torch.cuda, "set_device", lambda *a, **k: None)
-        patch(arguments, "get_device_arch_version", lambda: 9)
-        patch(torch.cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())
-        patch(torch.cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
-        if _prebuilt_dataset_helpers():  # on every rank: only rank 0 calls compile_helpers
-            stack.callback(sys.modules.pop, "megatron.core.datasets.helpers_cpp", None)
-        patch(dataset_utils, "compile_helpers", _prebuilt_dataset_helpers)
-        patch(fused_kernels, "load", lambda *a, **k: None)
-        patch(initialize, "_warmup_jit_function", lambda *a, **k: None)
-        patch(torch.cuda, "Stream", _NullStream)
+        patch(torch.cuda, "Stream", _NullStream)  # 10
         patch(torch.cuda, "current_stream", lambda *a, **k: _NullStream())
         patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
-        if "bert_layer_with_transformer_engine_spec" not in vars(bert_layer_specs):
+        if _prebuilt_dataset_helpers():  # 11, on every rank: only rank 0 calls compile_helpers
+            stack.callback(sys.modules.pop, "megatron.core.datasets.helpers_cpp", None)
+        patch(dataset_utils, "compile_helpers", _prebuilt_dataset_helpers)
+        patch(fused_kernels, "load", lambda *a, **k: None)  # 12
+        patch(initialize, "_warmup_jit_function", lambda *a, **k: None)  # 13
+        patch(arguments, "get_device_arch_version", lambda: 9)  # 14
+        patch(torch.cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())  # 15
+        patch(torch.cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+        if "bert_layer_with_transformer_engine_spec" not in vars(bert_layer_specs):  # 16
             from megatron.core.transformer.spec_utils import ModuleSpec
 
             bert_layer_specs.bert_layer_with_transformer_engine_spec = ModuleSpec(
                 module=_needs_transformer_engine)
             stack.callback(delattr, bert_layer_specs, "bert_layer_with_transformer_engine_spec")
-        stack.enter_context(CudaToCpu())
+        stack.enter_context(CudaToCpu())  # 9
         yield
