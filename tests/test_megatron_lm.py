@@ -12,10 +12,12 @@ file also runs under Megatron's ``torchrun ... -m pytest`` runner.
   (tag ``core_v0.16.1``), and is skipped with that reason otherwise: the patches apply and
   revert cleanly (on an overlay of the checkout, which stays untouched); Megatron-LM's own
   ``parse_args`` + ``validate_args`` accept our flags and reject bad ones (in a subprocess,
-  since the checkout's ``megatron`` package must come first on ``sys.path``); and, with two or
-  more CUDA devices, a few iterations of the patched ``pretrain_gpt.py`` per method.
-  ``megatron.training`` imports ``six``, ``regex``, ``yaml`` and ``triton`` at import time; the
-  subprocess inherits ``PYTHONPATH``, so a side directory holding them works.
+  since the checkout's ``megatron`` package must come first on ``sys.path``); the patched
+  ``pretrain_gpt.py`` builds our model; and Megatron-LM's own ``pretrain()`` loop runs on CPU
+  through ``tools/megatron_lm_cpu.py``: CP=2 (each method) and TP=2 x CP=2 log CP=1's losses,
+  GPT and BERT, and checkpoints resume and load into another method.
+  ``megatron.training`` imports ``six``, ``regex``, ``yaml``, ``triton`` and ``pydantic``
+  (``make megatron-lm-deps``); without them those tests skip with that reason.
 """
 
 from __future__ import annotations
