@@ -283,10 +283,17 @@ def _store():
     return _STORE
 
 
+_CHUNK = 4 << 20  # torchrun's store (libuv TCPStore) refuses a message over 8 MiB
+
+
 def _exchange(store, call: int | str, what: str, payload: bytes) -> list[bytes]:
     """Every rank posts ``payload`` and gets all ranks' payloads (no collective involved)."""
     keys = [f"{call}/{what}/{r}" for r in range(TORCHRUN.world_size)]
-    store.set(keys[TORCHRUN.rank], payload)
+    mine = keys[TORCHRUN.rank]
+    chunks = [payload[i:i + _CHUNK] for i in range(0, len(payload), _CHUNK)] or [b""]
+    for i, chunk in enumerate(chunks):
+        store.set(f"{mine}/{i}", chunk)
+    store.set(mine, str(len(chunks)).encode())  # posted last: peers wait for this key
     try:
         store.wait(keys, TORCHRUN_WAIT)
     except RuntimeError:  # torch's DistStoreError on timeout
@@ -295,7 +302,7 @@ def _exchange(store, call: int | str, what: str, payload: bytes) -> list[bytes]:
             f"ranks {missing} of the torchrun world did not reach '{what}' of call {call} "
             f"({_TEST['nodeid']}) within {TORCHRUN_WAIT.total_seconds():.0f}s "
             "(SEQPAR_TEST_TORCHRUN_WAIT_S)") from None
-    return [store.get(k) for k in keys]
+    return [b"".join(store.get(f"{k}/{i}") for i in range(int(store.get(k)))) for k in keys]
 
 
 def wait_for_all_ranks() -> None:
@@ -310,7 +317,11 @@ def wait_for_all_ranks() -> None:
 
 def _forget(store, call: int) -> None:
     for what in ("start", "result"):
-        store.delete_key(f"{call}/{what}/{TORCHRUN.rank}")
+        key = f"{call}/{what}/{TORCHRUN.rank}"
+        if store.check([key]):
+            for i in range(int(store.get(key))):
+                store.delete_key(f"{key}/{i}")
+            store.delete_key(key)
 
 
 def _clean_parallel_state() -> None:
