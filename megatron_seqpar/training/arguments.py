@@ -91,7 +91,7 @@ class TrainConfig:
     seqpar_method: str | None = None
     seqpar_options: tuple[tuple[str, Any], ...] = ()  # (Options field, value) given
     distributed_backend: str | None = None
-    distributed_timeout_minutes: int = 10  # every collective's bound (Megatron-LM's flag)
+    distributed_timeout_minutes: float = 10.0  # every collective's bound (Megatron-LM's flag)
     device: str = "auto"
     cpu_threads: int | None = None
     # data
@@ -267,7 +267,7 @@ def build_parser(model: str = "gpt") -> argparse.ArgumentParser:
                     ("--split", str), ("--mask-prob", float), ("--short-seq-prob", float),
                     ("--save", str), ("--load", str), ("--save-interval", int),
                     ("--exit-interval", int), ("--log-interval", int), ("--log-dir", str),
-                    ("--distributed-timeout-minutes", int)):
+                    ("--distributed-timeout-minutes", float)):
         add(flag, t)
     add("--position-embedding-type", choices=("learned_absolute", "rope"))
     add("--lr-decay-style", choices=("constant", "linear", "cosine"))

@@ -145,6 +145,12 @@ def prepare_data_prefix(cfg) -> str:
         build_indexed_dataset(docs(), prefix, split=cfg.model == "bert")
     if dist.is_initialized():
         dist.barrier()
+    if not (os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx")):
+        raise preflight.InputError(
+            f"{prefix}.bin/.idx was built by global rank 0 but is not visible here: "
+            f"--data-cache-path {cfg.data_cache_path} must be on a file system every node "
+            "shares (as Megatron-LM's data cache), or build the data on each node with "
+            "tools/preprocess_data.py and pass it as --data-path")
     return prefix
 
 

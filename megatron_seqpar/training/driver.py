@@ -205,7 +205,8 @@ def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -
                           f"{dist.get_world_size()}")
     ps.initialize_model_parallel(cfg.tensor_model_parallel_size, 1,
                                  context_parallel_size=cfg.context_parallel_size,
-                                 create_gloo_process_groups=False)
+                                 create_gloo_process_groups=False,
+                                 distributed_timeout_minutes=cfg.distributed_timeout_minutes)
     try:
         rank = dist.get_rank()
         dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
@@ -228,8 +229,8 @@ def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -
         if cfg.load:
             start, extra = checkpoint.load_checkpoint(cfg.load, module, opt)
             note = _layout_note(extra.get("layout"), _layout(cfg), start)
-            if note and rank == 0:
-                print(note, flush=True)
+            if rank == 0 and start:
+                print(note or f"resuming from step {start} of {cfg.load}", flush=True)
         prefix = data_mod.prepare_data_prefix(cfg)
         dataset = data_mod.build_train_dataset(cfg, prefix)
         source = data_mod.BatchSource(dataset, cfg, ps.get_data_parallel_rank(), cp_group, device)
@@ -370,6 +371,17 @@ def _finish(cfg, log_path: str, log_dir: str) -> None:
         print(f"plot: {os.path.abspath(png)}", flush=True)
 
 
+def _peer_failure(text: str, minutes: float) -> str | None:
+    """What a distributed RuntimeError says happened to a peer (None: something else)."""
+    low = text.lower()
+    if "connection reset" in low or "connection closed" in low or "connection refused" in low:
+        return "lost the connection to a peer rank (it died or was killed)"
+    if "timed out" in low or "timeout" in low:
+        return (f"a collective timed out after {minutes:g} min: a peer rank stalled (raise "
+                "--distributed-timeout-minutes if it was only slow)")
+    return None
+
+
 def _init_process_group(cfg: TrainConfig, device: str) -> None:
     from datetime import timedelta
 
@@ -379,7 +391,19 @@ def _init_process_group(cfg: TrainConfig, device: str) -> None:
                           WORLD_SIZE="1", LOCAL_RANK="0")
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(minutes=cfg.distributed_timeout_minutes))
+    timeout = timedelta(minutes=cfg.distributed_timeout_minutes)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    # Under torchrun the workers share the agent's store across restarts (torch 2.13 adds no
+    # per-attempt prefix), so a restarted group would read the dead group's gloo addresses and
+    # fail to connect; keep each attempt's keys apart.
+    from torch.distributed.rendezvous import rendezvous
+
+    store, rank, world = next(rendezvous("env://", timeout=timeout))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"seqpar/attempt_{attempt}", store),
+                            rank=rank, world_size=world, timeout=timeout)
 
 
 def _free_port() -> int:
@@ -430,14 +454,13 @@ def main(argv=None, model: str = "gpt", cpu_shims=None) -> int:
         if dist.get_rank() == 0:  # every rank stops; rank 0 says why
             print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, checkpoint.CheckpointError)) else 1
-    except RuntimeError as e:  # a collective that outlived --distributed-timeout-minutes
-        text = str(e)
-        if "timed out" not in text.lower() and "timeout" not in text.lower():
+    except RuntimeError as e:  # a peer died, or a collective outlived the timeout
+        what = _peer_failure(str(e), cfg.distributed_timeout_minutes)
+        if what is None:
             raise
-        print(f"error: rank {dist.get_rank()}: a collective timed out after "
-              f"{cfg.distributed_timeout_minutes} min ({text.splitlines()[0][:200]}); a peer "
-              "rank stalled or died: check the other ranks' logs, raise "
-              "--distributed-timeout-minutes if it was only slow", file=sys.stderr)
+        print(f"error: rank {dist.get_rank()}: {what} ({str(e).splitlines()[0][:240]}); check "
+              "the other ranks' logs; a job under torchrun --max-restarts resumes from --load",
+              file=sys.stderr)
         return 1
     finally:
         dist.destroy_process_group()
