@@ -40,6 +40,7 @@ def _losses(log_dir):
 
 @pytest.mark.slow
 @pytest.mark.megatron
+@pytest.mark.own_world
 def test_resume_into_other_layouts_and_methods(tmp_path):
     ckpt = tmp_path / "ckpt"
     proc = _torchrun(tmp_path, 2, "--context-parallel-size", "2", "--seqpar-method", "lss",

@@ -29,7 +29,7 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2"
         "--seq-length", "128", "--global-batch-size", "1", "--context-parallel-size", "2",
         "--seqpar-method", "lightseq", "--no-progress-bar", "--no-plot", "--cpu-threads", "1"]
 
-pytestmark = [pytest.mark.slow, pytest.mark.megatron]
+pytestmark = [pytest.mark.slow, pytest.mark.megatron, pytest.mark.own_world]
 
 
 def _env():
