@@ -279,7 +279,8 @@ def _store():
         with _launcher_env():
             store, _, _ = next(dist.rendezvous("env://", TORCHRUN.rank, TORCHRUN.world_size,
                                                timeout=TORCHRUN_WAIT))
-        _STORE = dist.PrefixStore("megatron_seqpar_tests", store)
+        attempt = dict(TORCHRUN.env).get("TORCHELASTIC_RESTART_COUNT", "0")  # keys per attempt
+        _STORE = dist.PrefixStore(f"megatron_seqpar_tests/{attempt}", store)
     return _STORE
 
 
