@@ -211,6 +211,12 @@ class _NullStream:
         pass
 
 
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def _needs_transformer_engine(*args, **kwargs):
     raise ImportError("bert_layer_with_transformer_engine_spec needs Transformer Engine, which "
                       "is not installed; pass --spec local (or --seqpar-method ...)")
@@ -267,11 +273,11 @@ def training_cpu_shims():
         patch(arguments, "get_device_arch_version", lambda: 9)  # 14
         patch(torch.cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())  # 15
         patch(torch.cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
-        if "bert_layer_with_transformer_engine_spec" not in vars(bert_layer_specs):  # 16
+        te_spec = "bert_layer_with_transformer_engine_spec"  # 16, only without TE
+        if te_spec not in vars(bert_layer_specs) and not _has_module("transformer_engine"):
             from megatron.core.transformer.spec_utils import ModuleSpec
 
-            bert_layer_specs.bert_layer_with_transformer_engine_spec = ModuleSpec(
-                module=_needs_transformer_engine)
-            stack.callback(delattr, bert_layer_specs, "bert_layer_with_transformer_engine_spec")
+            setattr(bert_layer_specs, te_spec, ModuleSpec(module=_needs_transformer_engine))
+            stack.callback(delattr, bert_layer_specs, te_spec)
         stack.enter_context(CudaToCpu())  # 9
         yield
