@@ -65,6 +65,23 @@ def uninterrupted(tmp_path_factory):
     return losses
 
 
+def _kill_tree(proc) -> None:
+    """SIGKILL a launcher and every process under it (torchrun starts its workers in sessions
+    of their own, so killing its process group would leave them behind)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
+    for p in [*tree, proc]:
+        try:
+            p.kill()
+        except (psutil.Error, ProcessLookupError):
+            pass
+    proc.wait(timeout=30)
+
+
 def _worker(agent_pid: int, local_rank: int):
     import psutil
 
@@ -99,7 +116,7 @@ def test_killed_rank_restarts_and_resumes(tmp_path, uninterrupted):
         assert p.wait(timeout=300) == 0, (tmp_path / "stdout.txt").read_text()[-4000:]
     finally:
         if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
+            _kill_tree(p)
         out.close()
     text = (tmp_path / "stdout.txt").read_text()
     assert "resuming from step 3 of" in text or "resuming from step 6 of" in text, text[-3000:]
@@ -126,7 +143,7 @@ def test_two_agents_as_two_nodes(tmp_path, uninterrupted):
     finally:
         for a in agents:
             if a.poll() is None:
-                os.killpg(a.pid, signal.SIGKILL)
+                _kill_tree(a)
     assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-2000:] for o in outs)
     logs = [_losses(tmp_path / f"log{n}") for n in range(2)]
     got = [x for x in logs if x]  # the log is written by global rank 0, on either agent
@@ -155,11 +172,15 @@ def test_stalled_rank_ends_the_job_with_a_message(tmp_path):
            "2", str(tmp_path / "stall.py"), ROOT, *TINY, "--train-iters", "4",
            "--data-cache-path", str(tmp_path / "data"), "--log-dir", str(tmp_path / "log"),
            "--distributed-timeout-minutes", "0.15"]
-    # The hour-long sleep would outlast this timeout: ending at all shows the bound works.
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                          timeout=240, check=False)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:  # the hour-long sleep would outlast this: ending at all shows the bound works
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
     assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: rank 0")]
-    assert len(lines) == 1, proc.stderr[-3000:]
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error: rank 0")]
+    assert len(lines) == 1, stderr[-3000:]
     assert "a collective timed out after 0.15 min" in lines[0], lines[0]
     assert "recv operation" in lines[0], lines[0]  # gloo's own words name the operation
