@@ -213,7 +213,10 @@ def read_train_state(file: str) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e)
+        if "WeightsUnpickler error:" in text:  # torch's reason, without its advice to unpickle
+            text = text.split("WeightsUnpickler error:", 1)[1]
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
         raise CheckpointError(f"{file}: refused to load: it holds more than tensors and plain "
                               f"values ({first[:160]}); only --load checkpoints this driver "
                               "wrote") from None
