@@ -15,7 +15,7 @@ all-gather per call, ``2·S`` held per layer until its backward).
 
 The other half of LSS, *double gradient averaging* of the parameters (sequence group, then
 data-parallel group), lives in the Megatron integration (``megatron_seqpar.megatron``), not in
-this op.
+this op; its ``assemble_position_grads`` option sits in ``Options`` so one flag set covers both.
 
 Per rank and call: forward sends ``(P-1)·2·s·b·hkv·D`` elements (all-gather); backward the
 same again when ``regather_kv``, plus ``(P-1)/P·2·S·b·hkv·D`` in the accumulation dtype
@@ -38,9 +38,20 @@ from megatron_seqpar.kernels import acc_dtype, attend, attend_backward, zeros_pu
 @dataclass(frozen=True)
 class Options(BaseOptions):
     """``regather_kv``: all-gather K/V again in the backward instead of keeping the gathered
-    copy from the forward (holds ``2·s`` instead of ``2·S`` per layer between the passes)."""
+    copy from the forward (holds ``2·s`` instead of ``2·S`` per layer between the passes).
+
+    ``assemble_position_grads`` (used by the double gradient averaging, not by this op):
+    level 1 all-reduces learned position-embedding gradients over the CP group like every
+    other gradient, so each CP rank holds the full single-process gradient of every row and
+    the tables stay identical across CP ranks; an unmodified optimizer's clipping and
+    checkpoints (Megatron-LM's) are then exact. Default True because exactness of the default
+    mode is never traded away (DESIGN). False: the paper's rows *owned per segment* (E fewer
+    elements sent per step), exact with our driver, but on Megatron-LM's route only with
+    ``--clip-grad 0`` and without resuming its checkpoints
+    (``megatron_seqpar.megatron.lss_grad``)."""
 
     regather_kv: bool = True
+    assemble_position_grads: bool = True
 
 
 def _gather_kv(setup, k, v):

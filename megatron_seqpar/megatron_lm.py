@@ -293,15 +293,19 @@ def bert_model_class(args):
                           "derives local position ids and cannot run under CP > 1") from None
 
 
-def install_lss_grad_averaging(model_chunks) -> None:
+def install_lss_grad_averaging(model_chunks, *, assemble_position_grads: bool = True) -> None:
     """LSS double gradient averaging on Megatron-LM's DDP ``model_chunks`` (the one call site).
 
     Megatron-LM builds the DDP chunks itself (reducing over DP x CP) and sets
     ``config.finalize_model_grads_func`` just before its training loop, so this runs from the
     first forward step (``wrap_forward_step``), after both. It defers to
     ``megatron_seqpar.megatron.lss_grad.install_lss_grad_averaging`` (groups from
-    ``parallel_state``): bucket reduction over pure DP, CP average in finalize. Rank 0 prints
-    ``LSS_INSTALLED_LOG`` with the group sizes and the finalize function now in place.
+    ``parallel_state``): bucket reduction over pure DP, CP average in finalize.
+    ``assemble_position_grads`` (``--[no-]seqpar-lss-assemble-position-grads``, default on)
+    keeps Megatron's clipping and checkpoints exact; off (rows owned per segment) is exact on
+    this route only with ``--clip-grad 0`` and without resuming. Rank 0 prints
+    ``LSS_INSTALLED_LOG`` with the group sizes, the finalize function now in place and the
+    position-embedding mode.
     """
     from megatron.core import parallel_state
     from megatron.core.utils import get_model_config
@@ -309,12 +313,15 @@ def install_lss_grad_averaging(model_chunks) -> None:
     from megatron_seqpar.megatron.lss_grad import install_lss_grad_averaging as install
 
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
-    install(chunks)
+    install(chunks, assemble_position_grads=assemble_position_grads)
     finalize = get_model_config(chunks[0]).finalize_model_grads_func
+    rows = ("assembled over CP" if assemble_position_grads else
+            "owned per segment (exact only with --clip-grad 0, not resumable)")
     _print_rank_0(
         f"{LSS_INSTALLED_LOG}: CP={parallel_state.get_context_parallel_world_size()} average "
         f"in {getattr(finalize, '__qualname__', finalize)}, then DDP buckets over "
-        f"DP={parallel_state.get_data_parallel_world_size()}")
+        f"DP={parallel_state.get_data_parallel_world_size()}; position-embedding gradients "
+        f"{rows}")
 
 
 def _print_rank_0(text: str) -> None:
@@ -375,7 +382,8 @@ def wrap_forward_step(forward_step):
 
             margs = get_args()
             if getattr(margs, "seqpar_method", None) == "lss":
-                install_lss_grad_averaging([model])
+                install_lss_grad_averaging([model], assemble_position_grads=options_from_args(
+                    margs).assemble_position_grads)
             if not getattr(step, "_checkpoint_noted", False):
                 step._checkpoint_noted = True
                 note = loaded_checkpoint_note(margs)

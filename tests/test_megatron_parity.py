@@ -15,8 +15,10 @@ Loss convention (Megatron's): per rank ``sum(token losses)/N_total * (DP*CP)`` (
 binary loss weighted 1/CP), so DDP's average over DP x CP gives the global-batch gradient.
 LSS also runs with LSS double averaging: ``lss_ddp`` + ``lss_finalize_model_grads`` (with and
 without ``overlap_grad_reduce``) and stock DDP + ``install_lss_grad_averaging`` (Megatron-LM's
-route); there the learned position table's owned rows must match the oracle and the other
-rows be zero, and every gradient must equal the stock-DDP LSS run's.
+route), each in both position-embedding modes: assembled (the default) must match the oracle
+on every row of the learned position table on every rank, like every other gradient; owned per
+segment (``assemble_position_grads=False``, suffix ``-owned``) on this rank's rows, the other
+rows staying zero. Every gradient must also equal the stock-DDP LSS run's (owned: its rows).
 A negative control shows the checks catch megatron's local position ids under CP.
 Everything is float64: tolerance 1e-9 relative to the largest reference magnitude.
 """
@@ -144,20 +146,32 @@ def forward_loss(kind, model, batch, n_tokens, n_samples, dp, cp, oracle):
     return (lm + sop) * dp * cp, logits, binary
 
 
+def lss_route(lss_double):
+    """The wrapping of an LSS double-averaging mode (``-owned`` dropped)."""
+    return lss_double.removesuffix("-owned") if isinstance(lss_double, str) else lss_double
+
+
+def lss_owned(lss_double) -> bool:
+    """Position-embedding rows owned per segment (``assemble_position_grads=False``)?"""
+    return isinstance(lss_double, str) and lss_double.endswith("-owned")
+
+
 def ddp_wrap(config, model, lss_double=False):
-    """Stock DDP (False), ``lss_ddp`` ("ddp"/True) or stock DDP + ``install_lss_grad_averaging``
-    ("install", what Megatron-LM gets)."""
+    """Stock DDP (False), ``lss_ddp`` ("ddp"/True/"overlap") or stock DDP +
+    ``install_lss_grad_averaging`` ("install", what Megatron-LM gets); a ``-owned`` suffix
+    installs the owned position-embedding variant."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_seqpar.megatron.lss_grad import install_lss_grad_averaging, lss_ddp
 
-    ddp_cfg = DistributedDataParallelConfig(overlap_grad_reduce=lss_double == "overlap",
+    route = lss_route(lss_double)
+    ddp_cfg = DistributedDataParallelConfig(overlap_grad_reduce=route == "overlap",
                                             use_distributed_optimizer=False)
-    if lss_double in (True, "ddp", "overlap"):
+    if route in (True, "ddp", "overlap"):
         return lss_ddp(config, ddp_cfg, model)
     ddp = DistributedDataParallel(config, ddp_cfg, model)
-    if lss_double == "install":
-        install_lss_grad_averaging([ddp])
+    if route == "install":
+        install_lss_grad_averaging([ddp], assemble_position_grads=not lss_owned(lss_double))
     return ddp
 
 
@@ -201,10 +215,11 @@ def run_case(kind, method, *, tp, cp, dp, b=B, lss_double=False):
     model.zero_grad_buffer()
     loss, logits, binary = forward_loss(kind, model, batch, n_tokens, n_global, dp, cp, oracle)
     loss.backward()
-    if lss_double == "install":
+    if lss_route(lss_double) == "install":
         config.finalize_model_grads_func([model])  # set by install_lss_grad_averaging
     elif lss_double:
-        lss_finalize_model_grads(ps.get_context_parallel_group())([model])
+        lss_finalize_model_grads(ps.get_context_parallel_group(),
+                                 assemble_position_grads=not lss_owned(lss_double))([model])
     else:
         model.finish_grad_sync()
     coords = (d, ps.get_context_parallel_rank())
@@ -282,7 +297,7 @@ def compare(kind, res, ref, cp, lss_double):
     assert all(grads[n].shape == r_grads[n].shape for n in grads)
     for name, g in grads.items():
         w = r_grads[name]
-        if lss_double and name.endswith("position_embeddings.weight"):
+        if lss_owned(lss_double) and name.endswith("position_embeddings.weight"):
             from megatron_seqpar.megatron.lss_grad import owned_position_rows
 
             own = owned_position_rows(S, r, cp)
@@ -305,20 +320,23 @@ def _check(tp, cp, world, oracle, cases, label, expect_fail=False):
         errs = [compare(kind, res[case], ref, cp, lss_double) for res in results]
         el, eg = max(e[0] for e in errs), max(e[1] for e in errs)
         secs = max(res[case][-1] for res in results)
-        name = method + {False: "", True: "+double-avg", "install": "+double-avg(installed)",
-                         "overlap": "+double-avg(overlap)"}[lss_double]
+        name = method + {False: "", True: "+double-avg", "ddp": "+double-avg",
+                         "install": "+double-avg(installed)",
+                         "overlap": "+double-avg(overlap)"}[lss_route(lss_double)]
+        name += "-owned" if lss_owned(lss_double) else ""
         rows.append({"config": label, "method": name, "model": kind, "max_rel_err_logits": el,
                      "max_rel_err_grads": eg, "seconds": round(secs, 2)})
         if (el < TOL and eg < TOL) == expect_fail:
             bad.append(rows[-1])
-    for kind, mode in ((k, m) for k in MODELS for m in (True, "install", "overlap")):
+    modes = (True, "install", "overlap", "ddp-owned", "install-owned", "overlap-owned")
+    for kind, mode in ((k, m) for k in MODELS for m in modes):
         a, b = (kind, "lss", False), (kind, "lss", mode)  # double avg == plain Megatron CP
         if a in cases and b in cases:
             for res in results:
                 r = res[a][3][1]
                 for name, g in res[b][2].items():
                     want = res[a][2][name]
-                    if name.endswith("position_embeddings.weight"):
+                    if lss_owned(mode) and name.endswith("position_embeddings.weight"):
                         from megatron_seqpar.megatron.lss_grad import owned_position_rows
 
                         own = owned_position_rows(S, r, cp)
@@ -341,6 +359,9 @@ def _cases(methods=METHODS, models=MODELS, lss_double=True):
         cases += [(k, "lss", True) for k in models]
         cases += [(k, "lss", "install") for k in models if k != "gpt-rope"]
         cases += [("gpt-learned", "lss", "overlap")] if "gpt-learned" in models else []
+        learned = [k for k in models if k != "gpt-rope"]  # models with a position table
+        cases += [(k, "lss", m) for k in learned for m in ("ddp-owned", "install-owned")]
+        cases += [("gpt-learned", "lss", "overlap-owned")] if "gpt-learned" in models else []
     return cases
 
 
@@ -372,7 +393,7 @@ def test_negative_controls_cp2(oracle):
     assert all(r["max_rel_err_logits"] > 1e-3 for r in rows)
 
 
-def _lss_level1(rank, world_size):
+def _lss_level1(rank, world_size, assemble):
     import megatron_cpu
     from megatron.core import parallel_state as ps
 
@@ -391,7 +412,8 @@ def _lss_level1(rank, world_size):
             batch = get_batch(global_batch("gpt-learned", B))
             loss, _, _ = forward_loss("gpt-learned", model, batch, B * S, B, 1, 2, False)
             loss.backward()
-            payload = average_over_sequence_group(model, ps.get_context_parallel_group())
+            payload = average_over_sequence_group(model, ps.get_context_parallel_group(),
+                                                  assemble_position_grads=assemble)
             return payload, n, e
         finally:
             ps.destroy_model_parallel()
@@ -403,7 +425,10 @@ def get_batch(batch):
     return get_batch_on_this_cp_rank(batch)
 
 
-def test_lss_level1_bytes():
-    """Level 1 of LSS double averaging all-reduces every gradient but the position tables."""
-    for payload, n, e in run_on_ranks(_lss_level1, 2, timeout=180):
-        assert e == S * H and payload == (n - e) * 8  # float64 grad buffer
+@pytest.mark.parametrize("assemble", [True, False], ids=["assembled", "owned"])
+def test_lss_level1_bytes(assemble):
+    """Level 1 of LSS double averaging all-reduces every gradient (assembled, the default) or
+    every gradient but the position tables (owned per segment)."""
+    for payload, n, e in run_on_ranks(_lss_level1, 2, assemble, timeout=180):
+        assert e == S * H
+        assert payload == (n if assemble else n - e) * 8  # float64 grad buffer

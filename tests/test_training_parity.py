@@ -11,14 +11,16 @@ Tolerance: everything is fp32, and the runs differ only in the order of floating
 gradient sums split over two ranks and then all-reduced, the gradient norm for clipping). Each
 such sum carries a relative error of a few 2^-24 ~ 6e-8, about 0.1 ulp of a loss near 5
 (1 ulp = 4.8e-7; the logged loss is a float64 sum of fp32 per-token losses). Adam feeds that
-noise back through 30 updates; measured on this machine, every method stays within 6e-8 (GPT)
-and 1.2e-7 (BERT) of the CP=1 curve over all 30 steps. We allow 2e-6, 20x the worst measured
-drift and still 0.4e-6 relative. Two real bugs this test caught, for scale: a gradient-norm
-clip computed from one rank's share of the LSS position-embedding gradient moved the GPT curve
-by 2e-4; a masked-LM replacement token equal to the pad id (which turns a loss position into a
-padded query row, defined differently by Megatron's local softmax and by our methods) moved the
-BERT curve by 1.1e-5 in one step. A wrong mask, scale or missing gradient term moves it by
->= 1e-2 within a few steps.
+noise back through 30 updates; measured on this machine (2026-11-30, LSS owned rows included),
+every method stays within 1.4e-7 (GPT) and 1.5e-7 (BERT) of the CP=1 curve over all 30 steps.
+We allow 2e-6, 13x the worst measured drift and still 0.4e-6 relative. Two real bugs this test
+caught, for scale: a gradient-norm clip computed from one rank's share of the LSS
+position-embedding gradient moved the GPT curve by 2e-4 (the default LSS now assembles those
+rows over CP; the owned-rows variant, ``test_lss_owned_rows_cp2_matches_cp1``, still relies on
+the driver's split norm); a masked-LM replacement token equal to the pad id (which turns a loss
+position into a padded query row, defined differently by Megatron's local softmax and by our
+methods) moved the BERT curve by 1.1e-5 in one step. A wrong mask, scale or missing gradient
+term moves it by >= 1e-2 within a few steps.
 """
 
 from __future__ import annotations
@@ -94,6 +96,23 @@ def test_bert_padded_cp2_matches_cp1(method, bert_ref):
     assert cp2[0] == cp2[1]
     worst = _check(ref, cp2[0], TOL["bert"])
     print(f"bert {method}: max |loss(CP=2) - loss(CP=1)| over {STEPS} steps = {worst:.2e}")
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize("model", ["gpt", "bert"])
+def test_lss_owned_rows_cp2_matches_cp1(model, gpt_ref, bert_ref):
+    """LSS with position-embedding rows owned per segment
+    (``--no-seqpar-lss-assemble-position-grads``): the driver's split clipping norm (summed
+    over CP) keeps it on the CP=1 curve too (same tolerance and reasoning as above)."""
+    tmp, ref = gpt_ref if model == "gpt" else bert_ref
+    common = dict(TINY, model=model, seq_length=128, data_cache_path=str(tmp / "data"))
+    cp2 = run_on_ranks(_train, 2, dict(common, context_parallel_size=2, seqpar_method="lss",
+                                       seqpar_options=(("assemble_position_grads", False),),
+                                       log_dir=str(tmp / "lss-owned")))
+    assert cp2[0] == cp2[1]
+    worst = _check(ref, cp2[0], TOL[model])
+    print(f"{model} lss (owned rows): max |loss(CP=2) - loss(CP=1)| over {STEPS} steps = "
+          f"{worst:.2e}")
 
 
 def _count_pads(rank, world_size, cache):

@@ -3,13 +3,24 @@
 Stock Megatron reduces every gradient once, over the combined DP x CP group. LSS averages in
 two levels (DESIGN §4): first over the *sequence* group (Megatron's CP group: the segments of
 one sequence, adjacent ranks, so intra-node first in Megatron's rank order), then over the
-*pure data-parallel* group (the same segment of different sequences). Learned absolute position
-embeddings are *owned per segment*: rank r only ever reads and writes the rows of its own
-(zigzag) positions, so their gradient skips the sequence-group average and joins only the DP
-average, scaled by ``1/P`` so that it equals what the CP average would have given on those rows
-(one nonzero term in a sum of P, divided by P) and therefore the single-process gradient.
-Rows of other segments keep a zero gradient on this rank and are never read here; call
-``sync_position_embeddings`` before saving a checkpoint or changing P.
+*pure data-parallel* group (the same segment of different sequences).
+
+Learned absolute position embeddings: rank r only reads and writes the rows of its own (zigzag)
+positions, so before level 1 its gradient of such a table is nonzero only on those rows.
+  * ``assemble_position_grads=True`` (default, ``lss.Options``): level 1 all-reduces the
+    position-embedding ranges over the sequence group too. A SUM of disjoint rows assembles the
+    full gradient, and the same ``1/P`` as the rest makes it the single-process one, so every
+    CP rank holds every row's gradient, the tables (and their optimizer moments) stay
+    identical across CP ranks, and an unmodified optimizer's global-norm clipping and
+    checkpoint are exact (Megatron-LM's route).
+  * ``assemble_position_grads=False`` (the paper's *owned per segment* variant): level 1 skips
+    those ranges and only scales them by ``1/P`` (one nonzero term in a sum of P, divided by
+    P: the single-process gradient on the owned rows); E fewer elements are sent. Rows of other
+    segments keep a zero gradient on this rank and are never read here, so a rank's grad norm
+    misses the other ranks' rows and its table holds stale rows: exact only with an optimizer
+    that sums the split norm over CP and with ``sync_position_embeddings`` (plus
+    ``assemble_owned_rows`` for the moments) before saving or changing P -- what our driver
+    does; on Megatron-LM's route only with ``--clip-grad 0`` and without resuming.
 
 How it sits on Megatron:
   * ``lss_ddp(config, ddp_config, module)`` is a stock ``DistributedDataParallel`` built with a
@@ -20,7 +31,7 @@ How it sits on Megatron:
   * ``lss_finalize_model_grads(seq_group)`` returns a drop-in for
     ``megatron.core.distributed.finalize_model_grads`` (set it as
     ``config.finalize_model_grads_func``): it all-reduces each grad buffer over the sequence
-    group (skipping position-embedding ranges, which it scales by 1/P) and then runs
+    group (owned variant: skipping position-embedding ranges, which it scales by 1/P) and runs
     Megatron's ``finalize_model_grads`` (DP bucket all-reduce / reduce-scatter, SP layer-norm
     grads, PP embedding grads, per-token scaling). With ``overlap_grad_reduce`` the DP
     reduction has already started in backward; both levels are linear, so the CP average then
@@ -28,15 +39,17 @@ How it sits on Megatron:
 
 Collectives and bytes per step, N = parameters with grad, E = position-embedding elements,
 w = bytes per grad element, P = CP size, D = DP size (ring all-reduce sends 2(n-1)/n x payload):
-  * level 1: one all-reduce per contiguous non-position range of each buffer over the CP
-    group, payload (N - E)·w, sent ≈ 2(P-1)/P·(N-E)·w per rank;
+  * level 1: one all-reduce per buffer over the CP group, payload N·w, sent ≈ 2(P-1)/P·N·w
+    per rank (owned variant: one per contiguous non-position range, payload (N - E)·w,
+    sent ≈ 2(P-1)/P·(N-E)·w);
   * level 2: DDP's bucket all-reduce over the DP group, payload N·w, ≈ 2(D-1)/D·N·w sent;
   * stock Megatron instead: one all-reduce of N·w over DP x CP, ≈ 2(PD-1)/(PD)·N·w sent.
 LSS therefore sends more in total than the stock single level; what it buys is hierarchy:
 with CP intra-node (Megatron's rank order puts CP ranks next to each other) only level 2
 crosses nodes. Example, the parity-test GPT (2 layers, hidden 64, N = 107,136, E = 3,072,
-float64, P = D = 2): level 1 sends 832,512 B, level 2 857,088 B (1,689,600 B per rank and
-step) against 1,285,632 B for the stock DP x CP all-reduce. Pre-scaling keeps the result equal
+float64, P = D = 2): level 1 sends 857,088 B (owned: 832,512 B), level 2 857,088 B
+(1,714,176 B per rank and step; owned 1,689,600 B) against 1,285,632 B for the stock DP x CP
+all-reduce. Pre-scaling keeps the result equal
 to Megatron's in every mode (``_level2_scaling``: 1/D by default, 1 with
 ``average_in_collective``, P with ``calculate_per_token_loss``).
 No extra memory: everything is in place on DDP's grad buffers.
@@ -115,13 +128,15 @@ def lss_ddp(config, ddp_config, module, pg_collection=None, **ddp_kwargs):
     return model
 
 
-def install_lss_grad_averaging(model_chunks, seq_group=None, dp_group=None) -> None:
+def install_lss_grad_averaging(model_chunks, seq_group=None, dp_group=None, *,
+                               assemble_position_grads: bool = True) -> None:
     """Turn DDP chunks built the stock way (reducing over DP x CP) into LSS double averaging.
 
     For Megatron-LM, which builds the DDP chunks itself: each bucket group's collective is
     re-pointed from the DP x CP group to the pure DP group (pre-scale adjusted, see
     ``_level2_scaling``) and ``config.finalize_model_grads_func`` becomes
-    ``lss_finalize_model_grads(seq_group)``. Groups default to ``parallel_state``'s. Needs
+    ``lss_finalize_model_grads(seq_group, assemble_position_grads=...)``. Groups default to
+    ``parallel_state``'s. Needs
     ``use_distributed_optimizer=False`` (the optimizer's shards follow the DP x CP group) and
     no expert-parallel buffers; raises ``ValueError`` otherwise. No collective.
     """
@@ -144,7 +159,8 @@ def install_lss_grad_averaging(model_chunks, seq_group=None, dp_group=None) -> N
             group.data_parallel_group = dp_group
             for bucket in group.buckets:
                 bucket.gradient_scaling_factor = factor
-    config.finalize_model_grads_func = lss_finalize_model_grads(seq_group)
+    config.finalize_model_grads_func = lss_finalize_model_grads(
+        seq_group, assemble_position_grads=assemble_position_grads)
 
 
 def _ddp_buffers(model_chunk):
@@ -167,17 +183,22 @@ def _complement(ranges: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
     return out
 
 
-def average_over_sequence_group(model_chunk, seq_group: dist.ProcessGroup) -> int:
+def average_over_sequence_group(model_chunk, seq_group: dist.ProcessGroup, *,
+                                assemble_position_grads: bool = True) -> int:
     """Level 1: average the grad buffers of one DDP chunk over ``seq_group``, in place.
 
-    Position-embedding ranges are skipped and scaled by ``1/P``. Collectives: one blocking
-    all-reduce per contiguous non-position range of each buffer (payload = buffer minus the
-    position tables). Returns the payload in bytes (per rank, before the ring factor).
+    ``assemble_position_grads`` (default): one blocking all-reduce (SUM, then ``1/P``) of each
+    whole buffer; the position-embedding ranges, nonzero only on each rank's own rows, come
+    out assembled (payload = the whole buffer). Otherwise (owned variant) position-embedding
+    ranges are skipped and only scaled by ``1/P``: one all-reduce per contiguous non-position
+    range (payload = buffer minus the position tables). Returns the payload in bytes (per
+    rank, before the ring factor).
     """
     p = dist.get_world_size(seq_group)
     if p == 1:
         return 0
-    pos_params = set(position_embedding_params(model_chunk.module))
+    pos_params = () if assemble_position_grads else set(
+        position_embedding_params(model_chunk.module))
     payload = 0
     for buf in _ddp_buffers(model_chunk):
         skip = [buf.param_index_map[q][:2] for q in pos_params if q in buf.param_index_map]
@@ -191,26 +212,32 @@ def average_over_sequence_group(model_chunk, seq_group: dist.ProcessGroup) -> in
     return payload
 
 
-def lss_finalize_model_grads(seq_group: dist.ProcessGroup):
+def lss_finalize_model_grads(seq_group: dist.ProcessGroup, *,
+                             assemble_position_grads: bool = True):
     """Drop-in for ``finalize_model_grads``: CP average (level 1), then Megatron's DP one.
 
-    Use with models wrapped by ``lss_ddp``. Returns ``fn(model, num_tokens=None,
-    pg_collection=None, force_all_reduce=False)``, megatron-core's signature.
+    Use with models wrapped by ``lss_ddp``. ``assemble_position_grads``: see
+    ``average_over_sequence_group`` and the module docstring (the returned function carries it
+    as an attribute). Returns ``fn(model, num_tokens=None, pg_collection=None,
+    force_all_reduce=False)``, megatron-core's signature.
     """
     from megatron.core.distributed import finalize_model_grads
+
+    assemble = assemble_position_grads
 
     def finalize(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
         chunks = model if isinstance(model, list) else [model]
         overlapped = any(c.ddp_config.overlap_grad_reduce for c in chunks)
         if not overlapped:
             for c in chunks:
-                average_over_sequence_group(c, seq_group)
+                average_over_sequence_group(c, seq_group, assemble_position_grads=assemble)
         finalize_model_grads(chunks, num_tokens=num_tokens, pg_collection=pg_collection,
                              force_all_reduce=force_all_reduce)
         if overlapped:  # DP reduction already ran in backward; the levels commute
             for c in chunks:
-                average_over_sequence_group(c, seq_group)
+                average_over_sequence_group(c, seq_group, assemble_position_grads=assemble)
 
+    finalize.assemble_position_grads = assemble
     return finalize
 
 
@@ -238,6 +265,7 @@ def assemble_owned_rows(t: torch.Tensor, seq_group: dist.ProcessGroup, seq_len: 
 def sync_position_embeddings(module: torch.nn.Module, seq_group: dist.ProcessGroup,
                              seq_len: int) -> None:
     """Make every rank's position tables equal the owners' rows (before save / resharding):
-    ``assemble_owned_rows`` in place, one all-reduce per table."""
+    ``assemble_owned_rows`` in place, one all-reduce per table. Needed only for the owned
+    variant (``assemble_position_grads=False``); assembled tables are already equal."""
     for w in position_embedding_params(module):
         assemble_owned_rows(w.data, seq_group, seq_len, out=w.data)

@@ -15,9 +15,13 @@ clipping); on CPU ``torch.optim.AdamW`` on DDP's ``main_grad`` with the same dec
 (no weight decay on biases and norms) and global-norm clipping (see ``SUBSTITUTIONS``).
 Learning rate: linear warmup then constant / linear / cosine decay to ``--min-lr``
 (Megatron's ``OptimizerParamScheduler`` formulas), set each step on both paths.
-LSS: the CPU clip sums the position-embedding gradient norm over the CP group (each rank holds
-only its own rows' gradient); megatron-core's optimizer on CUDA does not know that split, so
-with LSS and CP>1 its clipping norm is per-rank (known gap; use --clip-grad 0 there).
+LSS: by default (``assemble_position_grads``) every CP rank holds the full gradient of every
+position-embedding row, so both optimizers clip and save exactly as for the other methods. With
+``--no-seqpar-lss-assemble-position-grads`` (rows owned per segment) the CPU clip sums the
+position-embedding gradient norm over the CP group and a save first assembles the tables and
+their moments from the owners; megatron-core's optimizer on CUDA sums no split norm and saves
+CP rank 0's moments, so there that variant's clipping norm is per-rank (use --clip-grad 0) and
+its resumed moments hold stale rows (not measured: no GPU run yet).
 
 Activation recompute (``--recompute-granularity``) is megatron-core's own; the seqpar core
 attention keeps its output across the recompute where the method supports it (LightSeq's
@@ -155,8 +159,9 @@ class _CudaOptimizer:
         self.opt.load_state_dict(state)
 
     def sharded_state_dict(self, model_sd, is_loading=False, rows_from_owners=None):
-        """megatron-core's own sharded optimizer state. Not yet handled here: LSS position-
-        embedding moments (rows spread over CP ranks) resume from CP rank 0's copy."""
+        """megatron-core's own sharded optimizer state. Not handled here: the owned LSS
+        variant's position-embedding moments (rows spread over CP ranks) resume from CP rank
+        0's copy (the default, assembled variant keeps them equal on every CP rank)."""
         return self.opt.sharded_state_dict(model_sd, is_loading=is_loading)
 
     def load_sharded_state_dict(self, loaded) -> None:
@@ -219,7 +224,7 @@ def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -
             opt = _CudaOptimizer(cfg, model)
         else:
             split = ()
-            if cfg.seqpar_method == "lss" and cp_group.size() > 1:
+            if _lss_owned_rows(cfg, cp_group):
                 from megatron_seqpar.megatron.lss_grad import position_embedding_params
 
                 split = position_embedding_params(module)
@@ -335,9 +340,16 @@ def _layout_note(saved: dict | None, now: dict, step: int) -> str | None:
             "reshards the model and optimizer state; the attention methods add no parameters")
 
 
+def _lss_owned_rows(cfg, cp_group) -> bool:
+    """LSS at CP>1 with position-embedding rows owned per segment
+    (``--no-seqpar-lss-assemble-position-grads``): its clipping norm and saves need help."""
+    return (cfg.seqpar_method == "lss" and cp_group.size() > 1
+            and not cfg.method_options().assemble_position_grads)
+
+
 def _save(cfg, step, model, module, opt, cp_group) -> None:
     spread = None
-    if cfg.seqpar_method == "lss" and cp_group.size() > 1:
+    if _lss_owned_rows(cfg, cp_group):
         from megatron_seqpar.megatron.lss_grad import (
             assemble_owned_rows,
             position_embedding_params,

@@ -6,7 +6,8 @@ spec (``get_gpt_layer_local_spec()`` / ``bert_layer_local_spec``; CP=1 only).
 
 Gradient reduction: megatron-core ``DistributedDataParallel`` over the data x context group
 (``finalize_model_grads``), or for LSS ``lss_ddp`` + ``lss_finalize_model_grads`` (double
-gradient averaging: sequence group, then data-parallel group; DESIGN §4).
+gradient averaging: sequence group, then data-parallel group; DESIGN §4; position-embedding
+gradients assembled over CP unless ``assemble_position_grads`` is off).
 
 BERT under CP: megatron-core's ``BertModel`` derives position ids as ``arange(local length)``;
 ``megatron_seqpar.megatron.bert.SeqParBertModel`` fixes that when present, else the thin
@@ -133,7 +134,9 @@ def build_model(cfg, device: str):
         from megatron_seqpar.megatron.lss_grad import lss_ddp, lss_finalize_model_grads
 
         model = lss_ddp(config, ddp_config, module)
-        finalize = lss_finalize_model_grads(parallel_state.get_context_parallel_group())
+        finalize = lss_finalize_model_grads(
+            parallel_state.get_context_parallel_group(),
+            assemble_position_grads=cfg.method_options().assemble_position_grads)
     else:
         model = DistributedDataParallel(config, ddp_config, module)
         finalize = finalize_model_grads
