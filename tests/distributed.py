@@ -397,3 +397,21 @@ def _run_in_torchrun_world(fn, world_size: int, args, kwargs):
     if world_size == 1:
         return [outcomes[world.rank][1]]
     return [value for _, value in outcomes]
+
+
+def kill_process_tree(proc) -> None:
+    """SIGKILL a launched process and every process under it, then reap it. torchrun starts its
+    workers in sessions of their own, so killing the launcher's process group leaves them
+    running (and writing to the test's checkpoint directory)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
+    for p in [*tree, proc]:
+        try:
+            p.kill()
+        except (psutil.Error, ProcessLookupError):
+            pass
+    proc.wait(timeout=30)

@@ -1,7 +1,9 @@
 """Checkpoints outlive the parallel layout that wrote them (issue 16, item 5).
 
-A run of ``examples/pretrain_gpt.py`` at CP=2 with LSS (the method with the most resume state:
-its position-embedding rows and their Adam moments are owned per rank) saves steps 2 and 3;
+A run of ``examples/pretrain_gpt.py`` at CP=2 with LSS in its owned-rows variant
+(``--no-seqpar-lss-assemble-position-grads``: the most resume state, each rank's
+position-embedding rows and their Adam moments are its own and are assembled at save) saves
+steps 2 and 3;
 its tracker is then pointed back at step 2 and the run is resumed at CP=1 (plain megatron-core
 attention), CP=4 with LSS, TP=2 x CP=2 with LightSeq and CP=2 with LightSeq. Model and
 optimizer go through megatron-core ``dist_checkpointing``, which reshards them, so each
@@ -44,6 +46,7 @@ def _losses(log_dir):
 def test_resume_into_other_layouts_and_methods(tmp_path):
     ckpt = tmp_path / "ckpt"
     proc = _torchrun(tmp_path, 2, "--context-parallel-size", "2", "--seqpar-method", "lss",
+                     "--no-seqpar-lss-assemble-position-grads",
                      "--save", str(ckpt), "--save-interval", "2",
                      "--log-dir", str(tmp_path / "full"))
     assert proc.returncode == 0, proc.stderr[-3000:]

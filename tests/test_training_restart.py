@@ -22,6 +22,7 @@ import sys
 import time
 
 import pytest
+from distributed import kill_process_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "pretrain_gpt.py")
@@ -65,23 +66,6 @@ def uninterrupted(tmp_path_factory):
     return losses
 
 
-def _kill_tree(proc) -> None:
-    """SIGKILL a launcher and every process under it (torchrun starts its workers in sessions
-    of their own, so killing its process group would leave them behind)."""
-    import psutil
-
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        tree = []
-    for p in [*tree, proc]:
-        try:
-            p.kill()
-        except (psutil.Error, ProcessLookupError):
-            pass
-    proc.wait(timeout=30)
-
-
 def _worker(agent_pid: int, local_rank: int):
     import psutil
 
@@ -116,7 +100,7 @@ def test_killed_rank_restarts_and_resumes(tmp_path, uninterrupted):
         assert p.wait(timeout=300) == 0, (tmp_path / "stdout.txt").read_text()[-4000:]
     finally:
         if p.poll() is None:
-            _kill_tree(p)
+            kill_process_tree(p)
         out.close()
     text = (tmp_path / "stdout.txt").read_text()
     assert "resuming from step 3 of" in text or "resuming from step 6 of" in text, text[-3000:]
@@ -143,7 +127,7 @@ def test_two_agents_as_two_nodes(tmp_path, uninterrupted):
     finally:
         for a in agents:
             if a.poll() is None:
-                _kill_tree(a)
+                kill_process_tree(a)
     assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-2000:] for o in outs)
     logs = [_losses(tmp_path / f"log{n}") for n in range(2)]
     got = [x for x in logs if x]  # the log is written by global rank 0, on either agent
@@ -178,7 +162,7 @@ def test_stalled_rank_ends_the_job_with_a_message(tmp_path):
         _, stderr = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
-            _kill_tree(proc)
+            kill_process_tree(proc)
     assert proc.returncode != 0
     lines = [ln for ln in stderr.splitlines() if ln.startswith("error: rank 0")]
     assert len(lines) == 1, stderr[-3000:]

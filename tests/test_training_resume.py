@@ -1,12 +1,12 @@
 """Checkpoint resume: a run killed after step N and resumed repeats the uninterrupted losses.
 
-``torchrun`` runs ``examples/pretrain_gpt.py`` on 2 ranks x CP=2 with LSS (whose position-
-embedding rows are owned per rank and synchronised before each save, so it is the method with
-the most resume state). The run saves every 4 steps and is killed with SIGKILL (torchrun and
-both ranks, mid-step) once step 6 has been logged; relaunched with ``--load`` it resumes from
-the last complete checkpoint, and the JSON-lines log must then hold exactly (bit for bit) the
-losses of an uninterrupted run: same world size and threads, data a pure function of the
-step, model through megatron-core dist_checkpointing, AdamW state and RNG through torch.save.
+``torchrun`` runs ``examples/pretrain_gpt.py`` on 2 ranks x CP=2 with LSS (double gradient
+averaging on top of the attention). The run saves every 4 steps and is killed with SIGKILL
+(torchrun and both ranks, mid-step) once step 6 has been logged; relaunched with ``--load`` it
+resumes from the last complete checkpoint, and the JSON-lines log must then hold exactly (bit
+for bit) the losses of an uninterrupted run: same world size and threads, data a pure function
+of the step, model and AdamW state through megatron-core dist_checkpointing, RNG through
+torch.save. (The owned-rows LSS variant's save path is covered by test_training_layouts.py.)
 
 (Runs as subprocesses: dist_checkpointing's writer starts a multiprocessing manager, which the
 daemonic workers of ``tests/distributed.py`` may not.)
@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from distributed import kill_process_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _launch(tmp, extra):
@@ -62,8 +62,7 @@ def test_kill_and_resume_repeats_losses(tmp_path):
             break
         time.sleep(0.2)
     assert p.poll() is None, "the run ended before it could be killed"
-    os.killpg(p.pid, signal.SIGKILL)  # torchrun and both ranks, mid-step
-    p.wait(timeout=30)
+    kill_process_tree(p)  # torchrun and both ranks, mid-step
     with open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")) as f:
         saved = int(f.read())
     assert saved >= 4
