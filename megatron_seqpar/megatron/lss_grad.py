@@ -217,27 +217,25 @@ def lss_finalize_model_grads(seq_group: dist.ProcessGroup, *,
     """Drop-in for ``finalize_model_grads``: CP average (level 1), then Megatron's DP one.
 
     Use with models wrapped by ``lss_ddp``. ``assemble_position_grads``: see
-    ``average_over_sequence_group`` and the module docstring (the returned function carries it
-    as an attribute). Returns ``fn(model, num_tokens=None, pg_collection=None,
-    force_all_reduce=False)``, megatron-core's signature.
+    ``average_over_sequence_group`` and the module docstring. Returns ``fn(model,
+    num_tokens=None, pg_collection=None, force_all_reduce=False)``, megatron-core's signature.
     """
     from megatron.core.distributed import finalize_model_grads
-
-    assemble = assemble_position_grads
 
     def finalize(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
         chunks = model if isinstance(model, list) else [model]
         overlapped = any(c.ddp_config.overlap_grad_reduce for c in chunks)
         if not overlapped:
             for c in chunks:
-                average_over_sequence_group(c, seq_group, assemble_position_grads=assemble)
+                average_over_sequence_group(
+                    c, seq_group, assemble_position_grads=assemble_position_grads)
         finalize_model_grads(chunks, num_tokens=num_tokens, pg_collection=pg_collection,
                              force_all_reduce=force_all_reduce)
         if overlapped:  # DP reduction already ran in backward; the levels commute
             for c in chunks:
-                average_over_sequence_group(c, seq_group, assemble_position_grads=assemble)
+                average_over_sequence_group(
+                    c, seq_group, assemble_position_grads=assemble_position_grads)
 
-    finalize.assemble_position_grads = assemble
     return finalize
 
 

@@ -53,12 +53,11 @@ def iter_dir(root: str, step: int) -> str:
 
 
 def latest_step(root: str) -> int | None:
-    """The last complete checkpoint's step under ``root`` (None if there is none)."""
-    path = os.path.join(root, TRACKER)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return int(f.read().strip())
+    """The last complete checkpoint's step under ``root`` (None if there is none); a damaged
+    tracker raises ``preflight.InputError`` naming it (one reader for both)."""
+    from megatron_seqpar.training.preflight import checkpoint_step
+
+    return checkpoint_step(root)
 
 
 def _rng_state() -> dict:
