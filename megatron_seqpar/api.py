@@ -13,23 +13,32 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_seqpar import headpar
 from megatron_seqpar.comm import Comm, Traffic, current_traffic, failure_hint, staging_enabled
+from megatron_seqpar.headpar import TwoLevelGroups, check_split, two_level_runs
 from megatron_seqpar.kernels import BACKEND_NAMES
-from megatron_seqpar.layouts import LAYOUTS, Run, check_layout, local_runs
+from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, check_layout, local_runs
 
 METHODS = ("rsa", "mqsp", "lss", "lightseq")
 
 
 @dataclass(frozen=True)
 class BaseOptions:
-    """Options every method has. ``backend``: block-kernel backend (``auto`` picks)."""
+    """Options every method has. ``backend``: block-kernel backend (``auto`` picks).
+    ``head_parallel``: ``U``, the two-level split (``megatron_seqpar.headpar``): a head
+    all-to-all inside groups of ``U`` consecutive ranks and the method across the ``P/U``
+    groups; 1 (default) is the single-level method."""
 
     backend: str = "auto"
+    head_parallel: int = 1
 
     def __post_init__(self):
         if self.backend not in BACKEND_NAMES:
             raise ValueError(f"unknown kernel backend {self.backend!r}; use one of "
                              f"{BACKEND_NAMES}")
+        if not isinstance(self.head_parallel, int) or self.head_parallel < 1:
+            raise ValueError(f"head_parallel must be a positive integer, got "
+                             f"{self.head_parallel!r}")
 
 
 @dataclass(frozen=True)
@@ -45,12 +54,22 @@ class Setup:
     options: Any
     traffic: Traffic | None
     staged: bool = False  # comm.stage_through_host() was active (tests: ranks share a GPU)
+    cu_seqlens: tuple[int, ...] | None = None  # packed-sequence boundaries of the stream
+    head_parallel: int = 1  # U; then group/rank/world_size are the OUTER group's
+    inner_group: Any = None  # the head all-to-all group when head_parallel > 1
 
     def comm(self) -> Comm:
         return Comm(self.group, self.traffic, staged=self.staged)
 
+    def inner_comm(self) -> Comm:
+        return Comm(self.inner_group, self.traffic, staged=self.staged)
+
     def runs(self, rank: int, local_len: int) -> tuple[Run, ...]:
-        return local_runs(self.layout, rank, self.world_size, local_len)
+        """Position runs of (outer) rank ``rank``'s ``local_len`` tokens."""
+        if self.head_parallel == 1:
+            return local_runs(self.layout, rank, self.world_size, local_len, self.cu_seqlens)
+        return two_level_runs(self.layout, rank, self.world_size * self.head_parallel,
+                              self.head_parallel, local_len, self.cu_seqlens)
 
 
 def _module(method: str):
@@ -96,7 +115,7 @@ def _check_inputs(q, k, v, kpm) -> None:
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_across_ranks(group, q, k, method, layout, causal, kpm) -> None:
+def _check_across_ranks(group, q, k, method, layout, causal, kpm, cu, head_parallel) -> None:
     """One tiny all-reduce proving every rank agrees on shapes and settings.
 
     Skipped for CUDA tensors (it would add a host sync per call; Megatron's batch sharding
@@ -104,13 +123,16 @@ def _check_across_ranks(group, q, k, method, layout, causal, kpm) -> None:
     """
     code = [q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3],
             _DTYPES.index(q.dtype) if q.dtype in _DTYPES else 9, METHODS.index(method),
-            LAYOUTS.index(layout), int(causal), int(kpm is not None)]
+            LAYOUTS.index(layout), int(causal), int(kpm is not None), head_parallel,
+            -1 if cu is None else len(cu),
+            -1 if cu is None else sum((i + 1) * c for i, c in enumerate(cu)) % (2**61 - 1)]
     t = torch.tensor(code + [-c for c in code], dtype=torch.int64)
     with failure_hint("the shape check"):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     hi, lo = t[: len(code)].tolist(), [-c for c in t[len(code):].tolist()]
     names = ["batch", "local seq length", "query heads", "kv heads", "head dim", "dtype",
-             "method", "layout", "causal", "key_padding_mask given"]
+             "method", "layout", "causal", "key_padding_mask given", "head_parallel",
+             "cu_seqlens entries", "cu_seqlens values"]
     bad = [f"{n} ({a}..{b})" for n, a, b in zip(names, lo, hi) if a != b]
     if bad:
         raise ValueError("ranks of the sequence group disagree on " + ", ".join(bad) +
@@ -119,13 +141,19 @@ def _check_across_ranks(group, q, k, method, layout, causal, kpm) -> None:
 
 
 def attention(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
-              layout="contiguous", key_padding_mask=None, options=None):
+              layout="contiguous", key_padding_mask=None, options=None, cu_seqlens=None,
+              two_level_groups=None):
     """Exact self-attention over the whole sequence, from this rank's shard.
 
     ``q``: ``[b, s, hq, D]``, ``k``/``v``: ``[b, s, hkv, D]`` (this rank's tokens in
     ``layout``); returns ``[b, s, hq, D]`` in q's dtype, differentiable in q, k, v.
     ``key_padding_mask``: ``[b, s]`` bool, True = padded key. ``options``: the method's
     ``Options`` (see ``method_options``). Collectives run on ``group`` (default group if None).
+    ``cu_seqlens``: packed sequences, the global stream's boundaries ``[0, L1, ..., S]`` (the
+    same on every rank and batch row); attention stays inside each sequence.
+    ``options.head_parallel = U > 1``: two levels (``megatron_seqpar.headpar``); its inner and
+    outer groups are built from ``group`` once and cached, or given as ``two_level_groups``
+    (a ``headpar.TwoLevelGroups``, e.g. Megatron's hierarchical CP groups).
     """
     mod = _module(method)
     check_layout(layout)
@@ -138,9 +166,28 @@ def attention(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
     if layout == "zigzag" and comm.world_size > 1 and q.shape[1] % 2:
         raise ValueError(f"zigzag layout needs an even local length, got {q.shape[1]}: make the "
                          f"sequence length a multiple of 2*P = {2 * comm.world_size}")
+    cu = check_cu_seqlens(cu_seqlens, comm.world_size * q.shape[1], layout, comm.world_size)
+    U = opts.head_parallel
+    check_split(comm.world_size, U, q.shape[2])
     if comm.world_size > 1 and not q.is_cuda:
-        _check_across_ranks(group, q, k, method, layout, causal, key_padding_mask)
+        _check_across_ranks(group, q, k, method, layout, causal, key_padding_mask, cu, U)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    setup = Setup(group, comm.rank, comm.world_size, bool(causal), scale, layout, opts,
-                  current_traffic(), staging_enabled())
+    outer, inner, rank, world = group, None, comm.rank, comm.world_size
+    if U > 1:
+        groups = two_level_groups if two_level_groups is not None else \
+            headpar.two_level_groups(group, U)
+        if not isinstance(groups, TwoLevelGroups):
+            raise ValueError("two_level_groups must be a megatron_seqpar.headpar.TwoLevelGroups")
+        outer, inner = groups.outer, groups.inner
+        ci, co = Comm(inner), Comm(outer)
+        if (ci.world_size, co.world_size, ci.rank, co.rank) != \
+                (U, comm.world_size // U, comm.rank % U, comm.rank // U):
+            raise ValueError(f"two_level_groups do not match head_parallel={U} over "
+                             f"{comm.world_size} ranks: the inner groups must be U consecutive "
+                             "ranks of the sequence group and the outer groups the P/U ranks at "
+                             "the same place in them (Megatron's hierarchical CP order)")
+        rank, world = co.rank, co.world_size
+    setup = Setup(outer, rank, world, bool(causal), scale, layout, opts, current_traffic(),
+                  staging_enabled(), cu, U, inner)
     return mod.apply(q, k, v, key_padding_mask, setup)
+

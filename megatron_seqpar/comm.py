@@ -7,11 +7,11 @@
   ``cuda.synchronize``; waits honour the group's timeout.
 - ``all_gather(x)`` -> ``[P, *x.shape]``, ``all_gather_inplace(out)`` (this rank's data already
   in ``out[rank]``: no input buffer), ``reduce_scatter(x)`` of ``[P, *shape]`` -> ``shape``
-  (sum), ``all_reduce_(x, op)``. NCCL runs its native collectives (all-gather in place). gloo
-  stages all-gather and reduce-scatter through a P-fold temporary copy, so there they are
-  batched point-to-point transfers straight into and out of the caller's buffers (P-1
-  pairwise steps with one chunk-sized receive buffer for the reduce-scatter): the same bytes,
-  no staging memory.
+  (sum), ``all_reduce_(x, op)``, ``all_to_all(x)`` of ``[P, *shape]`` (two-level heads). NCCL
+  runs its native collectives (all-gather in place). gloo stages all-gather and
+  reduce-scatter through a P-fold temporary copy, so there they are batched point-to-point
+  transfers straight into and out of the caller's buffers (P-1 pairwise steps with one
+  chunk-sized receive buffer for the reduce-scatter): the same bytes, no staging memory.
 
 CUDA with NCCL: every transfer runs on a side stream of the ``Comm`` (from PyTorch's stream
 pool, made on first use: nothing at import). The side stream first waits on the compute
@@ -29,8 +29,8 @@ results are checked bit for bit on CPU. Its copies synchronise with the host, by
 
 Byte accounting (``count_traffic``) uses the bandwidth-optimal per-rank volumes: a p2p send
 counts its bytes; an all-gather of ``n`` bytes per rank sends ``(P-1)·n``; a reduce-scatter of
-an ``N``-byte buffer sends ``(P-1)/P·N``; an all-reduce of ``N`` bytes sends ``2(P-1)/P·N``.
-Received bytes are counted the same way.
+an ``N``-byte buffer sends ``(P-1)/P·N``; an all-reduce of ``N`` bytes sends ``2(P-1)/P·N``;
+an all-to-all of an ``N``-byte buffer ``(P-1)/P·N``. Received bytes are counted the same way.
 """
 
 from __future__ import annotations
@@ -314,6 +314,30 @@ class Comm:
             self._exchange([(x[(r + t) % P], (r + t) % P)], [(buf, (r - t) % P)])
             out.add_(buf)
         return out
+
+    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        """``[P, *shape]`` chunk ``i`` -> rank ``i``; returns ``[P, *shape]`` whose chunk ``j``
+        came from rank ``j`` (one ``all_to_all_single``)."""
+        P = self.world_size
+        if x.size(0) != P:
+            raise ValueError(f"all_to_all needs a leading dim of {P}")
+        x = x.contiguous()
+        if P == 1:
+            return x
+        n = _nbytes(x) * (P - 1) // P
+        self._count("all_to_all", n, n)
+        with failure_hint("all_to_all"):
+            if self.staged:
+                host = _host(x)
+                out = torch.empty_like(host)
+                dist.all_to_all_single(out, host, group=self.group)
+                with _sync_allowed():
+                    return out.to(x.device)
+            out = torch.empty_like(x)
+            with self._side_stream([out, x]) as stream:
+                dist.all_to_all_single(out, x, group=self.group)
+            self._join(stream)
+            return out
 
     def all_reduce_(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """In-place all-reduce of a contiguous tensor."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_seqpar import headpar
+
 
 def gather_kpm(comm, kpm):
     """``[P, b, s]`` bool: every rank's key padding mask (None when there is none)."""
@@ -36,25 +38,62 @@ def public(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous()
 
 
+def _to_outer(setup, q, k, v, kpm):
+    """Two levels: ONE head all-to-all over the inner group (K/V heads repeated first when
+    ``U`` does not divide them) and the key padding mask gathered over it."""
+    inner, U = setup.inner_comm(), setup.head_parallel
+    hkv = headpar.kv_heads(q.size(2), k.size(2), U)
+    if hkv != k.size(2):
+        k, v = (x.repeat_interleave(hkv // x.size(2), dim=2) for x in (k, v))
+    q, k, v = headpar.scatter_heads(inner, [q, k, v])
+    if kpm is not None:
+        kpm = inner.all_gather(kpm.to(torch.uint8)).bool()  # [U, b, s]
+        kpm = kpm.transpose(0, 1).reshape(kpm.size(1), -1)
+    return q, k, v, kpm
+
+
+def _from_outer(setup, dq, dk, dv, hkv):
+    """Two levels, backward: ONE all-to-all of the packed gradients; repeated K/V heads'
+    gradients summed back to the ``hkv`` heads."""
+    dq, dk, dv = headpar.gather_heads(setup.inner_comm(), [dq, dk, dv])
+    if dk.size(2) != hkv:
+        b, s, h, d = dk.shape
+        dk, dv = (x.view(b, s, hkv, h // hkv, d).sum(3) for x in (dk, dv))
+    return dq, dk, dv
+
+
 class _SeqParFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kpm, setup, fwd, bwd):
+        ctx.dtypes, ctx.hkv = (q.dtype, k.dtype, v.dtype), k.size(2)
+        two = setup.head_parallel > 1
+        if two:
+            q, k, v, kpm = _to_outer(setup, q, k, v, kpm)
         qh, kh, vh = to_bhsd(q), to_bhsd(k), to_bhsd(v)
         kpm_all = gather_kpm(setup.comm(), kpm)
         out, lse, extra = fwd(setup, qh, kh, vh, kpm_all)
         out = out.to(q.dtype)
         ctx.setup, ctx.bwd, ctx.n_extra = setup, bwd, len(extra)
         ctx.save_for_backward(qh, kh, vh, out, lse, kpm_all, *extra)
-        return out.transpose(1, 2)
+        res = out.transpose(1, 2)
+        return headpar.gather_heads(setup.inner_comm(), [res])[0] if two else res
 
     @staticmethod
     def backward(ctx, dout):
         qh, kh, vh, out, lse, kpm_all, *extra = ctx.saved_tensors
-        dq, dk, dv = ctx.bwd(ctx.setup, to_bhsd(dout), qh, kh, vh, out, lse, kpm_all, *extra)
-        grads = [g.to(x.dtype).transpose(1, 2) for g, x in ((dq, qh), (dk, kh), (dv, vh))]
+        setup = ctx.setup
+        two = setup.head_parallel > 1
+        if two:
+            dout = headpar.scatter_heads(setup.inner_comm(), [dout])[0]
+        dq, dk, dv = ctx.bwd(setup, to_bhsd(dout), qh, kh, vh, out, lse, kpm_all, *extra)
+        grads = [g.transpose(1, 2) for g in (dq, dk, dv)]
+        if two:
+            grads = _from_outer(setup, *grads, ctx.hkv)
+        grads = [g.to(t) for g, t in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None, None)
 
 
 def run_method(fwd, bwd, q, k, v, kpm, setup):
-    """Apply a method's forward/backward pair as one differentiable op (public layout)."""
+    """Apply a method's forward/backward pair as one differentiable op (public layout); with
+    ``setup.head_parallel > 1`` the head all-to-alls of ``headpar`` wrap it."""
     return _SeqParFunction.apply(q, k, v, kpm, setup, fwd, bwd)

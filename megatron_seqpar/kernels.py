@@ -197,6 +197,9 @@ def _in_position_order(runs) -> bool:
 def plan_blocks(q_runs, k_runs, causal: bool) -> list[Block]:
     """The non-empty (query rows, key columns) blocks, grouped by query run.
 
+    Runs of different packed sequences (``Run.doc``) never make a block: cross-sequence work
+    costs nothing.
+
     Fully visible key ranges adjacent in the key buffer are joined into one block. Two more
     joins make fewer, larger kernel calls: a buffer against itself (the same runs, positions
     increasing with the local index) is ONE diagonal block, since its local triangle is then
@@ -204,7 +207,8 @@ def plan_blocks(q_runs, k_runs, causal: bool) -> list[Block]:
     range share one call.
     """
     q_runs, k_runs = tuple(q_runs), tuple(k_runs)
-    if causal and q_runs and q_runs == k_runs and _in_position_order(q_runs):
+    one_doc = len({r.doc for r in q_runs}) == 1
+    if causal and q_runs and q_runs == k_runs and one_doc and _in_position_order(q_runs):
         n = sum(r.length for r in q_runs)
         local = Run(0, 0, n)  # positions stand in for local indices: the same triangle
         return [Block(slice(0, n), slice(0, n), "causal", local, local)]
@@ -213,22 +217,24 @@ def plan_blocks(q_runs, k_runs, causal: bool) -> list[Block]:
         q_sl = slice(qr.local, qr.local + qr.length)
         parts: list[tuple[str, Run]] = []
         for kr in k_runs:
+            if kr.doc != qr.doc:  # packed sequences never see each other: no block at all
+                continue
             if not causal:
                 parts.append(("full", kr))
                 continue
             n_full = min(kr.end, qr.start) - kr.start  # keys before every query of the run
             if n_full > 0:
-                parts.append(("full", Run(kr.local, kr.start, n_full)))
+                parts.append(("full", kr._replace(length=n_full)))
             lo, hi = max(kr.start, qr.start), min(kr.end, qr.end)
             if lo < hi:
-                sub = Run(kr.local + lo - kr.start, lo, hi - lo)
+                sub = Run(kr.local + lo - kr.start, lo, hi - lo, kr.doc)
                 parts.append(("causal" if (lo, hi) == (qr.start, qr.end) else "mask", sub))
         merged: list[tuple[str, Run]] = []
         for kind, kr in parts:
             if merged and kind == "full" and merged[-1][0] == "full":
                 prev = merged[-1][1]
                 if prev.local + prev.length == kr.local:
-                    merged[-1] = ("full", Run(prev.local, prev.start, prev.length + kr.length))
+                    merged[-1] = ("full", prev._replace(length=prev.length + kr.length))
                     continue
             merged.append((kind, kr))
         new = [Block(q_sl, slice(kr.local, kr.local + kr.length), kind, qr, kr)

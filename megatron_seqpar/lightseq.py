@@ -51,9 +51,17 @@ class Step(NamedTuple):
     q_from: int | None  # receive queries from this rank, attend them to own K/V, return
 
 
-def schedule(world_size: int, rank: int, *, causal: bool, layout: str, balance: bool):
-    """The steps after the local block, for ``rank`` (the same rule on every rank)."""
+def schedule(world_size: int, rank: int, *, causal: bool, layout: str, balance: bool,
+             needed=None):
+    """The steps after the local block, for ``rank`` (the same rule on every rank).
+
+    ``needed(i, j)``: whether rank ``i``'s queries see any of rank ``j``'s keys (None: all
+    pairs, as for one unpacked sequence in the zigzag or bidirectional case). A transfer
+    whose block would be empty (packed sequences that do not reach across) is left out on
+    both sides, so a whole empty step sends nothing.
+    """
     P, r = world_size, rank
+    need = needed or (lambda i, j: True)
     ordered = causal and layout == "contiguous"
     if not (ordered and balance):
         steps = []
@@ -61,24 +69,32 @@ def schedule(world_size: int, rank: int, *, causal: bool, layout: str, balance: 
             to, frm = (r + t) % P, (r - t) % P
             if ordered:  # blocks of later ranks' keys are fully masked: skip those transfers
                 to, frm = (to if r + t < P else None), (frm if r - t >= 0 else None)
-            steps.append(Step(to, frm, None, None))
+            steps.append(Step(to if to is not None and need(to, r) else None,
+                              frm if frm is not None and need(r, frm) else None, None, None))
         return steps
     steps = []
     for t in range(1, P // 2 + 1):
         half = 2 * t == P  # for even P the pair {r, r+P/2} appears twice: K/V side only
         send_kv, recv_kv = r + t < P, r - t >= 0
+        to, frm = (r + t) % P, (r - t) % P
         steps.append(Step(
-            kv_to=(r + t) % P if send_kv else None,
-            kv_from=(r - t) % P if recv_kv else None,
-            q_to=(r + t) % P if not send_kv and not half else None,
-            q_from=(r - t) % P if not recv_kv and not half else None,
+            kv_to=to if send_kv and need(to, r) else None,
+            kv_from=frm if recv_kv and need(r, frm) else None,
+            q_to=to if not send_kv and not half and need(r, to) else None,
+            q_from=frm if not recv_kv and not half and need(frm, r) else None,
         ))
     return steps
 
 
-def _steps(setup):
+def _steps(setup, s):
+    """The schedule of this call; with packed sequences or two levels, transfers of empty
+    blocks are left out (``needed`` from the block planner, the same on every rank)."""
+    needed = None
+    if setup.cu_seqlens is not None or setup.head_parallel > 1:
+        runs = [setup.runs(j, s) for j in range(setup.world_size)]
+        needed = lambda i, j: count_blocks(runs[i], runs[j], setup.causal) > 0  # noqa: E731
     return schedule(setup.world_size, setup.rank, causal=setup.causal, layout=setup.layout,
-                    balance=setup.options.balance)
+                    balance=setup.options.balance, needed=needed)
 
 
 def _slots(steps, attr):
@@ -114,7 +130,7 @@ def lightseq_forward(setup, q, k, v, kpm_all):
 
     out, lse = attend(q, runs(r), k, v, runs(r), kpm=kpm(r), **kw)
     tally()
-    steps = _steps(setup)
+    steps = _steps(setup, s)
     kv_slot, n_kv = _slots(steps, "kv_from")
     q_slot, n_q = _slots(steps, "q_from")
     own_k, own_v = public(k), public(v)
@@ -171,7 +187,7 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
     kpm = lambda i: None if kpm_all is None else kpm_all[i]  # noqa: E731
 
     dq, dk, dv = attend_backward(dout, q, runs(r), k, v, runs(r), out, lse, kpm=kpm(r), **kw)
-    steps = _steps(setup)
+    steps = _steps(setup, s)
     kv_slot, n_kv = _slots(steps, "kv_from")
     q_slot, n_q = _slots(steps, "q_from")
     own_k, own_v = public(k), public(v)

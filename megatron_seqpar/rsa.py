@@ -28,7 +28,7 @@ import torch
 from megatron_seqpar.api import BaseOptions
 from megatron_seqpar.common import run_method
 from megatron_seqpar.kernels import acc_dtype
-from megatron_seqpar.layouts import positions
+from megatron_seqpar.layouts import documents, positions
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,16 @@ def _ring(comm, own: torch.Tensor, visit):
 
 
 def _mask(setup, s, kpm_all, device):
-    """``[b|1, 1, 1, s, S]`` bool, True = masked, columns in rank order."""
-    qp = positions(setup.runs(setup.rank, s), device)
-    kp = torch.cat([positions(setup.runs(j, s), device) for j in range(setup.world_size)])
+    """``[b|1, 1, 1, s, S]`` bool, True = masked (later positions when causal, other packed
+    sequences, padded keys), columns in rank order."""
+    q_runs = setup.runs(setup.rank, s)
+    k_runs = [setup.runs(j, s) for j in range(setup.world_size)]
+    qp, kp = positions(q_runs, device), torch.cat([positions(r, device) for r in k_runs])
     mask = (kp[None, :] > qp[:, None]) if setup.causal else torch.zeros(
         len(qp), len(kp), dtype=torch.bool, device=device)
+    if setup.cu_seqlens is not None:  # packed: a query sees only its own sequence's keys
+        qd, kd = documents(q_runs, device), torch.cat([documents(r, device) for r in k_runs])
+        mask |= kd[None, :] != qd[:, None]
     mask = mask.view(1, 1, 1, len(qp), len(kp))
     if kpm_all is not None:
         pad = kpm_all.permute(1, 0, 2).reshape(kpm_all.size(1), 1, 1, 1, -1)

@@ -7,8 +7,9 @@ mask by position, key padding mask; a row with every key masked yields zeros and
 import torch
 
 
-def reference_attention(q, k, v, *, causal, scale=None, key_padding_mask=None):
-    """``q`` ``[b, S, hq, D]``, ``k``/``v`` ``[b, S, hkv, D]`` -> ``[b, S, hq, D]``."""
+def reference_attention(q, k, v, *, causal, scale=None, key_padding_mask=None, cu_seqlens=None):
+    """``q`` ``[b, S, hq, D]``, ``k``/``v`` ``[b, S, hkv, D]`` -> ``[b, S, hq, D]``.
+    ``cu_seqlens``: packed sequences ``[0, L1, ..., S]``: a block-diagonal mask."""
     b, S, hq, d = q.shape
     g = hq // k.shape[2]
     scale = d ** -0.5 if scale is None else scale
@@ -20,6 +21,11 @@ def reference_attention(q, k, v, *, causal, scale=None, key_padding_mask=None):
         mask = mask | torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1)
     if key_padding_mask is not None:
         mask = mask | key_padding_mask[:, None, None, :]
+    if cu_seqlens is not None:
+        doc = torch.zeros(S, dtype=torch.long, device=q.device)
+        for i, (a, e) in enumerate(zip(cu_seqlens, cu_seqlens[1:])):
+            doc[a:e] = i
+        mask = mask | (doc[:, None] != doc[None, :])
     dead = mask.all(-1, keepdim=True)
     scores = scores.masked_fill(mask, float("-inf")).masked_fill(dead, 0.0)
     p = torch.softmax(scores, dim=-1).masked_fill(mask, 0.0)
