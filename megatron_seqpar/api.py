@@ -155,6 +155,18 @@ def attention(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
     outer groups are built from ``group`` once and cached, or given as ``two_level_groups``
     (a ``headpar.TwoLevelGroups``, e.g. Megatron's hierarchical CP groups).
     """
+    mod, setup = prepare(q, k, v, method=method, group=group, causal=causal,
+                         softmax_scale=softmax_scale, layout=layout,
+                         key_padding_mask=key_padding_mask, options=options,
+                         cu_seqlens=cu_seqlens, two_level_groups=two_level_groups)
+    return mod.apply(q, k, v, key_padding_mask, setup)
+
+
+def prepare(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
+            layout="contiguous", key_padding_mask=None, options=None, cu_seqlens=None,
+            two_level_groups=None):
+    """Validate ``attention``'s arguments and build its ``Setup``: ``(method module, setup)``
+    (also used by ``megatron_seqpar.megatron.checkpointing``)."""
     mod = _module(method)
     check_layout(layout)
     _check_inputs(q, k, v, key_padding_mask)
@@ -187,7 +199,6 @@ def attention(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
                              "ranks of the sequence group and the outer groups the P/U ranks at "
                              "the same place in them (Megatron's hierarchical CP order)")
         rank, world = co.rank, co.world_size
-    setup = Setup(outer, rank, world, bool(causal), scale, layout, opts, current_traffic(),
-                  staging_enabled(), cu, U, inner)
-    return mod.apply(q, k, v, key_padding_mask, setup)
+    return mod, Setup(outer, rank, world, bool(causal), scale, layout, opts, current_traffic(),
+                      staging_enabled(), cu, U, inner)
 

@@ -42,7 +42,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention
 
-from megatron_seqpar.megatron.parallel_state import sequence_group
+from megatron_seqpar.megatron.parallel_state import sequence_group, two_level_groups
 
 # Methods whose backward needs only (q, k, v, out, lse): keeping them across a recompute costs
 # out + lse. RSA would also keep its s x S score rows and LSS its gathered K/V (remat=True).
@@ -123,6 +123,28 @@ def key_padding_from_mask(attention_mask: torch.Tensor | None, *, sq: int, b: in
     return kpm_local.expand(b, sq).contiguous()
 
 
+def head_parallel_options(method: str, options, config):
+    """The method's options with ``head_parallel`` taken from Megatron's
+    ``hierarchical_context_parallel_sizes = [U, R]`` when set (two-level sequence parallelism:
+    ``--hierarchical-context-parallel-sizes U R``). A different explicit ``head_parallel``
+    raises ``ValueError``."""
+    import dataclasses
+
+    import megatron_seqpar as msp
+
+    sizes = getattr(config, "hierarchical_context_parallel_sizes", None)
+    if not sizes:
+        return options
+    if len(sizes) != 2:
+        raise ValueError(f"hierarchical_context_parallel_sizes={list(sizes)}: sequence-parallel "
+                         "methods take two levels [U, R] (head all-to-all x method)")
+    opts = msp.method_options(method)() if options is None else options
+    if opts.head_parallel not in (1, sizes[0]):
+        raise ValueError(f"head_parallel={opts.head_parallel} disagrees with "
+                         f"hierarchical_context_parallel_sizes={list(sizes)}; set one of them")
+    return dataclasses.replace(opts, head_parallel=int(sizes[0]))
+
+
 class SeqParCoreAttention(MegatronModule):
     """Core attention through ``msp.attention(method=...)`` on Megatron's CP group.
 
@@ -166,7 +188,7 @@ class SeqParCoreAttention(MegatronModule):
                 f"{[m.name for m in _SUPPORTED_MASKS]}"
             )
         self.method = method
-        self.options = options
+        self.options = head_parallel_options(method, options, config)
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
@@ -183,6 +205,9 @@ class SeqParCoreAttention(MegatronModule):
         self.softmax_scale = (
             1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
         )
+        self.two_level_groups = None
+        if self.options is not None and self.options.head_parallel > 1:
+            self.two_level_groups = two_level_groups(pg_collection, self.options.head_parallel)
         if remat is None:  # on when Megatron recomputes and keeping costs only out + lse
             remat = method in REMAT_BY_DEFAULT and (
                 config.recompute_granularity == "full"
@@ -235,6 +260,7 @@ class SeqParCoreAttention(MegatronModule):
             layout="zigzag" if cp_size > 1 else "contiguous",
             key_padding_mask=kpm,
             options=self.options,
+            two_level_groups=self.two_level_groups,
         )
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, hn]
         if self.remat is not None and self.training:

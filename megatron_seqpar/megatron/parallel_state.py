@@ -84,3 +84,32 @@ def data_and_sequence_group(pg_collection=None) -> dist.ProcessGroup:
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def two_level_groups(pg_collection=None, head_parallel: int = 1):
+    """Megatron's hierarchical CP groups as a ``headpar.TwoLevelGroups`` for ``U =
+    head_parallel``, or None when Megatron has none (then ``msp.attention`` builds its own).
+
+    ``--hierarchical-context-parallel-sizes U R`` makes level 0 the groups of ``U``
+    consecutive CP ranks and level 1 the ``R`` ranks strided by ``U``: exactly the inner and
+    outer groups of ``megatron_seqpar.headpar``. Read from ``pg_collection.hcp`` or
+    ``parallel_state.get_hierarchical_context_parallel_groups``; sizes must be ``[U, R]``.
+    """
+    from megatron_seqpar.headpar import TwoLevelGroups
+
+    if pg_collection is not None:
+        groups = getattr(pg_collection, "hcp", None)
+    else:
+        from megatron.core import parallel_state
+
+        groups = parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False)
+    if not groups:
+        return None
+    sizes = [g.size() for g in groups]
+    cp = sequence_group(pg_collection).size()
+    if len(groups) != 2 or sizes[0] != head_parallel or sizes[0] * sizes[1] != cp:
+        raise ValueError(f"Megatron's hierarchical context-parallel groups have sizes {sizes}; "
+                         f"two-level sequence parallelism needs exactly [U, R] = "
+                         f"[{head_parallel}, {cp // max(head_parallel, 1)}] "
+                         "(--hierarchical-context-parallel-sizes U R with U*R = CP)")
+    return TwoLevelGroups(inner=groups[0], outer=groups[1])
