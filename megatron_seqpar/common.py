@@ -38,7 +38,7 @@ def public(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous()
 
 
-def _to_outer(setup, q, k, v, kpm):
+def to_outer(setup, q, k, v, kpm):
     """Two levels: ONE head all-to-all over the inner group (K/V heads repeated first when
     ``U`` does not divide them) and the key padding mask gathered over it."""
     inner, U = setup.inner_comm(), setup.head_parallel
@@ -52,7 +52,7 @@ def _to_outer(setup, q, k, v, kpm):
     return q, k, v, kpm
 
 
-def _from_outer(setup, dq, dk, dv, hkv):
+def from_outer(setup, dq, dk, dv, hkv):
     """Two levels, backward: ONE all-to-all of the packed gradients; repeated K/V heads'
     gradients summed back to the ``hkv`` heads."""
     dq, dk, dv = headpar.gather_heads(setup.inner_comm(), [dq, dk, dv])
@@ -62,21 +62,31 @@ def _from_outer(setup, dq, dk, dv, hkv):
     return dq, dk, dv
 
 
+def out_to_inner(setup, out):
+    """Two levels: the output ``[b, U*s, hq/U, D]`` back to ``[b, s, hq, D]`` (one
+    all-to-all)."""
+    return headpar.gather_heads(setup.inner_comm(), [out])[0]
+
+
+def dout_to_outer(setup, dout):
+    """Two levels, backward: the incoming gradient to the method's ``[b, U*s, hq/U, D]``."""
+    return headpar.scatter_heads(setup.inner_comm(), [dout])[0]
+
+
 class _SeqParFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kpm, setup, fwd, bwd):
         ctx.dtypes, ctx.hkv = (q.dtype, k.dtype, v.dtype), k.size(2)
         two = setup.head_parallel > 1
         if two:
-            q, k, v, kpm = _to_outer(setup, q, k, v, kpm)
+            q, k, v, kpm = to_outer(setup, q, k, v, kpm)
         qh, kh, vh = to_bhsd(q), to_bhsd(k), to_bhsd(v)
         kpm_all = gather_kpm(setup.comm(), kpm)
         out, lse, extra = fwd(setup, qh, kh, vh, kpm_all)
         out = out.to(q.dtype)
         ctx.setup, ctx.bwd, ctx.n_extra = setup, bwd, len(extra)
         ctx.save_for_backward(qh, kh, vh, out, lse, kpm_all, *extra)
-        res = out.transpose(1, 2)
-        return headpar.gather_heads(setup.inner_comm(), [res])[0] if two else res
+        return out_to_inner(setup, out.transpose(1, 2)) if two else out.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dout):
@@ -84,11 +94,11 @@ class _SeqParFunction(torch.autograd.Function):
         setup = ctx.setup
         two = setup.head_parallel > 1
         if two:
-            dout = headpar.scatter_heads(setup.inner_comm(), [dout])[0]
+            dout = dout_to_outer(setup, dout)
         dq, dk, dv = ctx.bwd(setup, to_bhsd(dout), qh, kh, vh, out, lse, kpm_all, *extra)
         grads = [g.transpose(1, 2) for g in (dq, dk, dv)]
         if two:
-            grads = _from_outer(setup, *grads, ctx.hkv)
+            grads = from_outer(setup, *grads, ctx.hkv)
         grads = [g.to(t) for g, t in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None, None)
 

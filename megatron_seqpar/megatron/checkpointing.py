@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_seqpar import common
+
 
 @dataclass(frozen=True)
 class _Kept:
@@ -57,41 +59,35 @@ def _method_pair(method: str):
     return (fwd, bwd) if fwd is not None and bwd is not None else None
 
 
-def _setup(method, group, causal, softmax_scale, layout, options, q):
-    from megatron_seqpar import api
-    from megatron_seqpar.comm import Comm, current_traffic
-
-    mod = importlib.import_module(f"megatron_seqpar.{method}")
-    comm = Comm(group)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    opts = mod.Options() if options is None else options
-    return api.Setup(group, comm.rank, comm.world_size, bool(causal), scale, layout, opts,
-                     current_traffic())
-
-
 class _FromKept(torch.autograd.Function):
-    """Returns the kept output; backward runs the method's backward on the recomputed q/k/v."""
+    """Returns the kept output; backward runs the method's backward on the recomputed q/k/v
+    (with two levels, after the head all-to-all of the recomputed q/k/v and of dO)."""
 
     @staticmethod
     def forward(ctx, q, k, v, kept, bwd):
-        from megatron_seqpar.common import to_bhsd
-
-        qh, kh, vh = to_bhsd(q), to_bhsd(k), to_bhsd(v)
-        out = kept.out.to(q.dtype)
         ctx.kept, ctx.bwd = kept, bwd
-        ctx.save_for_backward(qh, kh, vh, out)
-        return out.transpose(1, 2)
+        ctx.dtypes, ctx.hkv = (q.dtype, k.dtype, v.dtype), k.size(2)
+        ctx.save_for_backward(q, k, v)
+        out = kept.out.to(q.dtype).transpose(1, 2)
+        if kept.setup.head_parallel > 1:
+            out = common.out_to_inner(kept.setup, out)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        from megatron_seqpar.common import to_bhsd
-
-        qh, kh, vh, out = ctx.saved_tensors
+        q, k, v = ctx.saved_tensors
         kept = ctx.kept
-        dq, dk, dv = ctx.bwd(kept.setup, to_bhsd(dout), qh, kh, vh, out, kept.lse,
-                             kept.kpm_all, *kept.extra)
-        grads = [g.to(x.dtype).transpose(1, 2) for g, x in ((dq, qh), (dk, kh), (dv, vh))]
-        return (*grads, None, None)
+        two = kept.setup.head_parallel > 1
+        if two:
+            q, k, v, _ = common.to_outer(kept.setup, q, k, v, None)
+            dout = common.dout_to_outer(kept.setup, dout)
+        qh, kh, vh = (common.to_bhsd(x) for x in (q, k, v))
+        dq, dk, dv = ctx.bwd(kept.setup, common.to_bhsd(dout), qh, kh, vh,
+                             kept.out.to(q.dtype), kept.lse, kept.kpm_all, *kept.extra)
+        grads = [g.transpose(1, 2) for g in (dq, dk, dv)]
+        if two:
+            grads = common.from_outer(kept.setup, *grads, ctx.hkv)
+        return (*[g.to(t) for g, t in zip(grads, ctx.dtypes)], None, None)
 
 
 class Remat:
@@ -116,29 +112,29 @@ class Remat:
     def clear(self) -> None:
         self._queue.clear()
 
-    def __call__(self, q, k, v, *, method, group, causal, softmax_scale, layout,
-                 key_padding_mask, options):
+    def __call__(self, q, k, v, *, method, **kw):
         import megatron_seqpar as msp
-        from megatron_seqpar.common import gather_kpm, to_bhsd
 
         if method != self.method:
             raise ValueError(f"Remat built for {self.method!r} called for {method!r}")
-        kw = dict(method=method, group=group, causal=causal, softmax_scale=softmax_scale,
-                  layout=layout, key_padding_mask=key_padding_mask, options=options)
         if not torch.is_grad_enabled():  # checkpoint's first pass: run once, keep out + lse
-            msp.api._check_inputs(q, k, v, key_padding_mask)
-            setup = _setup(method, group, causal, softmax_scale, layout, options, q)
-            kpm_all = gather_kpm(setup.comm(), key_padding_mask)
-            o, lse, extra = self._fwd(setup, to_bhsd(q), to_bhsd(k), to_bhsd(v), kpm_all)
+            _, setup = msp.api.prepare(q, k, v, method=method, **kw)
+            key, kpm = _fingerprint(q), kw.get("key_padding_mask")
+            if setup.head_parallel > 1:
+                q, k, v, kpm = common.to_outer(setup, q, k, v, kpm)
+            kpm_all = common.gather_kpm(setup.comm(), kpm)
+            qh, kh, vh = (common.to_bhsd(x) for x in (q, k, v))
+            o, lse, extra = self._fwd(setup, qh, kh, vh, kpm_all)
             o = o.to(q.dtype)
-            self._queue.append(_Kept(_fingerprint(q), setup, o, lse, kpm_all, tuple(extra)))
-            return o.transpose(1, 2)
+            self._queue.append(_Kept(key, setup, o, lse, kpm_all, tuple(extra)))
+            out = o.transpose(1, 2)
+            return common.out_to_inner(setup, out) if setup.head_parallel > 1 else out
         key = _fingerprint(q) if self._queue else None
         while self._queue and self._queue[0].key != key:
             self._queue.popleft()  # stale (e.g. an abandoned no-grad forward)
         if self._queue:
             return _FromKept.apply(q, k, v, self._queue.popleft(), self._bwd)
-        return msp.attention(q, k, v, **kw)
+        return msp.attention(q, k, v, method=method, **kw)
 
 
 def enable_remat(model: torch.nn.Module, methods=None) -> int:
