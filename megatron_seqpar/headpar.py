@@ -60,11 +60,15 @@ _GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # world pg -> 
 
 
 def _timeout_of(group):
-    try:
-        device = dist.distributed_c10d._get_pg_default_device(group)
-        return group._get_backend(device).options._timeout
-    except Exception:  # noqa: BLE001 - private API; the default timeout is the fallback
-        return None
+    """The parent group's timeout, so the subgroups wait as long as it does (None: torch's
+    default)."""
+    kinds = ("cuda", "cpu") if "nccl" in str(dist.get_backend(group)) else ("cpu", "cuda")
+    for kind in kinds:
+        try:
+            return group._get_backend(torch.device(kind)).options._timeout
+        except Exception:  # noqa: BLE001,S112 - private API; try the next device, then default
+            continue
+    return None
 
 
 def _subgroup(parent, ranks: tuple[int, ...]):

@@ -109,3 +109,18 @@ def test_bad_splits_name_the_fix(U, hq, fix):
 def test_head_parallel_must_be_positive():
     with pytest.raises(ValueError, match="positive integer"):
         msp.method_options("rsa")(head_parallel=0)
+
+
+def _subgroups_keep_the_timeout(rank, world):
+    from megatron_seqpar.headpar import _timeout_of, two_level_groups
+
+    groups = two_level_groups(None, 2)
+    again = two_level_groups(None, 2)  # cached: the same groups, not new ones
+    parent = _timeout_of(torch.distributed.group.WORLD)
+    return (groups.inner is again.inner and groups.outer is again.outer,
+            _timeout_of(groups.inner) == parent == _timeout_of(groups.outer), parent)
+
+
+def test_subgroups_are_cached_and_keep_the_timeout():
+    for cached, same, parent in run_on_ranks(_subgroups_keep_the_timeout, 4):
+        assert cached and same and parent is not None
