@@ -14,7 +14,8 @@ Megatron-LM names: --num-layers --hidden-size --ffn-hidden-size --num-attention-
 --data-cache-path --split --bf16 --recompute-granularity --recompute-method
 --recompute-num-layers --sequence-parallel --distributed-backend --distributed-timeout-minutes
 --mask-prob --short-seq-prob
---untie-embeddings-and-output-weights.
+--untie-embeddings-and-output-weights --reset-attention-mask --reset-position-ids
+--eod-mask-loss (GPT documents: ``training.data`` packs them into cu_seqlens, no dense mask).
 Ours: --seqpar-method {rsa,mqsp,lss,lightseq} and the method options (--seqpar-backend,
 --seqpar-mqsp-micro-q, --[no-]seqpar-lightseq-balance, ...: defined once, in
 ``megatron_seqpar.megatron_lm.add_seqpar_args``, so Megatron-LM's patched scripts and these
@@ -100,6 +101,11 @@ class TrainConfig:
     split: str = "100,0,0"
     mask_prob: float = 0.15
     short_seq_prob: float = 0.1
+    # GPT documents (Megatron-LM's flags; documents end at the EOD token), training.data
+    reset_attention_mask: bool = False  # attention stays inside each document (cu_seqlens)
+    reset_position_ids: bool = False  # positions restart after each EOD
+    eod_mask_loss: bool = False  # no loss at EOD positions
+    document_pad_multiple: int | None = None  # ours: pad each packed document to a multiple
     # checkpoints and reporting
     save: str | None = None
     load: str | None = None
@@ -229,9 +235,38 @@ def validate(c: TrainConfig) -> None:
     need(c.save_interval is None or c.save_interval > 0, "--save-interval must be positive")
     need(c.save_interval is None or c.save, "--save-interval needs --save DIR")
     need(c.exit_interval is None or c.exit_interval > 0, "--exit-interval must be positive")
+    _validate_documents(c, need)
     if c.seqpar_options:
         need(c.seqpar_method is not None, "--seqpar-* option flags need --seqpar-method")
         c.method_options()  # raises ConfigError / ValueError naming the bad field
+
+
+def document_unit(c: TrainConfig) -> int:
+    """The length every packed document is padded to a multiple of (``--reset-attention-mask``):
+    ``--document-pad-multiple``, else 2*CP (the zigzag layout's least), 1 at CP=1."""
+    cp = c.context_parallel_size
+    return c.document_pad_multiple or (2 * cp if cp > 1 else 1)
+
+
+def _validate_documents(c: TrainConfig, need) -> None:
+    docs = c.reset_attention_mask or c.reset_position_ids or c.eod_mask_loss
+    need(not docs or c.model == "gpt", "--reset-attention-mask, --reset-position-ids and "
+         "--eod-mask-loss are GPT flags (documents end at EOD); drop them for BERT")
+    need(not c.reset_attention_mask or c.seqpar_method is not None,
+         "--reset-attention-mask packs documents into cu_seqlens, which megatron-core's local "
+         "attention cannot take without a dense mask; add --seqpar-method (any method, CP=1 "
+         "too)")
+    need(c.document_pad_multiple is None or c.reset_attention_mask,
+         "--document-pad-multiple needs --reset-attention-mask")
+    cp = c.context_parallel_size
+    need(c.document_pad_multiple is None
+         or (c.document_pad_multiple > 0 and c.document_pad_multiple % (2 * cp if cp > 1 else 1)
+             == 0),
+         f"--document-pad-multiple {c.document_pad_multiple} is not a positive multiple of "
+         f"2*CP = {2 * cp} (zigzag cuts every document in 2*CP chunks)")
+    need(not (c.reset_attention_mask and c.sequence_parallel),
+         "--reset-attention-mask with --sequence-parallel: the packed stream's length varies "
+         "by step and need not divide by TP; drop --sequence-parallel")
 
 
 def build_parser(model: str = "gpt") -> argparse.ArgumentParser:
@@ -282,6 +317,15 @@ def build_parser(model: str = "gpt") -> argparse.ArgumentParser:
     add("--fp64", action="store_true",
         help="float64 parameters and activations (ours; for exactness checks on CPU)")
     add("--untie-embeddings-and-output-weights", action="store_true")
+    add("--reset-attention-mask", action="store_true",
+        help="GPT: attention stays inside each document (documents end at EOD), through "
+        "cu_seqlens (needs --seqpar-method)")
+    add("--reset-position-ids", action="store_true",
+        help="GPT: position ids restart after each EOD")
+    add("--eod-mask-loss", action="store_true", help="GPT: no loss on EOD tokens")
+    add("--document-pad-multiple", int,
+        help="ours, with --reset-attention-mask: pad each packed document to a multiple of "
+        "this (default 2*CP; a multiple of 2*CP)")
     add_seqpar_args(p)  # the same --seqpar-* flags as Megatron-LM's patched scripts
     g.add_argument("--no-progress-bar", action="store_true")
     g.add_argument("--no-plot", action="store_true")

@@ -169,7 +169,8 @@ def build_train_dataset(cfg, prefix: str):
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
         cls, config = GPTDataset, GPTDatasetConfig(
-            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+            reset_position_ids=cfg.reset_position_ids,
+            reset_attention_mask=cfg.reset_attention_mask, eod_mask_loss=cfg.eod_mask_loss,
             create_attention_mask=False, **common)
     else:
         from megatron.core.datasets.bert_dataset import (
@@ -196,7 +197,10 @@ class BatchSource:
     ``get(step, micro)`` reads samples ``step*G + micro*mbs*DP + dp_rank*mbs + [0, mbs)`` (G the
     global batch), i.e. Megatron's sequential sampler, so any step can be re-read on resume.
     GPT batches: ``tokens, labels, loss_mask, position_ids``; BERT: ``tokens, labels,
-    loss_mask, padding_mask`` (1 = real token) and ``position_ids``.
+    loss_mask, padding_mask`` (1 = real token) and ``position_ids``. With
+    ``--reset-attention-mask`` the GPT tensors are ``[1, T/CP]`` shards of the packed stream
+    plus ``cu_seqlens`` / ``cu_seqlens_padded`` (int32, global, the same on every rank) and
+    ``max_seqlen`` (``pack_documents``).
     """
 
     def __init__(self, dataset, cfg, dp_rank: int, cp_group, device):
@@ -225,14 +229,72 @@ class BatchSource:
         if "padding_mask" in out:
             out["padding_mask"] = (out["padding_mask"] > 0.5).long()  # Megatron pads with 0 or -1
         b, s = out["tokens"].shape
-        out["position_ids"] = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
+        if self.cfg.model == "gpt":  # megatron-core's (reset after EOD with --reset-position-ids)
+            out["position_ids"] = torch.stack(
+                [torch.as_tensor(np.asarray(x["position_ids"])) for x in samples]).long()
+        else:
+            out["position_ids"] = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
+        if self.cfg.reset_attention_mask:
+            from megatron_seqpar.training.arguments import document_unit
+
+            out = pack_documents(out, eod=EOD, unit=document_unit(self.cfg))
         return out
 
     def get(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         out = self.full(step, micro)
+        cu = out.get("cu_seqlens_padded")
         if self.cp_group is not None and self.cp_group.size() > 1:
             from megatron_seqpar import shard_sequence
 
-            out = {k: shard_sequence(v, dim=1, group=self.cp_group, layout="zigzag")
-                   for k, v in out.items()}
+            out = {k: v if k in PACKING_KEYS else shard_sequence(
+                v, dim=1, group=self.cp_group, layout="zigzag", cu_seqlens=cu)
+                for k, v in out.items()}
         return {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
+
+
+PACKING_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen")
+
+
+def document_lengths(tokens: torch.Tensor, eod: int = EOD) -> list[int]:
+    """Lengths of the document pieces of ``tokens`` ``[b, s]``, row by row: a piece ends
+    after each EOD token and at the row's end (Megatron's ``--reset-attention-mask``: a token
+    after an EOD sees nothing up to and including it; rows are separate samples)."""
+    lengths = []
+    for row in tokens:
+        cuts = [0] + [e for e in ((row == eod).nonzero().flatten() + 1).tolist()
+                      if e < row.numel()] + [row.numel()]
+        lengths += [b - a for a, b in zip(cuts, cuts[1:])]
+    return lengths
+
+
+def pack_documents(batch: dict[str, torch.Tensor], *, eod: int = EOD,
+                   unit: int = 1) -> dict[str, torch.Tensor]:
+    """One packed stream ``[1, T]`` of a micro-batch ``[b, s]`` of GPT tensors (``tokens,
+    labels, loss_mask, position_ids``), documents cut at EOD (``document_lengths``).
+
+    Each piece of real length ``L`` takes ``ceil(L/unit)*unit`` slots: its tokens first, then
+    pad tokens (id ``PAD``, label ``PAD``, loss mask 0, position 0). ``T`` = the sum of those,
+    a multiple of ``unit``; it varies with the data by at most ``unit-1`` per piece. Adds
+    ``cu_seqlens`` (cumulative real lengths), ``cu_seqlens_padded`` (piece boundaries in the
+    stream), both int32, and ``max_seqlen`` (the longest padded piece, a 1-element tensor),
+    megatron-core's ``PackedSeqParams`` convention. Causal attention inside each piece never
+    lets a real token see a pad (pads come last), so the packed step equals Megatron's
+    dense-mask step exactly."""
+    tokens = batch["tokens"]
+    lengths = torch.tensor(document_lengths(tokens, eod), dtype=torch.long)
+    padded = (lengths + unit - 1) // unit * unit
+    zero = torch.zeros(1, dtype=torch.long)
+    cu_real, cu_pad = torch.cat([zero, lengths.cumsum(0)]), torch.cat([zero, padded.cumsum(0)])
+    piece = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    where = cu_pad[:-1][piece] + torch.arange(tokens.numel()) - cu_real[:-1][piece]
+    total = int(cu_pad[-1])
+    out = {}
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        x = batch[key]
+        stream = torch.zeros(1, total, dtype=x.dtype)
+        stream[0, where] = x.reshape(-1)
+        out[key] = stream
+    out["cu_seqlens"] = cu_real.to(torch.int32)
+    out["cu_seqlens_padded"] = cu_pad.to(torch.int32)
+    out["max_seqlen"] = padded.max().reshape(1).to(torch.int32)
+    return out

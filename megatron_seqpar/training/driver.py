@@ -178,6 +178,12 @@ def _peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def _stream_slots(batch) -> int:
+    """Tokens of the micro-batch's full packed stream, pads included (0 when not packed)."""
+    cu = batch.get("cu_seqlens_padded")
+    return 0 if cu is None else int(cu[-1])
+
+
 def _forward(cfg: TrainConfig, model, batch):
     """Per-token losses ``[b, s_local]`` of one micro-batch shard."""
     if cfg.model == "gpt":
@@ -186,7 +192,17 @@ def _forward(cfg: TrainConfig, model, batch):
             s = batch["tokens"].size(1)
             mask = torch.ones(s, s, dtype=torch.bool, device=batch["tokens"].device).triu(1)
             mask = mask[None, None]
-        return model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
+        packed = None
+        if "cu_seqlens_padded" in batch:  # --reset-attention-mask: one THD stream, no mask
+            from megatron.core.packed_seq_params import PackedSeqParams
+
+            cu, cu_pad = batch["cu_seqlens"], batch["cu_seqlens_padded"]
+            longest = int(batch["max_seqlen"][0])
+            packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                     cu_seqlens_q_padded=cu_pad, cu_seqlens_kv_padded=cu_pad,
+                                     max_seqlen_q=longest, max_seqlen_kv=longest)
+        return model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"],
+                     packed_seq_params=packed)
     out = model(batch["tokens"], batch["padding_mask"], lm_labels=batch["labels"])
     return out[0] if isinstance(out, tuple) else out  # BertModel: (lm loss, binary logits)
 
@@ -262,8 +278,10 @@ def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -
         for step in range(start, end):
             t0 = time.perf_counter()
             batches = [source.get(step, m) for m in range(cfg.num_microbatches)]
-            counts = torch.stack([sum(b["loss_mask"].sum() for b in batches).double(),
-                                  torch.zeros((), dtype=torch.float64)]).to(device)
+            # [loss tokens, packed stream slots (each CP rank adds its share of the stream)]
+            counts = torch.tensor([float(sum(b["loss_mask"].sum() for b in batches)),
+                                   sum(_stream_slots(b) for b in batches) / cp_group.size()],
+                                  dtype=torch.float64, device=device)
             dist.all_reduce(counts, group=dp_cp)
             n_tokens = float(counts[0])
             lr = lr_at(cfg, step)
@@ -302,6 +320,8 @@ def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -
                        "step_time_s": dt, "tokens_per_s": cfg.tokens_per_step / dt,
                        "peak_mem_bytes": [int(x[0]) for x in gathered],
                        "sent_bytes": [int(x[1]) for x in gathered]}
+                if cfg.reset_attention_mask:  # real tokens / packed slots (with padding)
+                    rec["packed_tokens"] = round(float(counts[1]))
                 log.write(rec)
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",

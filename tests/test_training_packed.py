@@ -1,0 +1,244 @@
+"""The pretraining driver with Megatron-LM's document flags (issue 12, item 4).
+
+``--reset-attention-mask --reset-position-ids --eod-mask-loss`` on GPT: documents end at the
+byte-level corpus's EOD token; attention and positions restart there through cu_seqlens (the
+micro-batch becomes one packed THD stream, ``training.data.pack_documents``), never through a
+dense ``S x S`` mask.
+
+* ``pack_documents`` keeps exactly Megatron's semantics: the pairs of real tokens its pieces
+  let attend (same piece, causal) are those of megatron-core's dense
+  ``_get_ltor_masks_and_position_ids`` mask, positions and loss mask are Megatron's, pads are
+  loss-masked and come last in their piece.
+* One step of the packed model equals megatron-core's own local attention with Megatron's
+  dense document mask (float64, loss and every gradient), so the packing is Megatron's
+  ``--reset-attention-mask``, not merely self-consistent.
+* Convergence parity: training in float64 with all three flags at CP=2 repeats the CP=1 loss
+  curve for every method (the padding unit is fixed at 4 in both runs, so both see the same
+  packed stream), and the loss falls.
+* Bad combinations are refused with the fix named.
+
+The corpus is made of short documents (a few to ~200 bytes), so every 128-byte row holds
+several document boundaries.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from distributed import run_on_ranks
+
+from megatron_seqpar.training import data
+from megatron_seqpar.training.arguments import METHODS, ConfigError, TrainConfig, parse_args
+
+DOCS = ("--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss")
+STEPS = 12
+TINY = dict(model="gpt", num_layers=2, hidden_size=32, num_attention_heads=4,
+            num_query_groups=2, seq_length=128, micro_batch_size=2, global_batch_size=2,
+            train_iters=STEPS, lr=3e-3, lr_warmup_iters=2, min_lr=1e-4, seed=1234,
+            progress_bar=False, plot=False, device="cpu", fp64=True,
+            reset_attention_mask=True, reset_position_ids=True, eod_mask_loss=True)
+# float64 end to end: the CP=2 runs differ from CP=1 only in the order of float64 sums
+# (blockwise attention merged across ranks, loss and gradient all-reduces), ~1e-16 relative
+# each; Adam carries that through 12 steps. 1e-10 on a loss near 5 leaves room for that
+# growth and is still 1e6 x below what a wrong mask or position does in a step (>= 1e-3).
+TOL = 1e-10
+
+
+def short_documents(n: int = 600, seed: int = 0) -> list[str]:
+    """``n`` short documents (3-200 bytes) cut from Python's help topics."""
+    rng = random.Random(seed)
+    text = " ".join(" ".join(d.split()) for d in data.default_documents())
+    out, at = [], 0
+    for _ in range(n):
+        length = rng.choice([3, 10, 40, 90, 200]) + rng.randrange(10)
+        out.append(text[at:at + length])
+        at += length
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("packed")
+    path = tmp / "short_docs.txt"
+    path.write_text("\n\n\n".join(short_documents()) + "\n")  # read_documents splits at 2+ blanks
+    return tmp, str(path)
+
+
+# ----------------------------------------------------------------------------- packing
+def _megatron_masks(row: torch.Tensor, reset_position_ids=True, eod_mask_loss=True):
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    return _get_ltor_masks_and_position_ids(row, data.EOD, reset_position_ids, True,
+                                            eod_mask_loss, True)
+
+
+@pytest.mark.parametrize("unit", [1, 4, 6])
+def test_pack_documents_is_megatrons_document_mask(unit):
+    g = torch.Generator().manual_seed(unit)
+    b, s = 3, 40
+    tokens = torch.randint(9, 256, (b, s), generator=g)
+    tokens[0, [0, 5, 6, 39]] = data.EOD  # EOD first, twice in a row, last
+    tokens[1, [17]] = data.EOD
+    # row 2: no EOD at all (one piece of the whole row)
+    rows = [_megatron_masks(tokens[r]) for r in range(b)]
+    batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
+             "loss_mask": torch.stack([m[1] for m in rows]),
+             "position_ids": torch.stack([m[2] for m in rows])}
+    packed = data.pack_documents(batch, unit=unit)
+    cu, cu_pad = packed["cu_seqlens"].long(), packed["cu_seqlens_padded"].long()
+    lengths, padded = cu.diff(), cu_pad.diff()
+    assert lengths.tolist() == data.document_lengths(tokens)
+    assert lengths.sum() == b * s and bool((padded % unit == 0).all())
+    assert bool((padded - lengths < unit).all()) and bool((lengths > 0).all())
+    assert packed["tokens"].shape == (1, int(cu_pad[-1]))
+    assert int(packed["max_seqlen"][0]) == int(padded.max())
+    # every real token lands at its piece's start + its offset; pads follow, loss-masked
+    piece_of, real = torch.full((int(cu_pad[-1]),), -1), torch.zeros(int(cu_pad[-1]), dtype=bool)
+    for i in range(lengths.numel()):
+        piece_of[cu_pad[i]:cu_pad[i + 1]] = i
+        real[cu_pad[i]:cu_pad[i] + lengths[i]] = True
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        assert torch.equal(packed[key][0, real], batch[key].reshape(-1).to(packed[key].dtype))
+        assert bool((packed[key][0, ~real] == 0).all())
+    # attention: (i, j) allowed by the packing iff same piece and j <= i, which must equal
+    # Megatron's dense mask inside each row (rows are separate samples)
+    stream = torch.arange(int(cu_pad[-1]))[real].reshape(b, s)
+    for r in range(b):
+        p = piece_of[stream[r]]
+        ours = (p[:, None] == p[None, :]) & torch.ones(s, s, dtype=bool).tril()
+        assert torch.equal(ours, ~rows[r][0][0]), f"row {r}"
+    assert torch.equal(batch["loss_mask"][0, [0, 5, 6, 39]], torch.zeros(4))  # --eod-mask-loss
+
+
+# ------------------------------------------------- one step: packed == Megatron's dense mask
+def _packed_vs_dense(rank, world_size, corpus_path, cache):
+    import warnings
+
+    from megatron.core import parallel_state as ps
+    from megatron_cpu import cpu_shims
+
+    from megatron_seqpar.training import driver
+    from megatron_seqpar.training.model import build_model, unwrap
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    base = dict(TINY, world_size=1, data_path=corpus_path, data_cache_path=cache,
+                context_parallel_size=1)
+    packed_cfg = TrainConfig(**dict(base, seqpar_method="lightseq", document_pad_multiple=4))
+    dense_cfg = TrainConfig(**dict(base, reset_attention_mask=False))  # Megatron's local attn
+    results = {}
+    with cpu_shims():
+        ps.initialize_model_parallel(1, 1, context_parallel_size=1)
+        try:
+            for name, cfg in (("dense", dense_cfg), ("packed", packed_cfg)):
+                torch.manual_seed(cfg.seed)
+                model, _, _ = build_model(cfg, "cpu")
+                ds = data.build_train_dataset(cfg, data.prepare_data_prefix(cfg))
+                batch = data.BatchSource(ds, cfg, 0, None, "cpu").get(0, 0)
+                if name == "dense":  # Megatron's own mask: documents reset, [b, 1, s, s]
+                    mask = torch.stack([_megatron_masks(row)[0] for row in batch["tokens"]])
+                    losses = model(batch["tokens"], batch["position_ids"], mask,
+                                   labels=batch["labels"])
+                else:
+                    losses = driver._forward(cfg, model, batch)
+                loss = (losses * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+                loss.backward()
+                grads = {n: p.main_grad.clone() for n, p in unwrap(model).named_parameters()}
+                results[name] = (loss.item(), grads, int(batch["tokens"].numel()))
+        finally:
+            ps.destroy_model_parallel()
+    return results
+
+
+@pytest.mark.megatron
+def test_packed_step_equals_megatron_dense_document_mask(corpus, tmp_path):
+    tmp, path = corpus
+    res = run_on_ranks(_packed_vs_dense, 1, path, str(tmp / "data"))[0]
+    (dl, dg, dn), (pl, pg, pn) = res["dense"], res["packed"]
+    assert pn > dn, "the packed stream carries pads (pieces rounded up to 4)"
+    # float64, one forward/backward; the two differ only in summation order (fused kernel
+    # blocks vs one masked softmax): ~1e-15 relative. 1e-12 leaves room; a wrong mask or
+    # position moves the loss by > 1e-3.
+    assert abs(dl - pl) <= 1e-12 * abs(dl), (dl, pl)
+    assert dg.keys() == pg.keys()
+    for n in dg:
+        scale = dg[n].abs().max().item() or 1.0
+        err = (dg[n] - pg[n]).abs().max().item()
+        assert err <= 1e-10 * scale, f"{n}: {err} (max |grad| {scale})"
+
+
+# ------------------------------------------------------------ convergence parity CP=2 vs CP=1
+def _train(rank, world_size, kwargs):
+    import warnings
+
+    from megatron_cpu import cpu_shims
+
+    from megatron_seqpar.training import driver
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    cfg = TrainConfig(world_size=world_size, **kwargs)
+    with cpu_shims():
+        return driver.train(cfg, device="cpu", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def cp1(corpus):
+    tmp, path = corpus
+    common = dict(TINY, data_path=path, data_cache_path=str(tmp / "data"),
+                  document_pad_multiple=4)
+    ref = run_on_ranks(_train, 1, dict(common, seqpar_method="lightseq",
+                                       log_dir=str(tmp / "cp1")))[0]
+    return common, ref, tmp
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize("method", METHODS)
+def test_documents_cp2_match_cp1_and_learn(method, cp1):
+    common, ref, tmp = cp1
+    got = run_on_ranks(_train, 2, dict(common, context_parallel_size=2, seqpar_method=method,
+                                       log_dir=str(tmp / method)))
+    assert got[0] == got[1], "both CP ranks report the same all-reduced loss"
+    worst = max(abs(a - b) for a, b in zip(ref, got[0]))
+    print(f"documents {method}: CP=1 {ref[0]:.6f} -> {ref[-1]:.6f}, CP=2 {got[0][0]:.6f} -> "
+          f"{got[0][-1]:.6f}, max |diff| over {STEPS} steps {worst:.1e}")
+    assert len(got[0]) == len(ref) == STEPS
+    for i, (a, b) in enumerate(zip(ref, got[0])):
+        assert abs(a - b) <= TOL, f"step {i + 1}: CP=1 {a!r} vs CP=2 {b!r}"
+    assert ref[-1] < ref[0] - 0.5, f"the model must learn: {ref}"
+
+
+def test_log_records_packed_tokens(cp1):
+    """The run log says how many stream slots (real + pad) each step used."""
+    from megatron_seqpar.training import report
+
+    _, _, tmp = cp1
+    recs = report.step_records(str(tmp / "cp1" / report.LOG_NAME))
+    real = TINY["global_batch_size"] * TINY["seq_length"]
+    assert all(real <= r["packed_tokens"] < 2 * real for r in recs), recs[0]
+
+
+# --------------------------------------------------------------------------- bad flags
+@pytest.mark.parametrize("argv, model, match", [
+    (["--reset-attention-mask"], "gpt", "add --seqpar-method"),
+    (["--reset-position-ids"], "bert", "GPT flags"),
+    (["--seqpar-method", "rsa", "--document-pad-multiple", "4"], "gpt",
+     "needs --reset-attention-mask"),
+    (["--seqpar-method", "rsa", "--reset-attention-mask", "--context-parallel-size", "2",
+      "--document-pad-multiple", "6"], "gpt", "multiple of 2\\*CP = 4"),
+])
+def test_bad_document_flags(argv, model, match):
+    world = 2 if "--context-parallel-size" in argv else 1
+    with pytest.raises(ConfigError, match=match):
+        parse_args(argv, model=model, world_size=world)
+
+
+def test_document_flags_parse():
+    cfg = parse_args(["--seqpar-method", "lss", *DOCS, "--context-parallel-size", "2"],
+                     world_size=2)
+    assert (cfg.reset_attention_mask, cfg.reset_position_ids, cfg.eod_mask_loss) == (
+        True, True, True)
+    from megatron_seqpar.training.arguments import document_unit
+
+    assert document_unit(cfg) == 4
+    assert parse_args(["--eod-mask-loss", "--reset-position-ids"]).seqpar_method is None
