@@ -53,6 +53,7 @@ class Traffic:
     calls: Counter = field(default_factory=Counter)
     block_steps: int = 0  # (query chunk, key chunk) pairs this rank computed, forward only
     parent: Traffic | None = None
+    sent_by_kind: Counter = field(default_factory=Counter)  # e.g. "all_to_all": two levels' inner
 
     def add(self, kind: str, sent: int, recv: int) -> None:
         t = self
@@ -60,6 +61,7 @@ class Traffic:
             t.sent_bytes += int(sent)
             t.recv_bytes += int(recv)
             t.calls[kind] += 1
+            t.sent_by_kind[kind] += int(sent)
             t = t.parent
 
     def add_block_steps(self, n: int = 1) -> None:

@@ -21,11 +21,28 @@ and the incoming gradient: what the op saves for backward plus the largest trans
 forward or backward (receive buffers, score blocks, fp32 accumulators, gradients). FLOPs count
 the two matmuls of the forward (``4·D`` per computed query-key pair and head) and five in the
 backward (recomputed scores, ``dV``, ``dP``, ``dQ``, ``dK``).
+
+Packed sequences (``AttnShape.cu_seqlens``, see ``packed_shape``): ranks hold the position runs
+of ``megatron_seqpar.layouts`` and pairs of different sequences are never computed (the block
+planner's rule), so per-rank FLOPs follow ``sum(L_i^2)`` of the sequences a rank touches.
+Bytes: RSA, MQSP and LSS send what they send unpacked; LightSeq leaves out every transfer
+whose block would be empty (its schedule's ``needed``), so a packed stream of short sequences
+sends less.
+
+Two levels (``AttnShape.head_parallel = U > 1``): per rank, the inner level is the head
+all-to-all of ``megatron_seqpar.headpar`` (Q, K, V in and O out in the forward, dO in and dQ,
+dK, dV out in the backward, over ``U`` ranks; K/V heads repeated to ``kv_heads(hq, hkv, U)``),
+and the outer level is the method on ``U·s`` tokens, ``hq/U`` query heads and ``h'/U`` K/V
+heads over ``R = P/U`` ranks (``AttentionCost.outer``). ``AttentionCost.inner_sent`` holds the
+inner bytes, ``sent`` both levels; memory adds the all-to-all buffers (``_two_level_extra``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from megatron_seqpar.headpar import kv_heads, two_level_runs
+from megatron_seqpar.layouts import Run, check_cu_seqlens, local_runs
 
 METHODS = ("rsa", "mqsp", "lss", "lightseq")
 BASELINES = ("ulysses", "ring", "allgather", "nosp")
@@ -55,6 +72,9 @@ class AttnShape:
     mqsp_chunks: int | None = None  # None: as megatron_seqpar.mqsp picks it from the budget
     mqsp_budget_mb: float = 256.0
     lss_regather: bool = True  # LSS gathers K/V again in the backward (its regather_kv)
+    cu_seqlens: tuple[int, ...] | None = None  # packed stream boundaries [0, L1, ..., S]
+    head_parallel: int = 1  # U: two levels (head all-to-all inside U ranks x method over P/U)
+    stacked: int = 1  # internal: a rank holds this many consecutive layout shards (outer level)
 
     def __post_init__(self):
         for name in ("S", "P", "b", "hq", "hkv", "D"):
@@ -72,6 +92,15 @@ class AttnShape:
             raise ValueError(f"zigzag needs an even local length, got s={self.s}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; use one of {LAYOUTS}")
+        if self.cu_seqlens is not None:
+            object.__setattr__(self, "cu_seqlens", check_cu_seqlens(
+                tuple(int(x) for x in self.cu_seqlens), self.S, self.layout,
+                self.P * self.stacked))
+        if self.head_parallel < 1 or self.P % self.head_parallel or self.hq % self.head_parallel:
+            raise ValueError(f"head_parallel={self.head_parallel} must divide P={self.P} and "
+                             f"hq={self.hq}")
+        if self.head_parallel > 1 and self.stacked > 1:
+            raise ValueError("stacked is the outer level of a two-level shape: use head_parallel")
 
     @property
     def s(self) -> int:
@@ -117,6 +146,9 @@ class AttentionCost:
     act_bytes: tuple[int, ...]
     pairs: tuple[int, ...]  # query-key pairs computed per head in the forward
     notes: str = ""
+    inner_sent: tuple[int, ...] | None = None  # two levels: the head all-to-alls' share
+    inner_recv: tuple[int, ...] | None = None
+    outer: AttentionCost | None = None  # two levels: the method over the R outer ranks
     flops_per_pair: int = field(init=False, default=0)
 
     def __post_init__(self):
@@ -124,7 +156,17 @@ class AttentionCost:
         for name in ("sent_fwd", "sent_bwd", "recv_fwd", "recv_bwd", "act_bytes", "pairs"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} needs one entry per rank ({n})")
-        object.__setattr__(self, "flops_per_pair", 4 * self.shape.D * self.shape.b * self.shape.hq)
+        if self.inner_sent is None:
+            object.__setattr__(self, "inner_sent", (0,) * n)
+            object.__setattr__(self, "inner_recv", (0,) * n)
+        sh = self.shape  # pairs are per head of the level that computes them (hq/U heads)
+        object.__setattr__(self, "flops_per_pair",
+                           4 * sh.D * sh.b * (sh.hq // sh.head_parallel))
+
+    @property
+    def outer_sent(self) -> tuple[int, ...]:
+        """Bytes of the sequence-parallel method (all of them when ``head_parallel = 1``)."""
+        return tuple(a - b for a, b in zip(self.sent, self.inner_sent))
 
     @property
     def sent(self) -> tuple[int, ...]:
@@ -167,19 +209,25 @@ def _clamped_sum(n: int, cap: int) -> int:
     return cap * (cap + 1) // 2 + (n - cap) * cap
 
 
-def _positions(sh: AttnShape, r: int) -> list[tuple[int, int]]:
-    """Global token runs ``(start, length)`` of rank ``r``."""
-    if sh.layout == "contiguous" or sh.P == 1:
-        return [(r * sh.s, sh.s)]
-    c = sh.S // (2 * sh.P)
-    return [(r * c, c), ((2 * sh.P - 1 - r) * c, c)]
+def _positions(sh: AttnShape, r: int) -> tuple[Run, ...]:
+    """Position runs of (method) rank ``r``: ``megatron_seqpar.layouts``' definition, packed
+    sequences included; on the outer level of two levels, the ``stacked`` consecutive CP
+    ranks' runs concatenated (``headpar.two_level_runs``)."""
+    if sh.stacked > 1:
+        return two_level_runs(sh.layout, r, sh.P * sh.stacked, sh.stacked, sh.s, sh.cu_seqlens)
+    return local_runs(sh.layout, r, sh.P, sh.s, sh.cu_seqlens)
 
 
 def _pairs(sh: AttnShape, q_runs, k_runs) -> int:
-    """Query-key pairs a kernel computes, skipping fully masked blocks (causal)."""
+    """Query-key pairs a kernel computes: runs of different packed sequences never meet, and
+    fully masked (causal) blocks are skipped."""
     total = 0
-    for qs, ql in q_runs:
-        for ks, kl in k_runs:
+    for qr in q_runs:
+        qs, ql = qr.start, qr.length
+        for kr in k_runs:
+            ks, kl = kr.start, kr.length
+            if kr.doc != qr.doc:
+                continue
             if not sh.causal:
                 total += ql * kl
             elif ks + kl - 1 <= qs:  # every key before every query
@@ -196,6 +244,12 @@ def _pairs(sh: AttnShape, q_runs, k_runs) -> int:
 def _needed_pairs(sh: AttnShape, r: int) -> int:
     """Pairs rank r's queries need against all keys."""
     return sum(_pairs(sh, _positions(sh, r), _positions(sh, j)) for j in range(sh.P))
+
+
+def _all_pairs(sh: AttnShape) -> int:
+    """Pairs of the whole stream (one rank, every sequence on its own)."""
+    cu = sh.cu_seqlens or (0, sh.S)
+    return sum(_tri(b - a) if sh.causal else (b - a) ** 2 for a, b in zip(cu, cu[1:]))
 
 
 # ----------------------------------------------------------------------------- methods
@@ -306,14 +360,13 @@ def _lightseq(sh: AttnShape, r: int):
            + n_q * (3 * Q + L) + Q * a // e * (n_q > 0) + max(ret[:-1], default=0)
            + _kernel_scratch(sh, sh.s))
     pr = lambda i, j: _pairs(sh, _positions(sh, i), _positions(sh, j))  # noqa: E731
-    pairs = pr(r, r) + sum(pr(r, (r - t) % sh.P) * ("kv_from" in st)
-                           + pr((r - t) % sh.P, r) * ("q_from" in st)
-                           for t, st in enumerate(steps, start=1))
+    pairs = pr(r, r) + sum((pr(r, st["kv_from"]) if "kv_from" in st else 0)
+                           + (pr(st["q_from"], r) if "q_from" in st else 0) for st in steps)
     return tot(f_send), tot(b_send), tot(f_recv), tot(b_recv), act, pairs
 
 
-def lightseq_steps(sh: AttnShape, r: int) -> list[set[str]]:
-    """Rank ``r``'s steps after the local block, each the set of roles it plays:
+def lightseq_steps(sh: AttnShape, r: int) -> list[dict[str, int]]:
+    """Rank ``r``'s steps after the local block, each ``{role: peer}`` for the roles it plays:
     ``kv_to`` (sends its K/V), ``kv_from`` (receives K/V), ``q_to`` (ships its Q, gets out and
     lse back), ``q_from`` (attends a peer's Q, returns out and lse).
 
@@ -321,31 +374,38 @@ def lightseq_steps(sh: AttnShape, r: int) -> list[set[str]]:
     with ``(r+t) % P``: K/V go there when ``r+t < P``, else Q goes there; at ``t = P/2`` (even
     P) only ranks ``r < P/2`` send K/V and nobody ships Q. Unbalanced contiguous causal: K/V go
     to ``r+t`` only where needed (``r+t < P``). Zigzag or bidirectional: own K/V to
-    ``(r+t) % P`` for ``t = 1..P-1``.
+    ``(r+t) % P`` for ``t = 1..P-1``. A role whose block computes no pair (packed sequences
+    that do not reach across, the outer level's runs) is left out on both sides.
     """
     P = sh.P
+    runs = [_positions(sh, j) for j in range(P)]
+    need = lambda i, j: _pairs(sh, runs[i], runs[j]) > 0  # noqa: E731 - queries i, keys j
     ordered = sh.causal and sh.layout == "contiguous"
     steps = []
     if not (ordered and sh.balance):
         for t in range(1, P):
-            roles = set()
-            if not ordered or r + t < P:
-                roles.add("kv_to")
-            if not ordered or r - t >= 0:
-                roles.add("kv_from")
+            to, frm = (r + t) % P, (r - t) % P
+            roles = {}
+            if (not ordered or r + t < P) and need(to, r):
+                roles["kv_to"] = to
+            if (not ordered or r - t >= 0) and need(r, frm):
+                roles["kv_from"] = frm
             steps.append(roles)
         return steps
     for t in range(1, P // 2 + 1):
         half = 2 * t == P
-        roles = set()
+        to, frm = (r + t) % P, (r - t) % P
+        roles = {}
         if r + t < P:
-            roles.add("kv_to")
-        elif not half:
-            roles.add("q_to")
+            if need(to, r):
+                roles["kv_to"] = to
+        elif not half and need(r, to):
+            roles["q_to"] = to
         if r - t >= 0:
-            roles.add("kv_from")
-        elif not half:
-            roles.add("q_from")
+            if need(r, frm):
+                roles["kv_from"] = frm
+        elif not half and need(frm, r):
+            roles["q_from"] = frm
         steps.append(roles)
     return steps
 
@@ -358,9 +418,7 @@ def _ulysses(sh: AttnShape, r: int):
     # whole sequence for hq/P heads (the same bytes as a shard): q, k, v, out and lse kept,
     # dout, dq, dk, dv and the all-to-all buffers in the backward
     act = 2 * (Q + 2 * KV) + 4 * Q + sh.lse_bytes
-    full = AttnShape(S=sh.S, P=1, causal=sh.causal)
-    pairs = _pairs(full, [(0, sh.S)], [(0, sh.S)]) // P
-    return fwd, bwd, fwd, bwd, act, pairs
+    return fwd, bwd, fwd, bwd, act, _all_pairs(sh) // P
 
 
 def _ring(sh: AttnShape, r: int):
@@ -390,16 +448,89 @@ _MODELS = {"rsa": _rsa, "mqsp": _mqsp, "lss": _lss, "lightseq": _lightseq,
 
 
 def attention_cost(method: str, shape: AttnShape) -> AttentionCost:
-    """Per-rank bytes, memory and computed pairs of one attention layer (fwd + bwd)."""
+    """Per-rank bytes, memory and computed pairs of one attention layer (fwd + bwd); with
+    ``shape.head_parallel > 1`` both levels (``two_level_cost``)."""
     if method not in _MODELS:
         raise ValueError(f"unknown method {method!r}; use one of {ALL}")
     if method == "nosp" and shape.P != 1:
         raise ValueError("nosp is one rank holding the whole sequence: use P=1")
     if method == "ulysses" and shape.hkv % shape.P:
         raise ValueError(f"ulysses splits heads: hkv={shape.hkv} must be a multiple of P")
+    if shape.head_parallel > 1:
+        return two_level_cost(method, shape)
     rows = [_MODELS[method](shape, r) for r in range(shape.P)]
     cols = list(zip(*rows))
     return AttentionCost(method, shape, *(tuple(int(x) for x in c) for c in cols))
+
+
+def outer_shape(sh: AttnShape) -> AttnShape:
+    """The outer level of a two-level shape: ``R = P/U`` ranks, each holding the ``U·s`` tokens
+    of ``U`` consecutive CP ranks, ``hq/U`` query and ``h'/U`` K/V heads
+    (``h' = headpar.kv_heads(hq, hkv, U)``)."""
+    U = sh.head_parallel
+    return replace(sh, P=sh.P // U, hq=sh.hq // U, hkv=kv_heads(sh.hq, sh.hkv, U) // U,
+                   head_parallel=1, stacked=U)
+
+
+def inner_bytes(sh: AttnShape) -> tuple[int, int]:
+    """(forward, backward) bytes one rank sends (and receives) in the head all-to-alls:
+    forward ONE all-to-all of the packed ``[Q, K, V]`` (K/V repeated to ``h'`` heads) and ONE of
+    the output, input dtype; backward ONE of dO (input dtype) and ONE of the packed
+    ``[dQ, dK, dV]`` (accumulation dtype). An all-to-all of ``N`` bytes sends ``(U-1)·N/U``.
+    (A key padding mask adds ``(U-1)·b·s`` bytes of all-gather: not modelled.)"""
+    U, e, a = sh.head_parallel, sh.e, sh.acc
+    if U == 1:
+        return 0, 0
+    qkv = sh.b * sh.s * (sh.hq + 2 * kv_heads(sh.hq, sh.hkv, U)) * sh.D
+    o = sh.b * sh.s * sh.hq * sh.D
+    a2a = lambda n: (U - 1) * n // U  # noqa: E731
+    return a2a(qkv * e) + a2a(o * e), a2a(o * e) + a2a(qkv * a)
+
+
+def _two_level_extra(sh: AttnShape) -> int:
+    """Memory the head all-to-alls add to the outer method's working set: the method's inputs
+    are the received ``[Q, K, V]`` buffer (kept for the backward, input dtype) and its incoming
+    gradient the received dO (input dtype); the output's and the gradients' all-to-alls hold a
+    send and a receive buffer of their own (the larger: ``[dQ, dK, dV]``, accumulation dtype)."""
+    U = sh.head_parallel
+    qkv = sh.b * sh.s * (sh.hq + 2 * kv_heads(sh.hq, sh.hkv, U)) * sh.D
+    return qkv * sh.e + sh.q_bytes + 2 * qkv * sh.acc
+
+
+def two_level_cost(method: str, sh: AttnShape) -> AttentionCost:
+    """Both levels per CP rank ``c = jU + u``: the inner all-to-alls (the same on every rank)
+    plus outer rank ``j``'s share of the method (``outer_shape``)."""
+    if method not in METHODS + ("ring",):
+        raise ValueError(f"two levels are modelled for {METHODS + ('ring',)}, not {method!r}")
+    U = sh.head_parallel
+    out = attention_cost(method, outer_shape(sh))
+    fwd, bwd = inner_bytes(sh)
+    j = [c // U for c in range(sh.P)]
+    pick = lambda xs, add=0: tuple(xs[i] + add for i in j)  # noqa: E731
+    extra = _two_level_extra(sh)
+    return AttentionCost(method, sh, pick(out.sent_fwd, fwd), pick(out.sent_bwd, bwd),
+                         pick(out.recv_fwd, fwd), pick(out.recv_bwd, bwd),
+                         pick(out.act_bytes, extra), pick(out.pairs),
+                         inner_sent=(fwd + bwd,) * sh.P, inner_recv=(fwd + bwd,) * sh.P,
+                         outer=out)
+
+
+def packed_shape(lengths, P: int, **kw) -> AttnShape:
+    """An ``AttnShape`` for a packed stream of sequences of the given lengths over ``P`` ranks
+    (``cu_seqlens`` = their running sums; ``S`` = their total)."""
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + int(n))
+    return AttnShape(S=cu[-1], P=P, cu_seqlens=tuple(cu), **kw)
+
+
+def packed_flop_ratio(lengths, causal: bool = True) -> float:
+    """Predicted compute of a packed stream against the same ``S`` unpacked: ``sum(L_i^2)/S^2``
+    (the exact pair counts when causal: ``sum L_i(L_i+1) / S(S+1)``)."""
+    S = sum(lengths)
+    if not causal:
+        return sum(n * n for n in lengths) / S**2
+    return sum(n * (n + 1) for n in lengths) / (S * (S + 1))
 
 
 # ----------------------------------------------------------------------------- model level
@@ -459,11 +590,13 @@ class LayerCost:
     peak_extra_bytes: int  # transient working set of the layer being (re)computed
     attn_flops: int  # busiest rank, forward + backward (+ recompute)
     linear_flops: int
+    sp_inner_bytes: int = 0  # two levels: the head all-to-alls' share of sp_bytes
 
 
 def layer_cost(model: ModelConfig, *, S: int, P: int, method: str, tp: int = 1, b: int = 1,
                dtype: str = "bf16", recompute: str = "none", layout: str | None = None,
-               mqsp_budget_mb: float = 256.0, flash: bool = True) -> LayerCost:
+               mqsp_budget_mb: float = 256.0, flash: bool = True,
+               head_parallel: int = 1) -> LayerCost:
     """Per-rank cost of one layer with sequence parallelism ``P`` and tensor parallelism ``tp``.
 
     Activations follow Korthikanti et al. (TP with sequence parallelism, flash attention so no
@@ -475,7 +608,8 @@ def layer_cost(model: ModelConfig, *, S: int, P: int, method: str, tp: int = 1, 
     the kept score rows at the price of one more attention forward). ``flash=False`` models a
     pre-FlashAttention single-rank baseline (``P = 1``) that keeps its ``5·a·s²·b`` bytes of
     scores, softmax and dropout mask (Korthikanti et al.), as the 2021-2023 papers' TP
-    baselines did unless they recompute attention selectively.
+    baselines did unless they recompute attention selectively. ``head_parallel``: two levels
+    (``two_level_cost``); ``sp_inner_bytes`` is then the head all-to-alls' share.
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"unknown recompute {recompute!r}; use one of {RECOMPUTE}")
@@ -484,7 +618,8 @@ def layer_cost(model: ModelConfig, *, S: int, P: int, method: str, tp: int = 1, 
     hq, hkv = model.heads // tp, max(1, model.kv_heads // tp)
     layout = layout or ("zigzag" if method not in ("ulysses", "allgather") else "contiguous")
     sh = AttnShape(S=S, P=P, b=b, hq=hq, hkv=hkv, D=model.head_dim, dtype=dtype,
-                   causal=model.causal, layout=layout, mqsp_budget_mb=mqsp_budget_mb)
+                   causal=model.causal, layout=layout, mqsp_budget_mb=mqsp_budget_mb,
+                   head_parallel=head_parallel)
     att = attention_cost("nosp" if P == 1 else method, sh)
     local = attention_cost("nosp", AttnShape(S=sh.s, P=1, b=b, hq=hq, hkv=hkv, D=sh.D,
                                              dtype=dtype, causal=model.causal))
@@ -506,4 +641,6 @@ def layer_cost(model: ModelConfig, *, S: int, P: int, method: str, tp: int = 1, 
     else:
         act, peak = base + extra, 0
     tp_bytes = 8 * (tp - 1) * s * b * h * e // tp
-    return LayerCost(att, max(att.sent), tp_bytes, act, peak, attn, linear)
+    busiest = max(range(P), key=lambda r: att.sent[r])
+    return LayerCost(att, att.sent[busiest], tp_bytes, act, peak, attn, linear,
+                     att.inner_sent[busiest])

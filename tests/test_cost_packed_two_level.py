@@ -1,0 +1,185 @@
+"""The cost model on packed streams and two levels: model bytes == measured bytes, exactly.
+
+Bytes are deterministic, so every comparison is an equality, per rank, of the bytes sent and
+received (forward + backward) that ``megatron_seqpar.comm.count_traffic`` counts:
+
+- packed streams (``cu_seqlens``) at P = 2, 3, 4: every method x layout x causal/bidirectional
+  on a few packings (many short sequences beside a long one, one sequence, sequences shorter
+  than a shard; contiguous also with lengths that are not multiples of 2P), LightSeq balanced
+  and unbalanced, fp32 and bf16, GQA;
+- two levels at P = 4 (U=2 x R=2 and U=4 x R=1): every method, both layouts, causal and
+  bidirectional, K/V heads divisible by U and repeated, unpacked and packed: the inner level
+  (the head all-to-alls, ``sent_by_kind["all_to_all"]``) equals ``inner_sent`` and the rest
+  equals the outer method's bytes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_seqpar.cost import (
+    AttnShape,
+    attention_cost,
+    packed_flop_ratio,
+    packed_shape,
+)
+
+S_PER_RANK = 24  # local tokens: packings below are in units of 2P tokens (12 units in all)
+UNITS = {"short+long": (1, 2, 1, 8), "one": (12,), "many": (1, 1, 1, 1, 3, 5)}
+
+
+def _packings(P: int, layout: str):
+    u = 2 * P
+    out = {name: tuple(x * u for x in units) for name, units in UNITS.items()}
+    if layout == "contiguous":  # any lengths; sequences straddle ranks
+        S = S_PER_RANK * P
+        out["ragged"] = (5, 7, 1, S - 13)
+    return out
+
+
+def _cu(lengths):
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return cu
+
+
+def _cases(P: int):
+    for method in ("rsa", "mqsp", "lss", "lightseq"):
+        for layout in ("contiguous", "zigzag"):
+            for causal in (True, False):
+                for lengths in _packings(P, layout).values():
+                    yield dict(method=method, layout=layout, causal=causal, lengths=lengths,
+                               dtype="fp32", balance=True, U=1, hkv=2)
+    for lengths in _packings(P, "contiguous").values():
+        yield dict(method="lightseq", layout="contiguous", causal=True, lengths=lengths,
+                   dtype="fp32", balance=False, U=1, hkv=2)
+    yield dict(method="lightseq", layout="zigzag", causal=True, lengths=_packings(P, "zigzag")
+               ["short+long"], dtype="bf16", balance=True, U=1, hkv=2)
+
+
+def _two_level_cases(P: int):
+    for U in (2, 4):
+        for method in ("rsa", "mqsp", "lss", "lightseq"):
+            for layout in ("contiguous", "zigzag"):
+                for causal in (True, False):
+                    for hkv in (2, 1):  # 1: repeated to lcm(1, U) = U heads
+                        yield dict(method=method, layout=layout, causal=causal, lengths=None,
+                                   dtype="fp32", balance=True, U=U, hkv=hkv)
+                yield dict(method=method, layout=layout, causal=True,
+                           lengths=_packings(P, layout)["short+long"], dtype="bf16",
+                           balance=True, U=U, hkv=2)
+        yield dict(method="lightseq", layout="contiguous", causal=True, lengths=None,
+                   dtype="fp32", balance=False, U=U, hkv=2)
+
+
+def _all_cases(P: int):
+    return list(_cases(P)) + (list(_two_level_cases(P)) if P == 4 else [])
+
+
+def _measure(rank, world):
+    import torch
+
+    import megatron_seqpar as msp
+    from megatron_seqpar.comm import count_traffic
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    b, s, hq, D = 2, S_PER_RANK, 4, 8
+    out = []
+    for c in _all_cases(world):
+        g = torch.Generator().manual_seed(rank)
+        dt = dtypes[c["dtype"]]
+        q = torch.randn(b, s, hq, D, generator=g).to(dt).requires_grad_()
+        k = torch.randn(b, s, c["hkv"], D, generator=g).to(dt).requires_grad_()
+        v = torch.randn(b, s, c["hkv"], D, generator=g).to(dt).requires_grad_()
+        kw = dict(head_parallel=c["U"])
+        if c["method"] == "lightseq":
+            kw["balance"] = c["balance"]
+        opts = msp.method_options(c["method"])(**kw)
+        cu = None if c["lengths"] is None else torch.tensor(_cu(c["lengths"]))
+        with count_traffic() as t:  # the backward counts into the forward's Traffic
+            o = msp.attention(q, k, v, method=c["method"], causal=c["causal"],
+                              layout=c["layout"], options=opts, cu_seqlens=cu)
+            o.backward(torch.ones_like(o))
+        out.append((t.sent_bytes, t.recv_bytes, t.sent_by_kind["all_to_all"]))
+    return out
+
+
+def _model(c, P):
+    kw = dict(b=2, hq=4, hkv=c["hkv"], D=8, dtype=c["dtype"], causal=c["causal"],
+              layout=c["layout"], balance=c["balance"], head_parallel=c["U"])
+    if c["lengths"] is None:
+        return attention_cost(c["method"], AttnShape(S=S_PER_RANK * P, P=P, **kw))
+    return attention_cost(c["method"], packed_shape(c["lengths"], P, **kw))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_packed_and_two_level_bytes_equal_model(world):
+    from distributed import run_on_ranks
+
+    per_rank = run_on_ranks(_measure, world, timeout=300)
+    bad = []
+    for i, c in enumerate(_all_cases(world)):
+        cost = _model(c, world)
+        for r in range(world):
+            got = per_rank[r][i]
+            want = (cost.sent[r], cost.recv[r], cost.inner_sent[r])
+            if got != want:
+                bad.append(f"{c} rank {r}: measured (sent, recv, inner) {got} model {want}")
+    assert not bad, f"{len(bad)} mismatches:\n" + "\n".join(bad[:20])
+
+
+# ----------------------------------------------------------------------------- unit checks
+def test_packed_pairs_follow_sum_of_squares():
+    """Every pair inside a sequence is computed exactly once over the ranks; none across."""
+    lengths = (64, 16, 256, 32, 96, 48)
+    for P in (2, 4):
+        for layout in ("contiguous", "zigzag"):
+            for method in ("lightseq", "lss", "mqsp"):
+                sh = packed_shape(lengths, P, layout=layout)
+                assert sum(attention_cost(method, sh).pairs) == \
+                    sum(n * (n + 1) // 2 for n in lengths), (P, layout, method)
+    assert packed_flop_ratio([4, 4]) == (2 * 4 * 5) / (8 * 9)
+    assert packed_flop_ratio([8], causal=False) == 1.0
+    sh = packed_shape(lengths, 4, layout="zigzag")  # zigzag balances every sequence
+    pairs = attention_cost("lightseq", sh).pairs
+    assert max(pairs) - min(pairs) <= len(lengths) * sh.s
+
+
+def test_lightseq_contiguous_packed_skips_transfers():
+    """Sequences that never cross a rank boundary leave every K/V transfer out."""
+    P, s = 4, 64
+    inside = packed_shape([s // 2] * (2 * P), P)  # two sequences per rank, none straddling
+    assert attention_cost("lightseq", inside).sent == (0,) * P
+    across = packed_shape([s // 2] + [s] * (P - 1) + [s // 2], P)  # each straddles two ranks
+    sent = attention_cost("lightseq", across).sent_fwd
+    kv = AttnShape(S=P * s, P=P).kv_bytes
+    assert sent == (2 * kv,) * (P - 1) + (0,)  # only to the next rank, once
+    # RSA, MQSP and LSS send what they send unpacked
+    for m in ("rsa", "mqsp", "lss"):
+        assert attention_cost(m, inside).sent == attention_cost(m, AttnShape(S=P * s, P=P)).sent
+
+
+def test_two_level_bytes_per_level():
+    """Inner: (U-1)/U of [Q, K', V'] and O forward, dO and [dQ, dK', dV'] backward; outer: the
+    method over R ranks on U·s tokens with hq/U and h'/U heads."""
+    sh = AttnShape(S=4096, P=8, b=1, hq=8, hkv=2, D=64, layout="zigzag", head_parallel=4)
+    c = attention_cost("lightseq", sh)
+    h2 = 4  # lcm(2, 4): K/V heads repeated twice
+    e, a, s = 4, 4, 512
+    qkv, o = s * (8 + 2 * h2) * 64, s * 8 * 64
+    assert c.inner_sent == ((3 * (qkv * e + o * e) + 3 * (o * e + qkv * a)) // 4,) * 8
+    R = 2
+    outer_kv = 4 * s * (h2 // 4) * 64 * e  # U·s tokens, h'/U heads
+    assert c.outer.shape.P == R and c.outer.shape.hq == 2
+    # K/V out, K/V again in the backward and dK/dV partials home (fp32 = input dtype)
+    assert c.outer_sent == ((R - 1) * 6 * outer_kv,) * 8
+    one = attention_cost("lightseq", AttnShape(S=4096, P=8, b=1, hq=8, hkv=2, D=64,
+                                               layout="zigzag"))
+    assert max(c.outer_sent) < max(one.sent)
+    # every CP rank of an inner group computes its outer rank's pairs for hq/U heads: U times
+    # the pairs, the same FLOPs
+    assert sum(c.pairs) == 4 * sum(one.pairs) and sum(c.flops) == sum(one.flops)
+    with pytest.raises(ValueError, match="head_parallel"):
+        AttnShape(S=4096, P=8, hq=6, hkv=2, head_parallel=4)
