@@ -28,7 +28,13 @@ Megatron semantics kept:
     Padded query rows return zeros (Megatron's local softmax returns a uniform row there: both
     are outputs of padded tokens and never reach an unmasked loss term).
 
-Not supported, with a clear error: packed THD sequences, attention bias, cross attention,
+Packed sequences: ``packed_seq_params=PackedSeqParams(qkv_format="thd")`` (q ``[t, np, hn]``,
+this rank's tokens in Transformer Engine's THD partitioning, which
+``megatron_seqpar.megatron.thd.get_thd_batch_on_this_cp_rank`` produces without TE) runs the
+method with ``cu_seqlens`` = ``cu_seqlens_q_padded`` (zigzag per sequence under CP) and the
+tokens past each real length (``cu_seqlens_q``) as padded keys; returns ``[t, np*hn]``.
+
+Not supported, with a clear error: attention bias, cross attention,
 sliding windows, non-vanilla softmax (off-by-one / learnable), attention dropout > 0.
 """
 
@@ -230,19 +236,16 @@ class SeqParCoreAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        """q ``[sq, b, np, hn]``, k/v ``[sk, b, ng, hn]`` (this shard) -> ``[sq, b, np*hn]``."""
-        import megatron_seqpar as msp
-
-        if packed_seq_params is not None:
-            raise ValueError(
-                "packed (THD) sequences are not supported by sequence-parallel core attention; "
-                "use padded BSHD batches"
-            )
+        """q ``[sq, b, np, hn]``, k/v ``[sk, b, ng, hn]`` (this shard) -> ``[sq, b, np*hn]``;
+        with THD ``packed_seq_params`` see ``_forward_thd``."""
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by sequence-parallel attention")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         if mask_type not in _SUPPORTED_MASKS:
             raise ValueError(f"attn_mask_type {mask_type} is not supported")
+        if packed_seq_params is not None:
+            return self._forward_thd(query, key, value, attention_mask, mask_type,
+                                     packed_seq_params)
         sq, b, heads, head_dim = query.shape
         if key.size(0) != sq:
             raise ValueError(f"self attention needs sk == sq, got sk={key.size(0)}, sq={sq}")
@@ -252,19 +255,52 @@ class SeqParCoreAttention(MegatronModule):
         if mask_type in (AttnMaskType.padding, AttnMaskType.padding_causal):
             kpm = key_padding_from_mask(attention_mask, sq=sq, b=b,
                                         cp_rank=self.cp_group.rank(), cp_size=cp_size)
-        kwargs = dict(
-            method=self.method,
-            group=self.cp_group,
-            causal=causal,
-            softmax_scale=self.softmax_scale,
-            layout="zigzag" if cp_size > 1 else "contiguous",
-            key_padding_mask=kpm,
-            options=self.options,
-            two_level_groups=self.two_level_groups,
-        )
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, hn]
-        if self.remat is not None and self.training:
-            out = self.remat(q, k, v, **kwargs)
-        else:
-            out = msp.attention(q, k, v, **kwargs)
+        out = self._attend(q, k, v, causal=causal, key_padding_mask=kpm)
         return out.transpose(0, 1).reshape(sq, b, heads * head_dim)
+
+    def _attend(self, q, k, v, **kw):
+        """``msp.attention`` (or its remat twin) on the CP group, public ``[b, s, h, d]``."""
+        import megatron_seqpar as msp
+
+        kwargs = dict(method=self.method, group=self.cp_group,
+                      softmax_scale=self.softmax_scale,
+                      layout="zigzag" if self.cp_group.size() > 1 else "contiguous",
+                      options=self.options, two_level_groups=self.two_level_groups, **kw)
+        if self.remat is not None and self.training:
+            return self.remat(q, k, v, **kwargs)
+        return msp.attention(q, k, v, **kwargs)
+
+    def _forward_thd(self, query, key, value, attention_mask, mask_type, packed_seq_params):
+        """Packed sequences (``megatron_seqpar.megatron.thd``): q ``[t, np, hn]``, k/v
+        ``[t, ng, hn]`` (megatron-core squeezes the batch of one; ``[t, 1, h, hn]`` is accepted
+        too), this rank's tokens in TE's THD partitioning -> ``[t, np*hn]``. Attention stays
+        inside each sequence of ``cu_seqlens_q_padded`` (causal inside it for causal mask
+        types); the tokens past each sequence's real length (``cu_seqlens_q``) are masked
+        keys. ``attention_mask`` must be None: the packing describes the mask."""
+        from megatron_seqpar.megatron.thd import packed_attention_args
+
+        if attention_mask is not None:
+            raise ValueError("packed (THD) sequences take attention_mask=None: the document and "
+                             "padding masks come from packed_seq_params' cu_seqlens")
+        tensors = []
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if x.dim() == 4 and x.size(1) == 1:
+                x = x.squeeze(1)
+            if x.dim() != 3:
+                raise ValueError(f"THD {name} must be [t, heads, head_dim] (or [t, 1, heads, "
+                                 f"head_dim]), got {tuple(x.shape)}")
+            tensors.append(x)
+        q, k, v = tensors
+        t, heads, head_dim = q.shape
+        if k.size(0) != t:
+            raise ValueError(f"self attention needs as many key as query tokens, got {k.size(0)} "
+                             f"and {t}")
+        cu, kpm = packed_attention_args(packed_seq_params, t, self.cp_group.rank(),
+                                        self.cp_group.size())
+        if kpm is not None:
+            kpm = kpm.to(q.device)
+        causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+        out = self._attend(q[None], k[None], v[None], causal=causal, key_padding_mask=kpm,
+                           cu_seqlens=cu)
+        return out[0].reshape(t, heads * head_dim)
