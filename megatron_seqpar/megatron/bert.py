@@ -14,7 +14,11 @@ three without touching Megatron:
 * the pooler (binary head) gets token 0's final hidden state broadcast from CP rank 0
   (one broadcast of ``b·h`` elements forward, one all-reduce of the same backward), so every
   CP rank computes the same binary logits. A loss that adds the binary loss on every CP rank
-  must weight it by ``1/P`` (the language-model loss is a per-token sum and needs nothing).
+  must weight it by ``1/P`` (the language-model loss is a per-token sum and needs nothing);
+* ``pg_collection`` reaches the attention: megatron-core 0.16.1's ``BertModel`` does not pass
+  it to its ``TransformerBlock`` (whose layers then read ``parallel_state``), so the
+  ``SeqParCoreAttention`` providers inside are re-pointed to ``pg_collection.cp`` and, with
+  two levels, to ``pg_collection.hcp`` (``parallel_state.two_level_groups``). No collective.
 
 Use with ``megatron_seqpar.specs.get_bert_layer_spec(method)`` (``bert_<method>``).
 """
@@ -77,8 +81,20 @@ class SeqParBertModel(BertModel):
     def __init__(self, *args, pg_collection=None, **kwargs):
         super().__init__(*args, pg_collection=pg_collection, **kwargs)
         self.cp_group = sequence_group(pg_collection)
+        if pg_collection is not None:
+            self._use_groups_of(pg_collection)
         if getattr(self, "pooler", None) is not None and self.cp_group.size() > 1:
             self.pooler.register_forward_pre_hook(self._first_token_from_cp_rank0)
+
+    def _use_groups_of(self, pg_collection) -> None:
+        from megatron_seqpar.megatron.core_attention import SeqParCoreAttention
+        from megatron_seqpar.megatron.parallel_state import two_level_groups
+
+        for m in self.modules():
+            if isinstance(m, SeqParCoreAttention):
+                m.cp_group = self.cp_group
+                u = m.options.head_parallel if m.options is not None else 1
+                m.two_level_groups = two_level_groups(pg_collection, u) if u > 1 else None
 
     def _first_token_from_cp_rank0(self, _module, args):
         hidden, index = args[0], args[1] if len(args) > 1 else 0

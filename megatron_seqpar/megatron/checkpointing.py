@@ -14,6 +14,16 @@ GPT, 2 layers, CP=2, b=2, S=48, hkv=2, D=16, float64, bytes sent per rank and st
 recompute 147,456 B; full recompute 196,608 B; full recompute + remat 147,456 B, i.e.
 49,152 B saved (2 layers x 24,576 B of K/V), for LightSeq and for RSA (``remat=True``).
 
+Two levels (``head_parallel = U > 1``, ``megatron_seqpar.headpar``): what is kept is the
+method's (out, lse) in the outer layout; the method's forward (the traffic across the ``R``
+outer groups, the inter-node part) still runs once. The recompute pass redoes one forward's
+head all-to-alls inside the ``U``-rank inner group: the kept output back to the inner layout,
+and the recomputed Q, K, V to the outer layout for the method's backward (keeping those
+instead would cost their memory, which recompute exists to save). Measured
+(``tests/test_megatron_two_level.py``, the GPT above at CP=4 = U2 x R2, every method): the
+method's bytes equal the no-recompute step's, the all-to-all bytes exceed it by exactly
+``(U-1)/U·b·s·(2hq + 2hkv)·D`` elements per layer (36,864 B per step and rank there).
+
 Pairing. Kept entries form a FIFO per layer (pipeline schedules backward micro-batches in
 forward order). The recompute pass checks that the entry was made from the same ``q``
 (shape and an fp64 checksum); on a mismatch the stale entries are dropped and attention runs

@@ -86,30 +86,51 @@ def data_and_sequence_group(pg_collection=None) -> dist.ProcessGroup:
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
+def _mpu_hierarchical_groups(cp_group):
+    """``parallel_state``'s hierarchical CP groups when its CP group has ``cp_group``'s ranks."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    groups = parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False)
+    mine = parallel_state.get_context_parallel_group(check_initialized=False)
+    if not groups or mine is None:
+        return None
+    same = (dist.get_process_group_ranks(mine) == dist.get_process_group_ranks(cp_group))
+    return groups if same else None
+
+
 def two_level_groups(pg_collection=None, head_parallel: int = 1):
     """Megatron's hierarchical CP groups as a ``headpar.TwoLevelGroups`` for ``U =
-    head_parallel``, or None when Megatron has none (then ``msp.attention`` builds its own).
+    head_parallel``, or None when Megatron has none (then ``msp.attention`` builds its own,
+    the same consecutive-rank split).
 
     ``--hierarchical-context-parallel-sizes U R`` makes level 0 the groups of ``U``
     consecutive CP ranks and level 1 the ``R`` ranks strided by ``U``: exactly the inner and
-    outer groups of ``megatron_seqpar.headpar``. Read from ``pg_collection.hcp`` or
-    ``parallel_state.get_hierarchical_context_parallel_groups``; sizes must be ``[U, R]``.
+    outer groups of ``megatron_seqpar.headpar``. Read from ``pg_collection.hcp``; a collection
+    without that field (e.g. Attention's default one of ``tp`` and ``cp`` only) falls back to
+    ``parallel_state.get_hierarchical_context_parallel_groups()`` when ``parallel_state``'s CP
+    group has the same ranks as ``pg_collection.cp``. Sizes must be ``[U, R]`` with ``U*R``
+    = CP. Raises ``ValueError`` naming the fix when ``U`` does not divide the CP size or the
+    groups disagree with ``U``. No collective, no group created.
     """
     from megatron_seqpar.headpar import TwoLevelGroups
 
-    if pg_collection is not None:
-        groups = getattr(pg_collection, "hcp", None)
-    else:
-        from megatron.core import parallel_state
-
-        groups = parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False)
+    cp_group = sequence_group(pg_collection)
+    cp = cp_group.size()
+    if head_parallel < 1 or cp % head_parallel:
+        raise ValueError(f"two-level sequence parallelism: U={head_parallel} (head_parallel / "
+                         f"--hierarchical-context-parallel-sizes U R) does not divide the "
+                         f"context-parallel size {cp}; choose U dividing CP with U*R = CP")
+    groups = getattr(pg_collection, "hcp", None) if pg_collection is not None else None
+    if not groups:
+        groups = _mpu_hierarchical_groups(cp_group)
     if not groups:
         return None
     sizes = [g.size() for g in groups]
-    cp = sequence_group(pg_collection).size()
     if len(groups) != 2 or sizes[0] != head_parallel or sizes[0] * sizes[1] != cp:
         raise ValueError(f"Megatron's hierarchical context-parallel groups have sizes {sizes}; "
                          f"two-level sequence parallelism needs exactly [U, R] = "
-                         f"[{head_parallel}, {cp // max(head_parallel, 1)}] "
+                         f"[{head_parallel}, {cp // head_parallel}] "
                          "(--hierarchical-context-parallel-sizes U R with U*R = CP)")
     return TwoLevelGroups(inner=groups[0], outer=groups[1])
