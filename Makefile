@@ -9,7 +9,7 @@ NPROC ?= 2
 
 $(VENV)/.installed: constraints.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install $(PIP_FLAGS) torch megatron-core psutil tqdm matplotlib pytest ruff
+	$(PY) -m pip install $(PIP_FLAGS) torch megatron-core psutil einops tqdm matplotlib pytest ruff
 	$(PY) -m pip install $(PIP_FLAGS) --no-build-isolation --no-deps -e .
 	touch $@
 

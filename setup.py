@@ -8,7 +8,9 @@ setup(
     description="Sequence-parallel attention (RSA, MQSP, LSS, LightSeq) for NVIDIA Megatron",
     packages=find_packages(include=["megatron_seqpar", "megatron_seqpar.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "megatron-core>=0.13", "psutil>=5.9", "tqdm>=4.60"],
+    # einops: megatron-core builds hierarchical CP groups (two levels) with it, undeclared
+    install_requires=["torch>=2.4", "megatron-core>=0.13", "psutil>=5.9", "einops>=0.6",
+                      "tqdm>=4.60"],
     extras_require={
         "te": ["transformer-engine>=1.9"],
         "apex": ["apex"],
