@@ -23,6 +23,11 @@ their moments from the owners; megatron-core's optimizer on CUDA sums no split n
 CP rank 0's moments, so there that variant's clipping norm is per-rank (use --clip-grad 0) and
 its resumed moments hold stale rows (not measured: no GPU run yet).
 
+Documents (``--reset-attention-mask``, GPT): each micro-batch is one packed THD stream
+(``training.data.pack_documents``) passed with ``PackedSeqParams(qkv_format="thd")``; the
+core attention takes its cu_seqlens, no mask is built. Loss tokens exclude the pads, so the
+normalisation above is unchanged.
+
 Activation recompute (``--recompute-granularity``) is megatron-core's own; the seqpar core
 attention keeps its output across the recompute where the method supports it (LightSeq's
 rematerialization-aware checkpointing, ``megatron_seqpar.megatron.checkpointing``).
@@ -41,7 +46,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_seqpar.training import checkpoint, preflight, report
-from megatron_seqpar.training.arguments import ConfigError, TrainConfig, parse_args
+from megatron_seqpar.training.arguments import (
+    ConfigError,
+    TrainConfig,
+    document_unit,
+    parse_args,
+)
 
 # What a CPU run uses instead of megatron-core's CUDA-only pieces (recorded in the run's log).
 SUBSTITUTIONS = (
@@ -398,6 +408,10 @@ def _finish(cfg, log_path: str, log_dir: str) -> None:
           f"{s['tokens_per_s']:.0f} tokens/s; peak memory/rank "
           f"{report.human_bytes(s['peak_mem_bytes'])}; attention sent/step/rank "
           f"{report.human_bytes(s['sent_bytes_per_step'])}", flush=True)
+    if s["packed_tokens_per_step"]:
+        pads = s["packed_tokens_per_step"] / cfg.tokens_per_step - 1
+        print(f"documents packed with {100 * pads:.2f}% pad tokens (pieces rounded up to a "
+              f"multiple of {document_unit(cfg)})", flush=True)
     print(f"log:  {os.path.abspath(log_path)}", flush=True)
     if png:
         print(f"plot: {os.path.abspath(png)}", flush=True)

@@ -5,7 +5,9 @@ Log format (``LOG_DIR/train_log.jsonl``, written by global rank 0): the first li
 per step ``{"step", "loss", "lr", "grad_norm", "step_time_s", "tokens_per_s",
 "peak_mem_bytes": [per rank], "sent_bytes": [per rank]}`` (``sent_bytes``: bytes this rank's
 sequence-parallel attention sent during the step, forward and backward, from
-``megatron_seqpar.comm.count_traffic``; gradient all-reduces are not counted). A resumed run
+``megatron_seqpar.comm.count_traffic``; gradient all-reduces are not counted). With
+``--reset-attention-mask`` a step record adds ``"packed_tokens"``: the global batch's packed
+stream slots, real tokens plus the pads that round each document piece up. A resumed run
 drops lines past its start step and appends. The plot (``LOG_DIR/train_curves.png``) shows loss
 and tokens/s against step.
 """
@@ -89,13 +91,16 @@ def plot(log_path: str, out_path: str, title: str = "") -> str:
 
 
 def summary(log_path: str, window: int = 20) -> dict:
-    """First/last ``window``-step mean loss, their relative drop and mean tokens/s."""
+    """First/last ``window``-step mean loss, their relative drop, mean tokens/s (and mean
+    packed stream slots per step with ``--reset-attention-mask``, else None)."""
     recs = step_records(log_path)
     losses = [r["loss"] for r in recs]
     w = max(1, min(window, len(losses) // 2))
     first, last = sum(losses[:w]) / w, sum(losses[-w:]) / w
     tps = [r["tokens_per_s"] for r in recs[1:]] or [recs[0]["tokens_per_s"]]
-    return {"steps": len(recs), "window": w, "first_mean": first, "last_mean": last,
+    packed = [r["packed_tokens"] for r in recs if "packed_tokens" in r]
+    return {"packed_tokens_per_step": sum(packed) / len(packed) if packed else None,
+            "steps": len(recs), "window": w, "first_mean": first, "last_mean": last,
             "drop": 1 - last / first, "tokens_per_s": sum(tps) / len(tps),
             "peak_mem_bytes": max(max(r["peak_mem_bytes"]) for r in recs),
             "sent_bytes_per_step": max(max(r["sent_bytes"]) for r in recs)}
