@@ -127,8 +127,12 @@ def oracle():
 
 
 # ----------------------------------------------------------------------------- packed runs
-def run_packed(kind, method, *, tp, cp):
-    """One packed case on this rank: (stream indices, logits, global loss, grads)."""
+def run_packed(kind, method, *, tp, cp, control=None):
+    """One packed case on this rank: (stream indices, logits, global loss, grads).
+
+    ``control="one-sequence"`` (a negative control): the model is told the row is ONE
+    sequence (``cu_seqlens = [0, T]``), so attention crosses documents and RoPE positions
+    run on; the checks must catch it."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -137,6 +141,10 @@ def run_packed(kind, method, *, tp, cp):
     cu, cu_pad, longest = packing()
     batch, params = get_thd_batch_on_this_cp_rank(
         packed_batch(), cu, cu_pad, torch.tensor([longest], dtype=torch.int32))
+    if control == "one-sequence":
+        whole = torch.tensor([0, int(cu_pad[-1])], dtype=torch.int32)
+        params = type(params)(qkv_format="thd", cu_seqlens_q=whole, cu_seqlens_kv=whole,
+                              max_seqlen_q=int(cu_pad[-1]), max_seqlen_kv=int(cu_pad[-1]))
     config = make_config(tp=tp, cp=cp)
     model = ddp_wrap(config, build_model(kind, method, config))
     model.zero_grad_buffer()
@@ -227,6 +235,50 @@ def check_bad_packings(cp):
     return seen
 
 
+def check_bidirectional(cp):
+    """The provider with ``no_mask`` (bidirectional) on random q/k/v: padding tokens, which a
+    causal GPT never sees from its real tokens, must be masked keys here. Out and dq/dk/dv of
+    this rank's tokens against ``reference_attention`` with the block-diagonal mask and the
+    padding as key padding (all four methods). Returns the max relative error, and that of
+    the output against the reference WITHOUT the padding mask (which must be large: the check
+    sees the padding)."""
+    import torch.distributed as dist
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+    from reference import reference_attention
+
+    from megatron_seqpar.megatron.core_attention import SeqParCoreAttention
+    from megatron_seqpar.megatron.thd import thd_get_partitioned_indices
+
+    cu, cu_pad, longest = packing()
+    T = int(cu_pad[-1])
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             cu_seqlens_q_padded=cu_pad, cu_seqlens_kv_padded=cu_pad,
+                             max_seqlen_q=longest, max_seqlen_kv=longest)
+    g = torch.Generator().manual_seed(5)
+    q, k, v, dout = (torch.randn(T, h, 16, generator=g, dtype=torch.float64)
+                     for h in (4, 2, 2, 4))
+    pad = packed_batch()["loss_mask"] == 0
+    ref = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = reference_attention(*(x[None] for x in ref), causal=False, key_padding_mask=pad,
+                               cu_seqlens=cu_pad.tolist())[0]
+    want.backward(dout)
+    unpadded = reference_attention(q[None], k[None], v[None], causal=False,
+                                   cu_seqlens=cu_pad.tolist())[0]
+    idx = thd_get_partitioned_indices(cu_pad, T, cp, dist.get_rank()).long()
+    err = control = 0.0
+    for method in METHODS:
+        attn = SeqParCoreAttention(make_config(cp=cp), 1, AttnMaskType.no_mask, method=method)
+        mine = [x[idx].clone().requires_grad_() for x in (q, k, v)]
+        out = attn(*mine, None, packed_seq_params=params)
+        out.backward(dout[idx].reshape(out.shape))
+        err = max(err, _rel(out, want.detach()[idx].reshape(out.shape)))
+        control = max(control, _rel(out, unpadded[idx].reshape(out.shape)))
+        for a, b in zip(mine, ref):
+            err = max(err, _rel(a.grad, b.grad[idx]))
+    return err, control
+
+
 def _worker(rank, world_size, tp, cp, cases, bad):
     import megatron_cpu
     from megatron.core import parallel_state as ps
@@ -235,12 +287,14 @@ def _worker(rank, world_size, tp, cp, cases, bad):
     with megatron_cpu.cpu_shims():
         init_parallel(tp=tp, cp=cp)
         try:
-            for kind, method in cases:
+            for kind, method, control in cases:
                 t0 = time.perf_counter()
-                out[(kind, method)] = run_packed(kind, method, tp=tp, cp=cp) + (
+                out[(kind, method, control)] = run_packed(kind, method, tp=tp, cp=cp,
+                                                          control=control) + (
                     time.perf_counter() - t0,)
             if bad:
                 out["bad"] = check_bad_packings(cp)
+                out["bidirectional"] = check_bidirectional(cp)
         finally:
             ps.destroy_model_parallel()
     return out
@@ -269,8 +323,11 @@ def _check(tp, cp, oracle, cases, label, bad=False):
                "max_rel_err_logits": el, "max_rel_err_grads": eg, "seconds": round(secs, 2)}
         print(row)
         rows.append(row)
-        if not (el < TOL and eg < TOL and loss_err < TOL):
-            fails.append(row)
+        if (el < TOL and eg < TOL and loss_err < TOL) == (case[2] is not None):
+            fails.append(row)  # a control that passes fails the test
+        if case[2] is not None:
+            row["control"] = case[2]
+            assert el > 1e-3, row
     assert not fails, f"packed parity failures: {fails}"
     if bad:
         for res in results:
@@ -278,11 +335,15 @@ def _check(tp, cp, oracle, cases, label, bad=False):
                 assert got is not None, f"{name}: no ValueError"
                 msg, words = got
                 assert words in msg, f"{name}: {msg!r} does not say {words!r}"
+        errs = [res["bidirectional"] for res in results]
+        print({"config": label, "provider, bidirectional with padding": max(errs)})
+        assert max(e for e, _ in errs) < TOL, errs
+        assert max(c for _, c in errs) > 1e-3, errs  # without the padding mask: caught
     return rows
 
 
 def _cases(models=("gpt-rope",)):
-    return [(k, m) for k in models for m in METHODS]
+    return [(k, m, None) for k in models for m in METHODS]
 
 
 def test_packed_parity_cp1(oracle):
@@ -290,7 +351,8 @@ def test_packed_parity_cp1(oracle):
 
 
 def test_packed_parity_cp2(oracle):
-    _check(1, 2, oracle, _cases(("gpt-rope", "gpt-learned")), "CP=2", bad=True)
+    controls = [("gpt-rope", "lightseq", "one-sequence")]
+    _check(1, 2, oracle, _cases(("gpt-rope", "gpt-learned")) + controls, "CP=2", bad=True)
 
 
 def test_packed_parity_cp3(oracle):
@@ -395,6 +457,7 @@ def test_thd_batch_matches_megatron(monkeypatch):
 def test_thd_rope_restarts_per_sequence():
     """megatron-core's THD RoPE on this rank's tokens (our partitioning, CP 1-3, on CPU) equals
     RoPE at positions 0, 1, ... of each sequence alone: positions restart per sequence."""
+    import megatron_cpu
     from megatron.core.models.common.embeddings.rope_utils import (
         _apply_rotary_pos_emb_bshd,
         _apply_rotary_pos_emb_thd,
@@ -402,8 +465,6 @@ def test_thd_rope_restarts_per_sequence():
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     from megatron_seqpar.megatron.thd import thd_get_partitioned_indices
-
-    import megatron_cpu
 
     cu = [0, 12, 24, 60, 72]
     with megatron_cpu.cpu_shims():  # shim 1: get_emb moves inv_freq to current_device()
