@@ -306,3 +306,68 @@ def test_two_level_bad_split():
         assert all("does not divide" in e for e in errors), errors
         assert "context-parallel size 4" in errors[0] and "U=8" in errors[1], errors
         assert "query heads" in errors[3], errors
+
+
+# ----------------------------------------------------------------------------- our driver
+DRIVER = dict(model="gpt", num_layers=2, hidden_size=64, num_attention_heads=4,
+              num_query_groups=2, seq_length=64, micro_batch_size=1, global_batch_size=2,
+              train_iters=4, lr=1e-3, lr_warmup_iters=1, min_lr=1e-4, seed=1234, fp64=True,
+              progress_bar=False, plot=False, device="cpu")
+
+
+def _train(rank, world_size, kwargs):
+    import warnings
+
+    from megatron_cpu import cpu_shims
+
+    from megatron_seqpar.comm import count_traffic
+    from megatron_seqpar.training import driver
+    from megatron_seqpar.training.arguments import TrainConfig
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    cfg = TrainConfig(world_size=world_size, **kwargs)
+    with cpu_shims(), count_traffic() as traffic:
+        losses = driver.train(cfg, device="cpu", quiet=True)
+    return losses, dict(traffic.sent_by_kind)
+
+
+def test_driver_two_level_matches_cp1(tmp_path):
+    """``--context-parallel-size 4 --hierarchical-context-parallel-sizes 2 2 --seqpar-method
+    M`` logs CP=1's losses (float64, 4 Adam steps). Tolerance 1e-12 absolute on losses near
+    5.5: float64 sums in another order (~1e-16 relative each) fed through 4 updates; a wrong
+    mask or a missing gradient term moves them by >= 1e-3."""
+    from megatron_seqpar.training.arguments import parse_args
+
+    common = dict(DRIVER, data_cache_path=str(tmp_path / "data"))
+    ref, _ = run_on_ranks(_train, 1, dict(common, log_dir=str(tmp_path / "ref")))[0]
+    for method in ("lightseq", "lss"):
+        argv = ["--context-parallel-size", "4", "--hierarchical-context-parallel-sizes", "2", "2",
+                "--seqpar-method", method]
+        cfg = parse_args(argv, world_size=4)
+        assert cfg.hierarchical_context_parallel_sizes == (2, 2)
+        got = run_on_ranks(_train, CP, dict(
+            common, context_parallel_size=4, seqpar_method=method,
+            hierarchical_context_parallel_sizes=cfg.hierarchical_context_parallel_sizes,
+            log_dir=str(tmp_path / method)), timeout=300)
+        for losses, sent in got:
+            assert sent.get("all_to_all", 0) > 0, "two levels must run the head all-to-all"
+            worst = max(abs(a - b) for a, b in zip(ref, losses))
+            assert len(losses) == len(ref) and worst < 1e-12, (method, ref, losses)
+        print(f"driver {method} CP=4 (U=2 x R=2): losses {got[0][0]}, CP=1 {ref}, "
+              f"max |diff| {worst:.1e}")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--hierarchical-context-parallel-sizes", "2", "2"], "needs --seqpar-method"),
+    (["--seqpar-method", "lightseq", "--hierarchical-context-parallel-sizes", "3", "1"],
+     "U\\*R = --context-parallel-size 4"),
+    (["--seqpar-method", "rsa", "--hierarchical-context-parallel-sizes", "4", "1",
+      "--num-attention-heads", "2", "--hidden-size", "64"], "does not divide the 2 query heads"),
+    (["--seqpar-method", "mqsp", "--hierarchical-context-parallel-sizes", "2", "2",
+      "--seqpar-head-parallel", "4"], "disagrees"),
+])
+def test_driver_bad_two_level_flags(argv, match):
+    from megatron_seqpar.training.arguments import ConfigError, parse_args
+
+    with pytest.raises(ConfigError, match=match):
+        parse_args(["--context-parallel-size", "4", "--seq-length", "64", *argv], world_size=4)

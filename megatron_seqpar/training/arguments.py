@@ -15,7 +15,10 @@ Megatron-LM names: --num-layers --hidden-size --ffn-hidden-size --num-attention-
 --recompute-num-layers --sequence-parallel --distributed-backend --distributed-timeout-minutes
 --mask-prob --short-seq-prob
 --untie-embeddings-and-output-weights --reset-attention-mask --reset-position-ids
---eod-mask-loss (GPT documents: ``training.data`` packs them into cu_seqlens, no dense mask).
+--eod-mask-loss (GPT documents: ``training.data`` packs them into cu_seqlens, no dense mask)
+--hierarchical-context-parallel-sizes U R (two-level sequence parallelism with --seqpar-method:
+a head all-to-all inside groups of U consecutive CP ranks, the method across the R = CP/U
+groups, on megatron-core's hierarchical CP groups).
 Ours: --seqpar-method {rsa,mqsp,lss,lightseq} and the method options (--seqpar-backend,
 --seqpar-mqsp-micro-q, --[no-]seqpar-lightseq-balance, ...: defined once, in
 ``megatron_seqpar.megatron_lm.add_seqpar_args``, so Megatron-LM's patched scripts and these
@@ -89,6 +92,7 @@ class TrainConfig:
     tensor_model_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = False  # Megatron's TP sequence parallelism (needs TP > 1)
+    hierarchical_context_parallel_sizes: tuple[int, ...] | None = None  # (U, R): two levels
     seqpar_method: str | None = None
     seqpar_options: tuple[tuple[str, Any], ...] = ()  # (Options field, value) given
     distributed_backend: str | None = None
@@ -203,6 +207,19 @@ def validate(c: TrainConfig) -> None:
     need(cp == 1 or c.seqpar_method is not None,
          "--context-parallel-size > 1 needs --seqpar-method (megatron-core's local attention "
          "is CP=1 only)")
+    hcp = c.hierarchical_context_parallel_sizes
+    if hcp is not None:
+        need(c.seqpar_method is not None, "--hierarchical-context-parallel-sizes U R needs "
+             "--seqpar-method (two-level sequence parallelism: heads over U, the method over R)")
+        need(len(hcp) == 2 and all(x > 0 for x in hcp) and hcp[0] * hcp[1] == cp,
+             f"--hierarchical-context-parallel-sizes {' '.join(map(str, hcp))}: give two sizes "
+             f"U R with U*R = --context-parallel-size {cp}")
+        need((heads // tp) % hcp[0] == 0,
+             f"--hierarchical-context-parallel-sizes: U={hcp[0]} does not divide the "
+             f"{heads // tp} query heads per TP rank; choose U dividing them")
+        given = dict(c.seqpar_options).get("head_parallel")
+        need(given in (None, hcp[0]), f"--seqpar-head-parallel {given} disagrees with "
+             f"--hierarchical-context-parallel-sizes {' '.join(map(str, hcp))}; give one of them")
     need(c.max_position_embeddings is None or c.max_position_embeddings >= c.seq_length,
          "--max-position-embeddings must be at least --seq-length")
     dp = c.world_size // (tp * cp)
@@ -310,6 +327,9 @@ def build_parser(model: str = "gpt") -> argparse.ArgumentParser:
     add("--recompute-method", choices=("uniform", "block"))
     add("--distributed-backend", choices=("gloo", "nccl"))
     add("--device", choices=("auto", "cpu", "cuda"))
+    add("--hierarchical-context-parallel-sizes", int, nargs=2, metavar=("U", "R"),
+        help="two-level sequence parallelism (Megatron-LM's flag): a head all-to-all inside "
+        "groups of U consecutive CP ranks and --seqpar-method across the R = CP/U groups")
     add("--sequence-parallel", action="store_true",
         help="Megatron's sequence parallelism inside the TP group (norms, dropout and "
         "embeddings on 1/TP of the tokens); needs --tensor-model-parallel-size > 1")
@@ -351,6 +371,8 @@ def parse_args(argv=None, model: str = "gpt", world_size: int | None = None) -> 
         if value is not None:
             pairs.append((f.name, value))
     ns.pop("bert_no_binary_head")
+    if ns["hierarchical_context_parallel_sizes"] is not None:
+        ns["hierarchical_context_parallel_sizes"] = tuple(ns["hierarchical_context_parallel_sizes"])
     ns["progress_bar"] = not ns.pop("no_progress_bar")
     ns["plot"] = not ns.pop("no_plot")
     if world_size is None:

@@ -1,9 +1,11 @@
 """The pretraining loop: ``main(argv, model)`` for torchrun, ``train(cfg)`` inside a process group.
 
 One process per rank (``torchrun --nproc-per-node N``): gloo on CPU, NCCL on CUDA. Groups come
-from megatron-core's ``parallel_state.initialize_model_parallel(TP, 1, CP)``; nothing is built
-ad hoc. Per step, for each micro-batch of this data-parallel rank: read the full sample, cut it
-to this CP rank's zigzag shard, run the model (per-token losses), and back-propagate
+from megatron-core's ``parallel_state.initialize_model_parallel(TP, 1, CP)``
+(``--hierarchical-context-parallel-sizes U R``: also its hierarchical CP groups, which the
+two-level core attention uses); nothing is built ad hoc. Per step, for each micro-batch of
+this data-parallel rank: read the full sample, cut it to this CP rank's zigzag shard, run the
+model (per-token losses), and back-propagate
 ``sum(local token losses) * (DP*CP) / N`` where N is the global number of loss tokens of the step
 (one all-reduce of the counts over the data x context group). Megatron's DDP then averages over
 the DP x CP ranks (``finalize_model_grads``; LSS: sequence group then DP group), so the gradient
@@ -236,6 +238,8 @@ def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -
                           f"{dist.get_world_size()}")
     ps.initialize_model_parallel(cfg.tensor_model_parallel_size, 1,
                                  context_parallel_size=cfg.context_parallel_size,
+                                 hierarchical_context_parallel_sizes=(
+                                     list(cfg.hierarchical_context_parallel_sizes or ()) or None),
                                  create_gloo_process_groups=False,
                                  distributed_timeout_minutes=cfg.distributed_timeout_minutes)
     try:

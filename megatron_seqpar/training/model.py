@@ -31,6 +31,9 @@ def transformer_config(cfg, device: str):
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size,
         sequence_parallel=cfg.sequence_parallel,
+        hierarchical_context_parallel_sizes=(  # two levels: the provider reads U from here
+            list(cfg.hierarchical_context_parallel_sizes)
+            if cfg.hierarchical_context_parallel_sizes else None),
         hidden_dropout=cfg.hidden_dropout, attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
         use_cpu_initialization=device == "cpu",
