@@ -47,6 +47,7 @@ V = 96  # vocabulary (test_megatron_parity.V)
 # token, one made only of padding. Padded lengths: multiples of 12 = 2*CP for CP = 2 and 3.
 DOCS = ((29, 36), (5, 12), (12, 12), (1, 12), (17, 24), (0, 12))
 TOL = 1e-9
+CONTROLS = ("one-sequence",)  # variants that must FAIL the checks (negative controls)
 
 
 def packing():
@@ -127,11 +128,13 @@ def oracle():
 
 
 # ----------------------------------------------------------------------------- packed runs
-def run_packed(kind, method, *, tp, cp, control=None):
+def run_packed(kind, method, *, tp, cp, variant=None):
     """One packed case on this rank: (stream indices, logits, global loss, grads).
 
-    ``control="one-sequence"`` (a negative control): the model is told the row is ONE
-    sequence (``cu_seqlens = [0, T]``), so attention crosses documents and RoPE positions
+    ``variant="remat"``: Megatron's full activation recompute with our rematerialization-aware
+    checkpointing (``megatron_seqpar.megatron.checkpointing``; kept out + lse are used in
+    backward). ``variant="one-sequence"`` (a negative control): the model is told the row is
+    ONE sequence (``cu_seqlens = [0, T]``), so attention crosses documents and RoPE positions
     run on; the checks must catch it."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -141,16 +144,22 @@ def run_packed(kind, method, *, tp, cp, control=None):
     cu, cu_pad, longest = packing()
     batch, params = get_thd_batch_on_this_cp_rank(
         packed_batch(), cu, cu_pad, torch.tensor([longest], dtype=torch.int32))
-    if control == "one-sequence":
+    if variant == "one-sequence":
         whole = torch.tensor([0, int(cu_pad[-1])], dtype=torch.int32)
         params = type(params)(qkv_format="thd", cu_seqlens_q=whole, cu_seqlens_kv=whole,
                               max_seqlen_q=int(cu_pad[-1]), max_seqlen_kv=int(cu_pad[-1]))
-    config = make_config(tp=tp, cp=cp)
+    recompute = dict(recompute_granularity="full", recompute_method="uniform",
+                     recompute_num_layers=1) if variant == "remat" else {}
+    config = make_config(tp=tp, cp=cp, **recompute)
     model = ddp_wrap(config, build_model(kind, method, config))
+    remats = [m.remat for m in model.modules() if getattr(m, "remat", None) is not None]
+    assert len(remats) == (config.num_layers if variant == "remat" else 0)
     model.zero_grad_buffer()
     logits = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=params)
     loss = _loss(logits, batch["labels"], batch["loss_mask"])
+    assert sum(r.kept for r in remats) == len(remats)  # one (out, lse) kept per layer
     (loss * cp).backward()
+    assert sum(r.kept for r in remats) == 0  # ... and used by the recompute's backward
     model.finish_grad_sync()
     total = loss.detach().clone()
     dist.all_reduce(total, group=ps.get_context_parallel_group())
@@ -287,10 +296,10 @@ def _worker(rank, world_size, tp, cp, cases, bad):
     with megatron_cpu.cpu_shims():
         init_parallel(tp=tp, cp=cp)
         try:
-            for kind, method, control in cases:
+            for kind, method, variant in cases:
                 t0 = time.perf_counter()
-                out[(kind, method, control)] = run_packed(kind, method, tp=tp, cp=cp,
-                                                          control=control) + (
+                out[(kind, method, variant)] = run_packed(kind, method, tp=tp, cp=cp,
+                                                          variant=variant) + (
                     time.perf_counter() - t0,)
             if bad:
                 out["bad"] = check_bad_packings(cp)
@@ -323,10 +332,12 @@ def _check(tp, cp, oracle, cases, label, bad=False):
                "max_rel_err_logits": el, "max_rel_err_grads": eg, "seconds": round(secs, 2)}
         print(row)
         rows.append(row)
-        if (el < TOL and eg < TOL and loss_err < TOL) == (case[2] is not None):
+        control = case[2] in CONTROLS
+        if (el < TOL and eg < TOL and loss_err < TOL) == control:
             fails.append(row)  # a control that passes fails the test
         if case[2] is not None:
-            row["control"] = case[2]
+            row["variant"] = case[2]
+        if control:
             assert el > 1e-3, row
     assert not fails, f"packed parity failures: {fails}"
     if bad:
@@ -351,8 +362,9 @@ def test_packed_parity_cp1(oracle):
 
 
 def test_packed_parity_cp2(oracle):
-    controls = [("gpt-rope", "lightseq", "one-sequence")]
-    _check(1, 2, oracle, _cases(("gpt-rope", "gpt-learned")) + controls, "CP=2", bad=True)
+    extra = [("gpt-rope", "lightseq", "remat"), ("gpt-rope", "mqsp", "remat"),
+             ("gpt-rope", "lightseq", "one-sequence")]
+    _check(1, 2, oracle, _cases(("gpt-rope", "gpt-learned")) + extra, "CP=2", bad=True)
 
 
 def test_packed_parity_cp3(oracle):
