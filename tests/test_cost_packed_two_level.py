@@ -183,3 +183,46 @@ def test_two_level_bytes_per_level():
     assert sum(c.pairs) == 4 * sum(one.pairs) and sum(c.flops) == sum(one.flops)
     with pytest.raises(ValueError, match="head_parallel"):
         AttnShape(S=4096, P=8, hq=6, hkv=2, head_parallel=4)
+
+
+# ----------------------------------------------------------------------------- planner
+def _plan():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+    import plan
+
+    return plan
+
+
+def test_planner_two_level_choices():
+    """64 GPUs, 8 per node, network 9x slower than NVLink: a head split pays for every method at
+    128K (communication-bound at U=1), Ulysses-only cannot split 32 heads over 64 ranks, and
+    the flags name Megatron's hierarchical CP sizes."""
+    from dataclasses import replace
+
+    plan = _plan()
+    m = plan.MODELS["llama-7b"]
+    cl = replace(plan.CLUSTERS["h100-80g"], gpus=64, per_node=8, intra_gbps=450, inter_gbps=50)
+    rows = plan.two_level_table(m, cl, [131072, 1048576], recompute="full")
+    short, long_ = rows
+    for meth in ("mqsp", "lss", "lightseq", "ring"):
+        one, best = short["methods"][meth]
+        assert best.head_parallel > 1 and best.step_s < 0.5 * one.step_s, meth
+    assert short["ulysses"] is None and plan.ulysses_only(m, cl, 131072, P=32) is not None
+    assert short["winner"].fits and short["winner"].head_parallel > 1
+    # at 1M the attention compute hides most of the outer transfers: U buys less
+    gain = lambda r, k: r["methods"][k][0].step_s / r["methods"][k][1].step_s  # noqa: E731
+    assert gain(long_, "lightseq") < gain(short, "lightseq")
+    assert plan.head_splits(m, 64) == [1, 2, 4, 8, 16, 32]
+    assert "--hierarchical-context-parallel-sizes 8 8" in plan.flags("lightseq", 64, 1, 8)
+    assert "a2a+p2p" in plan.flags("ring", 64, 1, 8)
+    # one fast link everywhere: the inner level no longer has a faster link to use
+    flat = replace(cl, per_node=64, inter_gbps=450)
+
+    def saving(c):  # best-U time over U=1 time
+        one, best = plan.two_level_row(m, c, 131072, "lightseq", P=64, recompute="full")
+        return best.step_s / one.step_s
+
+    assert saving(flat) > saving(cl)

@@ -14,6 +14,20 @@ single-process time), and writes ``<out>.json`` and ``<out>.png``.
 The first call of every variant is the profiled one (memory and bytes); the next ``--repeats``
 are timed without the profiler. A variant whose predicted memory exceeds ``--max-gb`` is
 skipped (RSA keeps ``s x S`` score rows, so it leaves the table at long lengths).
+
+Packed streams and two levels (ours only; ratios of the same run):
+
+    # 16 documents of varied length summing to S, against the same S unpacked, per method
+    python tools/bench_attention.py --seqlens 16384 --packed-docs 16 --peers --out runs/packed
+    # U=2 x R=2 against U=1 x R=4 on 4 ranks
+    python tools/bench_attention.py --seqlens 16384 --ranks 4 --head-parallel 1 2 --peers
+
+``--packed-docs N`` adds a packed copy of every variant (``+packed``: N documents, lengths
+drawn with ``--packed-seed``, multiples of 2P, through ``cu_seqlens``) and prints its time over
+the unpacked one beside the predicted FLOP ratio ``sum(L_i^2)/S^2`` and the busiest rank's
+predicted pair ratio. ``--head-parallel U ...`` runs each variant at every U (``/U2``) and
+prints time and peak memory over U=1. Bytes of our variants are counted by
+``megatron_seqpar.comm.count_traffic`` (exact on sub-groups too) and compared with the model.
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,7 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from baselines import BASELINES  # noqa: E402
 from measure import free_port, measure, time_call  # noqa: E402
 
-from megatron_seqpar.cost import AttnShape, attention_cost  # noqa: E402
+from megatron_seqpar.comm import count_traffic  # noqa: E402
+from megatron_seqpar.cost import AttnShape, attention_cost, packed_flop_ratio  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 
@@ -49,10 +65,41 @@ class Variant:
     method: str
     layout: str = "contiguous"
     balance: bool = True
+    docs: int = 0  # packed stream of this many documents (0: one sequence)
+    head_parallel: int = 1  # U (two levels)
 
     def __post_init__(self):
         if self.kind != "ours" and self.kind not in BASELINES:
             raise ValueError(f"unknown variant kind {self.kind!r}")
+
+
+def doc_lengths(S: int, n: int, unit: int, seed: int = 0) -> list[int]:
+    """``n`` document lengths, multiples of ``unit``, summing to ``S``: log-normal weights
+    (sigma 0.8, so lengths vary ~10x), rounded; the longest absorbs the rounding."""
+    rng = random.Random(seed)
+    w = [rng.lognormvariate(0.0, 0.8) for _ in range(n)]
+    out = [max(1, round(x / sum(w) * S / unit)) * unit for x in w]
+    out[out.index(max(out))] += S - sum(out)
+    if min(out) <= 0:
+        raise ValueError(f"cannot cut S={S} into {n} documents of multiples of {unit}")
+    return out
+
+
+def two_level_variants(base: list[Variant], docs: int, head_parallel: list[int]):
+    """Each of our variants at every U and, with ``docs``, packed as well."""
+    out = []
+    for v in base:
+        if v.kind != "ours":
+            out.append(v)
+            continue
+        for U in head_parallel:
+            vu = v if U == 1 else Variant(f"{v.label}/U{U}", "ours", v.method, v.layout,
+                                          v.balance, head_parallel=U)
+            out.append(vu)
+            if docs:
+                out.append(Variant(f"{vu.label}+packed", "ours", v.method, v.layout, v.balance,
+                                   docs=docs, head_parallel=U))
+    return out
 
 
 def default_variants(methods: list[str], peers: list[str]) -> list[Variant]:
@@ -80,30 +127,47 @@ def shard(x: torch.Tensor, rank: int, world: int, layout: str) -> torch.Tensor:
     return torch.cat([c[rank], c[2 * world - 1 - rank]], dim=1).contiguous()
 
 
+def _cu(v: Variant, S: int, P: int, a) -> tuple[int, ...] | None:
+    if not v.docs:
+        return None
+    cu = [0]
+    for n in doc_lengths(S, v.docs, 2 * P, a.packed_seed):
+        cu.append(cu[-1] + n)
+    return tuple(cu)
+
+
 def _model(v: Variant, S: int, P: int, a) -> dict:
     method = {"ours": v.method, "nosp": "nosp"}.get(v.kind, v.kind)
     Pm = 1 if method == "nosp" else P
     try:
         sh = AttnShape(S=S, P=Pm, b=a.batch, hq=a.heads, hkv=a.kv_heads, D=a.head_dim,
-                       dtype=a.dtype, causal=True, layout=v.layout, balance=v.balance)
+                       dtype=a.dtype, causal=True, layout=v.layout, balance=v.balance,
+                       cu_seqlens=_cu(v, S, P, a), head_parallel=v.head_parallel)
         c = attention_cost(method, sh)
     except ValueError as e:
         return {"error": str(e)}
-    return {"sent": list(c.sent), "act_bytes": list(c.act_bytes), "flops": list(c.flops)}
+    out = {"sent": list(c.sent), "inner_sent": list(c.inner_sent),
+           "act_bytes": list(c.act_bytes), "flops": list(c.flops)}
+    if sh.cu_seqlens:
+        cu = sh.cu_seqlens
+        out["flop_ratio"] = packed_flop_ratio([b - a for a, b in zip(cu, cu[1:])])
+    return out
 
 
-def _call(v: Variant, group, S: int):
+def _call(v: Variant, group, S: int, cu=None):
     """(context, fn(q, k, v) -> out) for a variant."""
     import contextlib
 
     if v.kind == "ours":
         import megatron_seqpar as msp
 
-        opts = None
-        if v.method == "lightseq" and not v.balance:
-            opts = msp.method_options("lightseq")(balance=False)
+        kw = {"head_parallel": v.head_parallel}
+        if v.method == "lightseq":
+            kw["balance"] = v.balance
+        opts = msp.method_options(v.method)(**kw)
         fn = lambda q, k, vv: msp.attention(q, k, vv, method=v.method, group=group,  # noqa: E731
-                                            causal=True, layout=v.layout, options=opts)
+                                            causal=True, layout=v.layout, options=opts,
+                                            cu_seqlens=cu)
         return contextlib.nullcontext(), fn
     b = BASELINES[v.kind]
     fn = lambda q, k, vv: b.fn(q, k, vv, group=group, causal=True)  # noqa: E731
@@ -120,11 +184,19 @@ def _run_variant(rank, world, v: Variant, S: int, a, full) -> dict:
             return {"skipped_rank": True}
         torch.set_num_threads(2 if v.label.endswith("2thr") else 1)
         q, k, vv, do = qf, kf, vf, dof
+    elif v.docs:
+        import megatron_seqpar as msp
+
+        cu = _cu(v, S, world, a)
+        q, k, vv, do = (msp.shard_sequence(x, dim=1, layout=v.layout, cu_seqlens=cu)
+                        for x in (qf, kf, vf, dof))
     else:
         q, k, vv, do = (shard(x, rank, world, v.layout) for x in (qf, kf, vf, dof))
     q, k, vv = (x.detach().requires_grad_() for x in (q, k, vv))
+    cu = _cu(v, S, world, a) if v.kind == "ours" else None
+
     def step():
-        ctx, fn = _call(v, None, S)  # a fresh context each call (they are single-use)
+        ctx, fn = _call(v, None, S, cu)  # a fresh context each call (they are single-use)
         with ctx:
             out = fn(q, k, vv)
             out.backward(do)
@@ -135,8 +207,10 @@ def _run_variant(rank, world, v: Variant, S: int, a, full) -> dict:
     if barrier is not None:
         barrier()
     t0 = time.perf_counter()
-    with measure(0 if single else rank, 1 if single else world) as m:
+    with measure(0 if single else rank, 1 if single else world) as m, count_traffic() as tr:
         step()
+    if v.kind == "ours":  # our own count: exact on the two-level sub-groups as well
+        res.update(traffic_sent=tr.sent_bytes, traffic_inner=tr.sent_by_kind["all_to_all"])
     res.update(peak_bytes=m.peak_bytes, sent_bytes=m.sent_bytes, recv_bytes=m.recv_bytes,
                rss_peak_bytes=m.rss_peak_bytes, calls=m.calls,
                profiled_time_s=time.perf_counter() - t0)
@@ -197,6 +271,9 @@ def collect(rows: list[dict], world: int) -> list[dict]:
             rec["sent_bytes"] = [x["sent_bytes"] for x in ranks]
             rec["recv_bytes"] = [x["recv_bytes"] for x in ranks]
             rec["rss_peak_bytes"] = [x["rss_peak_bytes"] for x in ranks]
+            if "traffic_sent" in ranks[0]:
+                rec["traffic_sent"] = [x["traffic_sent"] for x in ranks]
+                rec["traffic_inner"] = [x["traffic_inner"] for x in ranks]
         else:
             rec["status"] = next(iter(rec["ranks"].values()))
         out.append(rec)
@@ -224,23 +301,69 @@ def ratios(records: list[dict]) -> list[dict]:
                     row[f"t/{peer}"] = r["time_s"] / p["time_s"]
                 row[f"mem/{peer}"] = max(r["peak_bytes"]) / max(1, max(p["peak_bytes"]))
         m = r["model"]
+        sent = r.get("traffic_sent", r["sent_bytes"])
         if "sent" in m and max(m["sent"]):
-            row["bytes/model"] = max(r["sent_bytes"]) / max(m["sent"])
+            row["bytes/model"] = max(sent) / max(m["sent"])
+            row["bytes==model"] = sent == m["sent"] if "traffic_sent" in r else ""
+        if "traffic_inner" in r and max(m.get("inner_sent", [0])):
+            row["inner==model"] = r["traffic_inner"] == m["inner_sent"]
         if "act_bytes" in m:
             row["mem/model"] = max(r["peak_bytes"]) / max(1, max(m["act_bytes"]))
         rows.append(row)
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    cols = ["S", "label", "time_s", "x_ideal", "t/ulysses", "t/ring", "peak_mb", "mem/ring",
-            "mem/nosp/1thr", "sent_mb", "bytes/model", "mem/model"]
-    print(" ".join(f"{c:>13}" for c in cols))
+def compare(records: list[dict]) -> list[dict]:
+    """Packed rows against the same variant unpacked; U > 1 rows against U = 1."""
+    by = {(r["S"], r["label"]): r for r in records if "time_s" in r}
+    rows = []
+    for (S, label), r in by.items():
+        if label.endswith("+packed") and (S, label[:-7]) in by:
+            u = by[(S, label[:-7])]
+            pairs = lambda rec: max(rec["model"].get("flops", [0]))  # noqa: E731
+            t = r["time_s"] / u["time_s"]
+            pred = r["model"].get("flop_ratio")
+            rows.append({"S": S, "label": label, "vs": "unpacked", "time_ratio": t,
+                         "flop_pred": pred, "busiest_pred": pairs(r) / max(1, pairs(u)),
+                         "t/pred": t / pred if pred else None,
+                         "mem_ratio": max(r["peak_bytes"]) / max(1, max(u["peak_bytes"])),
+                         "bytes==model": r.get("traffic_sent") == r["model"].get("sent")})
+        base = label.split("/U")[0] + ("+packed" if label.endswith("+packed") else "")
+        if "/U" in label and (S, base) in by:
+            u = by[(S, base)]
+            rows.append({"S": S, "label": label, "vs": base, "time_ratio":
+                         r["time_s"] / u["time_s"], "mem_ratio":
+                         max(r["peak_bytes"]) / max(1, max(u["peak_bytes"])),
+                         "bytes==model": r.get("traffic_sent") == r["model"].get("sent")})
+    return rows
+
+
+def print_compare(rows: list[dict]) -> None:
+    if not rows:
+        return
+    cols = ["S", "label", "vs", "time_ratio", "flop_pred", "busiest_pred", "t/pred", "mem_ratio",
+            "bytes==model"]
+    print("\n" + " ".join(f"{c:>22}" if c in ("label", "vs") else f"{c:>12}" for c in cols))
     for r in rows:
         cells = []
         for c in cols:
             x = r.get(c, "")
-            cells.append(f"{x:>13.3f}" if isinstance(x, float) else f"{x!s:>13}")
+            w = 22 if c in ("label", "vs") else 12
+            cells.append(f"{x:>{w}.3f}" if isinstance(x, float) else f"{x!s:>{w}}")
+        print(" ".join(cells))
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["S", "label", "time_s", "x_ideal", "t/ulysses", "t/ring", "peak_mb", "mem/ring",
+            "mem/nosp/1thr", "sent_mb", "bytes/model", "bytes==model", "inner==model",
+            "mem/model"]
+    print(" ".join(f"{c:>24}" if c == "label" else f"{c:>13}" for c in cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            x = r.get(c, "")
+            w = 24 if c == "label" else 13
+            cells.append(f"{x:>{w}.3f}" if isinstance(x, float) else f"{x!s:>{w}}")
         print(" ".join(cells))
 
 
@@ -283,6 +406,11 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=2,
                    help="timed runs after the profiled one (0: report the profiled run's time)")
     p.add_argument("--max-gb", type=float, default=3.0, help="skip variants predicted above")
+    p.add_argument("--packed-docs", type=int, default=0,
+                   help="also run each of our variants on a packed stream of N documents")
+    p.add_argument("--packed-seed", type=int, default=0)
+    p.add_argument("--head-parallel", type=int, nargs="+", default=[1],
+                   help="two levels: run our variants at each U (dividing --ranks and heads)")
     p.add_argument("--out", default="runs/bench_attention")
     a = p.parse_args(argv)
     a.kv_heads = a.kv_heads or a.heads
@@ -296,7 +424,11 @@ def main(argv=None) -> None:
     peers = [x for x in a.peers if BASELINES[x].available()]
     for x in set(a.peers) - set(peers):
         print(f"skipping {x}: {BASELINES[x].needs} is not installed")
-    variants = default_variants(a.methods, peers)
+    bad = [U for U in a.head_parallel if a.ranks % U or a.heads % U]
+    if bad:
+        p.error(f"--head-parallel {bad} must divide --ranks {a.ranks} and --heads {a.heads}")
+    variants = two_level_variants(default_variants(a.methods, peers), a.packed_docs,
+                                  a.head_parallel)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -312,9 +444,11 @@ def main(argv=None) -> None:
     records = collect(rows, a.ranks)
     table = ratios(records)
     print_table(table)
+    print_compare(compare(records))
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out + ".json", "w") as f:
-        json.dump({"args": vars(a), "records": records, "ratios": table}, f, indent=1)
+        json.dump({"args": vars(a), "records": records, "ratios": table,
+                   "compare": compare(records)}, f, indent=1)
     plot(table, a.out + ".png")
     print(f"wrote {a.out}.json and {a.out}.png")
 

@@ -3,12 +3,20 @@
     python tools/plan.py --model llama-7b --cluster a100-80g --gpus 16 --seqlen 131072
     python tools/plan.py --model custom --layers 24 --hidden 2048 --heads 16 --seqlen 65536
     python tools/plan.py --paper all        # the four papers' setups, predicted vs reported
+    python tools/plan.py --two-level --model llama-7b --gpus 64 --per-node 8 \
+        --intra-gbps 450 --inter-gbps 50 --seqlens 131072 262144 524288 1048576
 
 For every method (ours and the baselines Ulysses / ring / Megatron TP) it predicts, from the
 analytic model in ``megatron_seqpar.cost``: per-GPU memory, step time (compute at
 ``--efficiency`` of peak, sequence-axis traffic over the intra- or inter-node link, overlapped
 with attention where the method overlaps), and the longest sequence that fits. It ranks them by
 predicted step time and prints the Megatron-LM flags to run the winner.
+
+``--two-level``: for every method (ours and ring) at every head-parallel split ``U`` (inner head
+all-to-all over ``U`` consecutive ranks, over NVLink while ``U·tp`` GPUs fit in a node; the
+method over the ``R = P/U`` groups, across nodes once ``P·tp`` GPUs do not), the predicted step
+time at ``U = 1``, the best ``U`` and its time, beside Ulysses-only (``U = P``; possible only
+while the K/V heads divide over ``P``) and ring-only; the winner per sequence length.
 
 The model is a first-order one: use it to choose, not to promise. Where a paper's exact setup is
 not public (micro-batch, GPU memory variant), the preset says what it assumes.
@@ -78,35 +86,42 @@ class Plan:
     mem_gb: float
     step_s: float
     fits: bool
+    head_parallel: int = 1
 
 
 def predict(model: ModelConfig, cl: Cluster, *, method: str, S: int, P: int, tp: int,
             layout: str | None = None, b: int = 1, dtype: str = "bf16",
-            recompute: str = "full", efficiency: float = 0.5, flash: bool = True) -> Plan:
+            recompute: str = "full", efficiency: float = 0.5, flash: bool = True,
+            head_parallel: int = 1) -> Plan:
     """Memory (GiB per GPU) and step time (s) of one micro-batch on ``P x tp`` GPUs.
 
     ``method="megatron"`` is Megatron TP + sequence parallelism with ``P = 1`` (the baseline
     the papers compare with); ``"nosp"`` one rank per sequence. Static memory: Megatron's
     distributed optimizer over the ``P`` ranks (16-bit weights, fp32 gradients, and 12 bytes of
     fp32 master weights and Adam moments per parameter sharded ``P`` ways), divided by ``tp``.
+    ``head_parallel = U``: two levels; the inner all-to-alls (over ``U·tp`` GPUs, blocking) and
+    the outer method's transfers (over ``P·tp`` GPUs) each take their own link's bandwidth.
     """
     meth = "nosp" if method in ("megatron", "nosp") else method
     lc = layer_cost(model, S=S, P=P, method=meth, tp=tp, b=b, dtype=dtype,
-                    recompute=recompute, layout=layout, flash=flash)
+                    recompute=recompute, layout=layout, flash=flash, head_parallel=head_parallel)
     static = model.params * (6 + 12 / P) / tp
     logits = b * (S // P) * model.vocab * 4 / tp * 2  # fp32 logits and their gradient
     mem = static + model.layers * lc.act_bytes + lc.peak_extra_bytes + logits
     flop_s = cl.peak_tflops * 1e12 * efficiency
     t_attn = lc.attn_flops / flop_s
     t_lin = lc.linear_flops / flop_s
-    t_sp = lc.sp_bytes / cl.bandwidth(P * tp) if P > 1 else 0.0
+    outer_bytes = lc.sp_bytes - lc.sp_inner_bytes
+    t_sp = outer_bytes / cl.bandwidth(P * tp) if P > 1 else 0.0
+    t_in = lc.sp_inner_bytes / cl.bandwidth(head_parallel * tp) if head_parallel > 1 else 0.0
     if recompute == "full" and method != "lightseq":
         t_sp *= 1.5  # the recomputed forward sends again (LightSeq's checkpoint avoids it)
+        t_in *= 1.5
     t_tp = lc.tp_bytes / cl.bandwidth(tp) if tp > 1 else 0.0
-    t_layer = t_lin + t_tp + (max(t_attn, t_sp) if meth in OVERLAPPED else t_attn + t_sp)
+    t_layer = t_lin + t_tp + t_in + (max(t_attn, t_sp) if meth in OVERLAPPED else t_attn + t_sp)
     head = 3 * 2 * b * (S // P) * model.hidden * model.vocab / tp / flop_s
     return Plan(method, lc.attention.shape.layout, P, tp, S, mem / 2**30,
-                model.layers * t_layer + head, mem <= cl.mem_gb * 2**30 * 0.9)
+                model.layers * t_layer + head, mem <= cl.mem_gb * 2**30 * 0.9, head_parallel)
 
 
 def max_seqlen(model, cl, *, method, P, tp, step=None, **kw) -> int:
@@ -140,10 +155,14 @@ def candidates(model: ModelConfig, gpus: int):
         yield "megatron", 1, min(gpus, max(tps)), "contiguous"
 
 
-def flags(method: str, P: int, tp: int) -> str:
+def flags(method: str, P: int, tp: int, head_parallel: int = 1) -> str:
     base = f"--tensor-model-parallel-size {tp} --sequence-parallel" if tp > 1 else ""
+    U = head_parallel
+    two = f" --hierarchical-context-parallel-sizes {U} {P // U}" if U > 1 else ""
     if method in METHODS:
-        return f"{base} --context-parallel-size {P} --seqpar-method {method}".strip()
+        return f"{base} --context-parallel-size {P} --seqpar-method {method}{two}".strip()
+    if method == "ring" and U > 1:
+        return f"{base} --context-parallel-size {P} --cp-comm-type a2a+p2p{two}".strip()
     if method == "ring":
         return f"{base} --context-parallel-size {P} --cp-comm-type p2p".strip()
     if method == "ulysses":
@@ -171,6 +190,82 @@ def print_ranking(model, cl, S, **kw) -> None:
         print(f"{plan.method:>10} {plan.layout:>10} {plan.P:>4} {plan.tp:>3} "
               f"{plan.mem_gb:>8.1f} {str(plan.fits):>5} {plan.step_s:>8.3f} {smax:>9}  "
               f"{flags(plan.method, plan.P, plan.tp)}")
+
+
+# ----------------------------------------------------------------------------- two levels
+TWO_LEVEL_METHODS = (*METHODS, "ring")
+
+
+def head_splits(model: ModelConfig, P: int, tp: int = 1) -> list[int]:
+    """Every ``U`` that divides ``P`` and the query heads per TP rank."""
+    return [U for U in range(1, P + 1) if P % U == 0 and (model.heads // tp) % U == 0]
+
+
+def two_level_row(model, cl, S: int, method: str, *, P: int, tp: int = 1, **kw):
+    """``(plan at U=1, best plan over U)`` for one method (best: the fastest that fits)."""
+    plans = [predict(model, cl, method=method, S=S, P=P, tp=tp, layout="zigzag",
+                     head_parallel=U, **kw) for U in head_splits(model, P, tp)]
+    best = min(plans, key=lambda p: (not p.fits, p.step_s))
+    return plans[0], best
+
+
+def ulysses_only(model, cl, S: int, *, P: int, tp: int = 1, **kw) -> Plan | None:
+    """Ulysses over all ``P`` ranks, or None where the K/V heads do not divide over ``P``."""
+    if (model.kv_heads // tp) % P:
+        return None
+    return predict(model, cl, method="ulysses", S=S, P=P, tp=tp, layout="contiguous", **kw)
+
+
+def two_level_table(model, cl, seqlens, *, tp: int = 1, **kw) -> list[dict]:
+    """Per sequence length: every method at U=1 and at its best U, Ulysses-only, ring-only and
+    the winner (the fastest plan that fits)."""
+    P = cl.gpus // tp
+    rows = []
+    for S in seqlens:
+        row: dict = {"S": S, "methods": {}}
+        cands = []
+        for m in TWO_LEVEL_METHODS:
+            one, best = two_level_row(model, cl, S, m, P=P, tp=tp, **kw)
+            row["methods"][m] = (one, best)
+            cands += [one, best]
+        uly = ulysses_only(model, cl, S, P=P, tp=tp, **kw)
+        row["ulysses"] = uly
+        cands += [uly] if uly is not None else []
+        win = min(cands, key=lambda p: (not p.fits, p.step_s))
+        row["winner"] = win
+        rows.append(row)
+    return rows
+
+
+def _cell(p: Plan | None) -> str:
+    if p is None:
+        return "n/a"
+    return f"{p.step_s:.3g}" + ("" if p.fits else " (OOM)")
+
+
+def print_two_level(model, cl, seqlens, *, tp: int = 1, **kw) -> None:
+    """A markdown table: step time (s) per method at U=1 and at its best U."""
+    rows = two_level_table(model, cl, seqlens, tp=tp, **kw)
+    P = cl.gpus // tp
+    print(f"\n{model.name}, {cl.gpus} GPUs ({cl.per_node} per node, {cl.intra_gbps:g} GB/s "
+          f"intra, {cl.inter_gbps:g} GB/s inter, {cl.peak_tflops:g} TFLOP/s at "
+          f"{kw.get('efficiency', 0.5):g}), tp={tp}, P={P}, recompute={kw.get('recompute')}: "
+          "predicted step time (s), one sequence")
+    heads = ["S"] + [f"{m} U=1 / best U" for m in TWO_LEVEL_METHODS] + ["Ulysses-only", "winner"]
+    print("| " + " | ".join(heads) + " |")
+    print("|" + "---|" * len(heads))
+    for r in rows:
+        cells = [f"{r['S'] // 1024}K"]
+        for m in TWO_LEVEL_METHODS:
+            one, best = r["methods"][m]
+            cells.append(f"{_cell(one)} / {_cell(best)} (U={best.head_parallel})")
+        cells.append(_cell(r["ulysses"]) if r["ulysses"] is not None else
+                     f"n/a ({model.kv_heads // tp} kv heads < P={P})")
+        w = r["winner"]
+        cells.append(f"{w.method} U={w.head_parallel}")
+        print("| " + " | ".join(cells) + " |")
+    print("(ring at U=1 = ring-only; ring at U>1 = Ulysses x ring, Megatron's a2a+p2p; flags: "
+          f"{flags(rows[-1]['winner'].method, P, tp, rows[-1]['winner'].head_parallel)})")
 
 
 # ----------------------------------------------------------------------------- paper presets
@@ -254,7 +349,12 @@ def main(argv=None) -> None:
     p.add_argument("--intra-gbps", type=float)
     p.add_argument("--inter-gbps", type=float)
     p.add_argument("--peak-tflops", type=float)
+    p.add_argument("--per-node", type=int, help="GPUs per node (default: the preset's)")
     p.add_argument("--seqlen", type=int, default=131072)
+    p.add_argument("--seqlens", type=int, nargs="+", help="--two-level: lengths to tabulate")
+    p.add_argument("--tp", type=int, default=1, help="--two-level: tensor parallelism")
+    p.add_argument("--two-level", action="store_true",
+                   help="each method at U=1 vs its best head-parallel U, Ulysses-only, ring-only")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--recompute", choices=RECOMPUTE, default="full")
@@ -276,9 +376,14 @@ def main(argv=None) -> None:
         model = MODELS[a.model]
     cl = CLUSTERS[a.cluster]
     over = {k: v for k, v in dict(gpus=a.gpus, mem_gb=a.gpu_mem_gb, intra_gbps=a.intra_gbps,
-                                  inter_gbps=a.inter_gbps, peak_tflops=a.peak_tflops).items()
+                                  inter_gbps=a.inter_gbps, peak_tflops=a.peak_tflops,
+                                  per_node=a.per_node).items()
             if v is not None}
     cl = replace(cl, **over)
+    if a.two_level:
+        print_two_level(model, cl, a.seqlens or [a.seqlen], tp=a.tp, b=a.batch, dtype=a.dtype,
+                        recompute=a.recompute, efficiency=a.efficiency)
+        return
     print_ranking(model, cl, a.seqlen, b=a.batch, dtype=a.dtype, recompute=a.recompute,
                   efficiency=a.efficiency)
 
