@@ -140,8 +140,8 @@ def packed_attention_args(params, local_len: int, cp_rank: int, cp_size: int):
     fmt = getattr(params, "qkv_format", None)
     if fmt != "thd":
         raise ValueError(f"PackedSeqParams(qkv_format={fmt!r}) is not supported; sequence-"
-                         "parallel core attention takes qkv_format='thd' (or no "
-                         "packed_seq_params for sbhd batches)")
+                         "parallel core attention takes packed THD batches, "
+                         "qkv_format='thd' (or no packed_seq_params for sbhd batches)")
     if params.cu_seqlens_q is None:
         raise ValueError("PackedSeqParams.cu_seqlens_q is missing: pass the cumulative real "
                          "sequence lengths [0, L1, L1+L2, ...]")
