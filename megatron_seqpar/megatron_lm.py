@@ -37,6 +37,7 @@ GROUP_TITLE = "megatron-seqpar"
 BERT_MODEL = "megatron_seqpar.megatron.bert:SeqParBertModel"  # the CP-aware BertModel
 LSS_INSTALLED_LOG = "megatron-seqpar: LSS double gradient averaging installed"
 CHECKPOINT_LOG = "megatron-seqpar: checkpoint"
+TWO_LEVEL_LOG = "megatron-seqpar: two levels"
 
 
 class SeqParArgumentError(ValueError):
@@ -181,11 +182,26 @@ def seqpar_conflicts(args, *, model: str = "gpt") -> list[str]:
          f"group, but --context-parallel-size is {cp}; set it to 2 or more, or drop "
          "--seqpar-method")
     comm = g("cp_comm_type", None)
-    need(comm in (None, "p2p", ["p2p"]),
+    hcp = g("hierarchical_context_parallel_sizes", None)
+    # a2a+p2p names TE's two-level attention; with the sizes given it is the same split, so
+    # a TE command line works with --seqpar-method added (our provider ignores cp_comm_type)
+    ok_comm = (None, "p2p", ["p2p"]) + (("a2a+p2p", ["a2a+p2p"]) if hcp else ())
+    need(comm in ok_comm,
          f"--cp-comm-type {comm} selects Transformer Engine's context-parallel attention, "
          f"which --seqpar-method {method} replaces; drop --cp-comm-type")
-    need(not g("hierarchical_context_parallel_sizes", None),
-         "--hierarchical-context-parallel-sizes is for TE's a2a+p2p; drop it")
+    if hcp:  # two levels: heads over U inside groups of U consecutive CP ranks, method over R
+        heads = g("num_attention_heads", None)
+        heads_tp = heads // g("tensor_model_parallel_size", 1) if heads else None
+        need(len(hcp) == 2 and hcp[0] * hcp[1] == cp,
+             f"--hierarchical-context-parallel-sizes {' '.join(map(str, hcp))}: "
+             f"--seqpar-method {method} takes two levels U R with U*R = "
+             f"--context-parallel-size {cp}")
+        need(heads_tp is None or heads_tp % hcp[0] == 0,
+             f"--hierarchical-context-parallel-sizes: U={hcp[0]} does not divide the "
+             f"{heads_tp} query heads per tensor-parallel rank; choose U dividing them")
+        given = g("seqpar_head_parallel", None)
+        need(given in (None, hcp[0]), f"--seqpar-head-parallel {given} disagrees with "
+             f"--hierarchical-context-parallel-sizes {' '.join(map(str, hcp))}; give one")
     need(not g("hybrid_context_parallel", False),
          "--hybrid-context-parallel (packed THD batches) is not supported; drop it")
     need(not g("sft", False), "--sft feeds packed THD sequences (cu_seqlens), which the "
@@ -258,6 +274,7 @@ def gpt_layer_spec_from_args(args, config=None):
     from megatron_seqpar.specs import get_gpt_layer_spec
 
     options = validate_seqpar_args(args, model="gpt")
+    _note_two_level(args)
     te = args.transformer_impl == "transformer_engine"
     kwargs = {"qk_layernorm": getattr(args, "qk_layernorm", False),
               "qk_l2_norm": getattr(args, "qk_l2_norm", False)}
@@ -272,8 +289,20 @@ def bert_layer_spec_from_args(args):
     from megatron_seqpar.specs import get_bert_layer_spec
 
     options = validate_seqpar_args(args, model="bert")
+    _note_two_level(args)
     te = args.transformer_impl == "transformer_engine"
     return get_bert_layer_spec(args.seqpar_method, options=options, transformer_engine=te)
+
+
+def _note_two_level(args) -> None:
+    """Rank 0 prints ``TWO_LEVEL_LOG`` when ``--hierarchical-context-parallel-sizes U R`` is
+    set: the provider then reads U from the TransformerConfig and the groups from
+    megatron-core's hierarchical CP groups (``megatron.parallel_state.two_level_groups``)."""
+    hcp = getattr(args, "hierarchical_context_parallel_sizes", None)
+    if hcp:
+        _print_rank_0(f"{TWO_LEVEL_LOG}: head all-to-all inside groups of U={hcp[0]} "
+                      f"consecutive CP ranks, --seqpar-method {args.seqpar_method} across "
+                      f"R={hcp[1]} groups (megatron-core's hierarchical CP groups)")
 
 
 def bert_model_class(args):

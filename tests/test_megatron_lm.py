@@ -235,6 +235,8 @@ BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
         "--attention-dropout", "0",
         "--context-parallel-size", "2"]
 
+CP4, HCP22 = ["--context-parallel-size", "4"], ["--hierarchical-context-parallel-sizes", "2", "2"]
+
 # (name, argv after BASE, extra case keys, expected: ("ok", substring of options/core) or
 # ("error", substring of the message))
 CASES = [
@@ -268,6 +270,19 @@ CASES = [
      ("ok", "SeqParCoreAttention")),
     ("unpatched-method", ["--seqpar-method", "lightseq"], {"patched": False},
      ("error", "unrecognized arguments: --seqpar-method")),
+    # two levels (issue 15): Megatron-LM's --hierarchical-context-parallel-sizes U R
+    ("two-level", ["--seqpar-method", "lightseq", *CP4, *HCP22], {"world_size": 4},
+     ("ok", "lightseq.Options")),
+    ("two-level-te-comm", ["--seqpar-method", "mqsp", *CP4, *HCP22, "--cp-comm-type", "a2a+p2p"],
+     {"world_size": 4}, ("ok", "mqsp.Options")),
+    ("two-level-bert", ["--seqpar-method", "lss", *CP4, *HCP22], {"world_size": 4, "model": "bert"},
+     ("ok", "lss.Options")),
+    ("two-level-heads", ["--seqpar-method", "rsa", *CP4, "--num-attention-heads", "2",
+                         "--hierarchical-context-parallel-sizes", "4", "1"], {"world_size": 4},
+     ("error", "does not divide the 2 query heads")),
+    ("two-level-head-parallel", ["--seqpar-method", "rsa", *CP4, *HCP22,
+                                 "--seqpar-head-parallel", "4"], {"world_size": 4},
+     ("error", "disagrees with --hierarchical-context-parallel-sizes 2 2")),
 ]
 
 # Run under torchrun (2 gloo ranks, CPU) from a patched overlay: Megatron-LM's parser and
@@ -658,6 +673,23 @@ class TestMegatronLM:
         uninterrupted run's losses, at Megatron-LM's default clip-grad 1.0."""
         full = loop.run("gpt", 2, "lss")
         _assert_resumed(loop.resume("lss", "lss"), full)
+
+    @pytest.mark.slow
+    def test_two_level_cp4_losses_equal_cp1(self, loop):
+        """World 4: ``--context-parallel-size 4 --hierarchical-context-parallel-sizes 2 2
+        --seqpar-method lightseq`` (a head all-to-all inside CP rank pairs, LightSeq across
+        the two pairs, on megatron-core's hierarchical CP groups) logs CP=1's losses and grad
+        norm (tolerance as above)."""
+        ref = loop.run("gpt", 1)
+        run = loop.run("gpt", 4, "lightseq", extra=("--hierarchical-context-parallel-sizes",
+                                                    "2", "2"))
+        _assert_same_losses(run, ref, range(1, ITERS + 1))
+        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        assert "hierarchical context-parallel sizes: [2, 2]" in run.log, run.tail
+        print(f"two levels CP=4 (U=2 x R=2) lightseq lm loss {run.lm}, grad norm "
+              f"{run.grad_norm}; CP=1 lm loss {ref.lm}, grad norm {ref.grad_norm}")
+        assert (f"{mlm.TWO_LEVEL_LOG}: head all-to-all inside groups of U=2 consecutive CP "
+                "ranks, --seqpar-method lightseq across R=2 groups") in run.log, run.tail
 
     @pytest.mark.slow
     def test_tp2_cp2_losses_equal_cp1(self, loop):
