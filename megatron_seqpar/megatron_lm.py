@@ -20,7 +20,9 @@ What the patched scripts call: ``extra_args_provider`` / ``chain_args_providers`
 ``gpt_layer_spec_from_args`` / ``bert_layer_spec_from_args`` (validate, then our spec),
 ``wrap_forward_step`` (LSS: ``install_lss_grad_averaging`` on the DDP chunks at the first
 step), and for BERT ``bert_model_class``, ``bert_batch_on_this_cp_rank``, ``bert_lm_loss``,
-``bert_binary_loss`` (CP sharding and CP-exact losses).
+``bert_binary_loss`` (CP sharding and CP-exact losses), and for GPT with
+``--reset-attention-mask`` ``packs_documents`` / ``document_batch_on_this_cp_rank`` (documents
+packed into a THD stream with cu_seqlens instead of a dense mask).
 ``validate_seqpar_args(args)`` runs after Megatron's own ``validate_args`` (the patched model
 builders call it) and raises ``SeqParArgumentError`` naming the fix. Nothing here runs a
 collective or changes Megatron at import time; importing this module imports only argparse,
@@ -206,8 +208,18 @@ def seqpar_conflicts(args, *, model: str = "gpt") -> list[str]:
          "--hybrid-context-parallel (packed THD batches) is not supported; drop it")
     need(not g("sft", False), "--sft feeds packed THD sequences (cu_seqlens), which the "
          "sequence-parallel methods do not support; pretrain without --sft")
-    need(not g("reset_attention_mask", False), "--reset-attention-mask builds document masks "
-         "that the methods cannot represent (only causal and key padding); drop it")
+    if g("reset_attention_mask", False):  # documents reach attention as cu_seqlens (THD)
+        need(model == "gpt", "--reset-attention-mask is a GPT flag; drop it")
+        need(not g("create_attention_mask_in_dataloader", True),
+             f"--reset-attention-mask with --seqpar-method {method}: the documents reach "
+             "attention as cu_seqlens (a packed THD stream), so pass "
+             "--no-create-attention-mask-in-dataloader (no dense S x S mask is needed)")
+        need(not g("sequence_parallel", False), "--reset-attention-mask with --seqpar-method "
+             "and --sequence-parallel is not supported yet; drop --sequence-parallel")
+        need(g("pipeline_model_parallel_size", 1) == 1,
+             "--reset-attention-mask with --seqpar-method packs each micro-batch into a stream "
+             "whose length varies, which pipeline stages cannot exchange; use "
+             "--pipeline-model-parallel-size 1")
     need(not g("spec", None), "--spec and --seqpar-method both choose the layer spec; keep "
          f"--seqpar-method {method} and drop --spec (or keep --spec megatron_seqpar.specs "
          f"{model}_{method} and drop --seqpar-method)")
@@ -422,6 +434,69 @@ def wrap_forward_step(forward_step):
         return forward_step(data_iterator, model, *args, **kwargs)
 
     return step
+
+
+def packs_documents(args) -> bool:
+    """True when the patched ``pretrain_gpt.py`` turns documents into a THD stream:
+    ``--seqpar-method`` with ``--reset-attention-mask``."""
+    return (getattr(args, "seqpar_method", None) is not None
+            and bool(getattr(args, "reset_attention_mask", False)))
+
+
+DOCUMENT_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
+
+
+def document_batch_on_this_cp_rank(batch: dict, eod: int | None = None):
+    """``(batch, PackedSeqParams)``: the patched ``pretrain_gpt.get_batch`` with
+    ``--reset-attention-mask`` (``packs_documents``), in place of ``get_batch_on_this_cp_rank``.
+
+    ``batch``: ``get_batch_on_this_tp_rank``'s full-sequence GPT tensors ``[b, S]`` (loss mask
+    and position ids already Megatron's, from ``--eod-mask-loss`` / ``--reset-position-ids``;
+    ``attention_mask`` None). The ``b`` rows become one stream ``[1, T]``, each document piece
+    (cut after every EOD, ``eod`` defaulting to the tokenizer's) padded to a multiple of 2*CP
+    with loss-masked pads (``megatron_seqpar.training.data.pack_documents``), then this CP
+    rank's zigzag share of every sequence (Transformer Engine's THD partitioning, through
+    ``shard_sequence(..., cu_seqlens=)``; no TE needed). Returns the same keys in the same
+    order (``attention_mask`` None) and ``PackedSeqParams(qkv_format="thd")`` with global
+    ``cu_seqlens_q`` (real lengths) and ``cu_seqlens_q_padded``. No collective; the dense
+    ``S x S`` mask is never built. Megatron-LM divides each CP rank's loss by that rank's own
+    token count unless ``--calculate-per-token-loss``; pass it for the CP=1 gradient.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_seqpar.layouts import shard_sequence
+    from megatron_seqpar.training.data import pack_documents
+
+    if set(batch) != set(DOCUMENT_KEYS):
+        raise ValueError(f"--reset-attention-mask with --seqpar-method packs a GPT batch of "
+                         f"{DOCUMENT_KEYS}, got {tuple(batch)}; drop the options that add the "
+                         "others (e.g. --mtp-num-layers)")
+    if batch["attention_mask"] is not None:
+        raise ValueError("--reset-attention-mask with --seqpar-method: the data loader built a "
+                         "dense attention mask; pass --no-create-attention-mask-in-dataloader")
+    if eod is None:
+        from megatron.training import get_tokenizer
+
+        eod = get_tokenizer().eod
+    group = parallel_state.get_context_parallel_group()
+    cp = group.size()
+    packed = pack_documents({k: batch[k] for k in DOCUMENT_KEYS if k != "attention_mask"},
+                            eod=eod, unit=2 * cp if cp > 1 else 1)
+    device = batch["tokens"].device
+    cu = packed.pop("cu_seqlens").to(device)
+    cu_pad = packed.pop("cu_seqlens_padded").to(device)
+    longest = int(packed.pop("max_seqlen")[0])
+    out = {}
+    for key in batch:
+        x = packed.get(key)
+        if x is not None and cp > 1:
+            x = shard_sequence(x, dim=1, group=group, layout="zigzag", cu_seqlens=cu_pad)
+        out[key] = x
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             cu_seqlens_q_padded=cu_pad, cu_seqlens_kv_padded=cu_pad,
+                             max_seqlen_q=longest, max_seqlen_kv=longest)
+    return out, params
 
 
 def bert_batch_on_this_cp_rank(tokens, types, loss_mask, lm_labels, padding_mask):

@@ -127,6 +127,9 @@ class TestSeqparFlags:
         ({"hybrid_context_parallel": True}, "THD"),
         ({"transformer_impl": "inference_optimized"}, "--transformer-impl"),
         ({"num_experts": 8}, "MoE"),
+        ({"reset_attention_mask": True}, "--no-create-attention-mask-in-dataloader"),
+        ({"reset_attention_mask": True, "create_attention_mask_in_dataloader": False,
+          "pipeline_model_parallel_size": 2}, "--pipeline-model-parallel-size 1"),
         ({"use_legacy_models": True}, "--use-legacy-models"),
     ])
     def test_conflicts_name_the_fix(self, over, match):
@@ -194,6 +197,53 @@ class TestBertHelpers:
             assert out["grad"] < 1e-12  # d loss / d token = mask / N_total, this rank's tokens
             # summed over the P ranks: P * (P * 1/P) = P; DDP's 1/P leaves the true 1
             assert abs(out["sop_grad"] - 2.0) < 1e-12
+
+
+def _document_batch_case(rank, world_size):
+    """The patched get_batch's document packing on CP=world_size: this rank's THD share."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_seqpar.training.data import EOD, pack_documents
+
+    ps.initialize_model_parallel(context_parallel_size=world_size,
+                                 create_gloo_process_groups=False)
+    try:
+        g = torch.Generator().manual_seed(1)
+        tokens = torch.randint(9, 256, (2, 24), generator=g)
+        tokens[0, [3, 4, 10]] = EOD
+        tokens[1, [20]] = EOD
+        batch = {"tokens": tokens, "labels": tokens.roll(-1, 1),
+                 "loss_mask": (tokens != EOD).float(), "attention_mask": None,
+                 "position_ids": torch.arange(24).expand(2, 24)}
+        got, params = mlm.document_batch_on_this_cp_rank(dict(batch), eod=EOD)
+        full = pack_documents({k: v for k, v in batch.items() if k != "attention_mask"},
+                              eod=EOD, unit=2 * world_size)
+        back = {k: msp.gather_sequence(got[k], dim=1, layout="zigzag",
+                                       group=ps.get_context_parallel_group(),
+                                       cu_seqlens=params.cu_seqlens_q_padded)
+                for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        return {"keys": list(got), "mask": got["attention_mask"] is None,
+                "format": params.qkv_format, "local": got["tokens"].size(1),
+                "total": int(full["cu_seqlens_padded"][-1]),
+                "same": all(torch.equal(back[k], full[k]) for k in back),
+                "cu": params.cu_seqlens_q.tolist() == full["cu_seqlens"].tolist(),
+                "cu_pad": params.cu_seqlens_q_padded.tolist()}
+    finally:
+        ps.destroy_model_parallel()
+
+
+@pytest.mark.megatron
+def test_document_batch_on_this_cp_rank():
+    """``--reset-attention-mask`` in the patched ``pretrain_gpt.get_batch``: Megatron's key
+    order with ``attention_mask`` None, THD ``PackedSeqParams`` whose padded pieces are
+    multiples of 2*CP, each rank holding its zigzag half of the stream (gathered back, the
+    stream ``pack_documents`` builds)."""
+    outs = run_on_ranks(_document_batch_case, 2)
+    for out in outs:
+        assert out["keys"] == ["tokens", "labels", "loss_mask", "attention_mask",
+                               "position_ids"] and out["mask"] and out["format"] == "thd"
+        assert out["same"] and out["cu"] and out["local"] * 2 == out["total"]
+        assert all((b - a) % 4 == 0 for a, b in zip(out["cu_pad"], out["cu_pad"][1:]))
 
 
 # ------------------------------------------------------------------------------ Megatron-LM
@@ -396,6 +446,30 @@ def _bert_data(where: Path) -> list[str]:
             "--vocab-file", str(where / "vocab.txt")]
 
 
+# GPT documents (issue 12): short byte-level documents ending in NullTokenizer's EOD (id 255,
+# a byte UTF-8 text never holds), so every 128-token row crosses several document boundaries.
+DOC_FLAGS = ["--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss",
+             "--calculate-per-token-loss"]
+
+
+def _docs_data(where: Path) -> list[str]:
+    """An indexed GPT dataset of short documents (``test_training_packed.short_documents``),
+    each followed by EOD 255; NullTokenizer with --vocab-size 255 names 255 its EOD."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from test_training_packed import short_documents
+
+    prefix = str(where / "short_docs_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint8)
+    for doc in short_documents():
+        ids = np.frombuffer(doc.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+        builder.add_item(torch.from_numpy(np.append(ids, 255)))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    return ["--data-path", prefix, "--split", "100,0,0", "--tokenizer-type", "NullTokenizer",
+            "--vocab-size", "255"]
+
+
 @dataclasses.dataclass
 class LoopRun:
     """One launcher run: its log and what Megatron-LM logged per iteration."""
@@ -432,7 +506,7 @@ class MegatronLoop:
     def __init__(self, work: Path):
         self.work, self.root = work, _overlay(work)
         assert _tool("--apply", str(self.root)).returncode == 0
-        self.bert_data = None
+        self.bert_data = self.docs_data = None
         self.runs = {}
 
     def _launch(self, script: str, nproc: int, argv: list[str]) -> LoopRun:
@@ -449,7 +523,11 @@ class MegatronLoop:
         if model == "bert" and self.bert_data is None:
             (self.work / "data").mkdir()
             self.bert_data = _bert_data(self.work / "data")
-        argv = [*TINY, *(GPT_DATA if model == "gpt" else self.bert_data),
+        if model == "gpt-docs" and self.docs_data is None:
+            (self.work / "docs").mkdir()
+            self.docs_data = _docs_data(self.work / "docs")
+        data = {"gpt": GPT_DATA, "bert": self.bert_data, "gpt-docs": self.docs_data}[model]
+        argv = [*TINY, *data,
                 "--clip-grad", str(clip), "--context-parallel-size", str(cp),
                 "--tensor-model-parallel-size", str(tp)]
         if method:
@@ -468,7 +546,7 @@ class MegatronLoop:
             if model == "gpt" and cp == 2 and tp == 1 and not extra:
                 argv += ["--save", str(self.work / f"ckpt-{method}-{clip}"),
                          "--save-interval", str(SAVE_AT)]
-            script = "pretrain_gpt.py" if model == "gpt" else "pretrain_bert.py"
+            script = "pretrain_bert.py" if model == "bert" else "pretrain_gpt.py"
             self.runs[key] = self._launch(script, cp * tp, argv)
         return self.runs[key]
 
@@ -699,3 +777,25 @@ class TestMegatronLM:
         ref, run = loop.run("gpt", 1), loop.run("gpt", 2, "mqsp", tp=2)
         _assert_same_losses(run, ref, range(1, ITERS + 1))
         _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("method", ["lightseq", "lss"])
+    def test_documents_cp2_equal_cp1(self, loop, method):
+        """``--reset-attention-mask --reset-position-ids --eod-mask-loss`` on short documents:
+        CP=1 is Megatron-LM's own path (the dataset's dense document mask, local attention);
+        CP=2 with ``--seqpar-method`` and ``--no-create-attention-mask-in-dataloader`` packs
+        each micro-batch into a THD stream in the patched ``get_batch`` (cu_seqlens, no dense
+        mask). Both use ``--calculate-per-token-loss`` (otherwise Megatron divides each CP
+        rank's loss by its own token count, and pads and EOD masks make those differ), and
+        log the same losses and grad norms (tolerance as above)."""
+        ref = loop.run("gpt-docs", 1, extra=DOC_FLAGS)
+        run = loop.run("gpt-docs", 2, method,
+                       extra=(*DOC_FLAGS, "--no-create-attention-mask-in-dataloader"))
+        worst = max(abs(run.lm[i] - ref.lm[i]) for i in ref.lm)
+        print(f"documents {method}: lm loss CP=1 {ref.lm[1]} -> {ref.lm[ITERS]}, CP=2 "
+              f"{run.lm[1]} -> {run.lm[ITERS]}, max |diff| {worst:.1e}")
+        _assert_same_losses(run, ref, range(1, ITERS + 1))
+        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        plain = loop.run("gpt-docs", 1, extra=("--calculate-per-token-loss",))
+        with pytest.raises(LossMismatch):  # the document mask really changes the run
+            _assert_same_losses(plain, ref, range(1, ITERS + 1))

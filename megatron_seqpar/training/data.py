@@ -277,7 +277,8 @@ def pack_documents(batch: dict[str, torch.Tensor], *, eod: int = EOD,
     a multiple of ``unit``; it varies with the data by at most ``unit-1`` per piece. Adds
     ``cu_seqlens`` (cumulative real lengths), ``cu_seqlens_padded`` (piece boundaries in the
     stream), both int32, and ``max_seqlen`` (the longest padded piece, a 1-element tensor),
-    megatron-core's ``PackedSeqParams`` convention. Causal attention inside each piece never
+    megatron-core's ``PackedSeqParams`` convention (on the host; the stream tensors stay on
+    ``batch``'s device). Causal attention inside each piece never
     lets a real token see a pad (pads come last), so the packed step equals Megatron's
     dense-mask step exactly."""
     tokens = batch["tokens"]
@@ -287,11 +288,12 @@ def pack_documents(batch: dict[str, torch.Tensor], *, eod: int = EOD,
     cu_real, cu_pad = torch.cat([zero, lengths.cumsum(0)]), torch.cat([zero, padded.cumsum(0)])
     piece = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
     where = cu_pad[:-1][piece] + torch.arange(tokens.numel()) - cu_real[:-1][piece]
+    where = where.to(tokens.device)
     total = int(cu_pad[-1])
     out = {}
     for key in ("tokens", "labels", "loss_mask", "position_ids"):
         x = batch[key]
-        stream = torch.zeros(1, total, dtype=x.dtype)
+        stream = torch.zeros(1, total, dtype=x.dtype, device=x.device)
         stream[0, where] = x.reshape(-1)
         out[key] = stream
     out["cu_seqlens"] = cu_real.to(torch.int32)
