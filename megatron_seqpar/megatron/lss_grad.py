@@ -22,6 +22,15 @@ positions, so before level 1 its gradient of such a table is nonzero only on tho
     ``assemble_owned_rows`` for the moments) before saving or changing P -- what our driver
     does; on Megatron-LM's route only with ``--clip-grad 0`` and without resuming.
 
+Two levels (``--hierarchical-context-parallel-sizes U R``): nothing changes here. The head
+all-to-all lives inside attention; every other layer, the embeddings and the loss still see
+this rank's shard of the P-rank zigzag layout, so the sequence group of level 1 is still the
+whole CP group (all P ranks hold segments of the same sequences and replicas of every
+parameter), and position-embedding rows are still owned by zigzag position. Megatron's
+hierarchical CP groups are not used for gradients. Tested exact at CP=4 = U2 x R2
+(``tests/test_megatron_two_level.py``: ``lss_ddp`` + ``lss_finalize_model_grads``, the
+installed route, and the owned rows).
+
 How it sits on Megatron:
   * ``lss_ddp(config, ddp_config, module)`` is a stock ``DistributedDataParallel`` built with a
     ``ProcessGroupCollection`` whose ``dp_cp`` is the pure DP group, so DDP's own bucket
