@@ -135,7 +135,8 @@ def packed_attention_args(params, local_len: int, cp_rank: int, cp_size: int):
     lengths longer than the padded ones, boundaries that do not cover the ``CP * local_len``
     tokens or (under CP) padded lengths that are not multiples of ``2*CP``, and a
     ``max_seqlen_q``/``max_seqlen_kv`` below the longest padded sequence (RoPE's table would
-    not cover it).
+    not cover it). Reads the boundaries on the host (a device sync per tensor for CUDA
+    tensors; a kv tensor that IS the q tensor is not read twice), once per layer call.
     """
     fmt = getattr(params, "qkv_format", None)
     if fmt != "thd":
@@ -148,9 +149,12 @@ def packed_attention_args(params, local_len: int, cp_rank: int, cp_size: int):
     real = _host_ints(params.cu_seqlens_q, "cu_seqlens_q")
     padded = real if params.cu_seqlens_q_padded is None else \
         _host_ints(params.cu_seqlens_q_padded, "cu_seqlens_q_padded")
-    for name, q_val, kv in (("cu_seqlens_kv", real, params.cu_seqlens_kv),
-                            ("cu_seqlens_kv_padded", padded, params.cu_seqlens_kv_padded)):
-        if kv is not None and _host_ints(kv, name) != q_val:
+    for name, q_val, q_t, kv in (
+            ("cu_seqlens_kv", real, params.cu_seqlens_q, params.cu_seqlens_kv),
+            ("cu_seqlens_kv_padded", padded, params.cu_seqlens_q_padded,
+             params.cu_seqlens_kv_padded)):
+        # the same tensor (get_thd_batch_on_this_cp_rank's case) needs no second host read
+        if kv is not None and kv is not q_t and _host_ints(kv, name) != q_val:
             raise ValueError(f"{name} differs from its query twin: self attention over packed "
                              "sequences needs the same boundaries for q and kv; pass the same "
                              "tensor for both (as get_thd_batch_on_this_cp_rank does)")
