@@ -7,6 +7,8 @@ Importing this subpackage imports megatron-core (``import megatron_seqpar`` alon
 - ``lss_grad``: LSS double gradient averaging on megatron-core DDP grad buffers.
 - ``checkpointing``: rematerialization-aware checkpointing (attention out + lse kept).
 - ``bert.SeqParBertModel``: BertModel with global zigzag positions under CP.
+- ``thd``: packed THD batches under CP without Transformer Engine (partitioned indices,
+  ``get_thd_batch_on_this_cp_rank``).
 - Layer specs: ``megatron_seqpar.specs``.
 """
 
