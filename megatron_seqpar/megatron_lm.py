@@ -214,6 +214,9 @@ def seqpar_conflicts(args, *, model: str = "gpt") -> list[str]:
              f"--reset-attention-mask with --seqpar-method {method}: the documents reach "
              "attention as cu_seqlens (a packed THD stream), so pass "
              "--no-create-attention-mask-in-dataloader (no dense S x S mask is needed)")
+        need(method != "lss" or g("seqpar_lss_assemble_position_grads", None) is not False,
+             "--no-seqpar-lss-assemble-position-grads owns position rows per CP segment, but "
+             "packed documents put other positions in a segment; drop it")
         need(not g("sequence_parallel", False), "--reset-attention-mask with --seqpar-method "
              "and --sequence-parallel is not supported yet; drop --sequence-parallel")
         need(g("pipeline_model_parallel_size", 1) == 1,

@@ -130,6 +130,9 @@ class TestSeqparFlags:
         ({"reset_attention_mask": True}, "--no-create-attention-mask-in-dataloader"),
         ({"reset_attention_mask": True, "create_attention_mask_in_dataloader": False,
           "pipeline_model_parallel_size": 2}, "--pipeline-model-parallel-size 1"),
+        ({"seqpar_method": "lss", "reset_attention_mask": True,
+          "create_attention_mask_in_dataloader": False,
+          "seqpar_lss_assemble_position_grads": False}, "assemble-position-grads"),
         ({"use_legacy_models": True}, "--use-legacy-models"),
     ])
     def test_conflicts_name_the_fix(self, over, match):

@@ -237,6 +237,8 @@ def test_log_records_packed_tokens(cp1):
      "needs --reset-attention-mask"),
     (["--seqpar-method", "rsa", "--reset-attention-mask", "--context-parallel-size", "2",
       "--document-pad-multiple", "6"], "gpt", "multiple of 2\\*CP = 4"),
+    (["--seqpar-method", "lss", "--reset-position-ids", "--context-parallel-size", "2",
+      "--no-seqpar-lss-assemble-position-grads"], "gpt", "drop --no-seqpar-lss-assemble"),
 ])
 def test_bad_document_flags(argv, model, match):
     world = 2 if "--context-parallel-size" in argv else 1

@@ -281,6 +281,11 @@ def _validate_documents(c: TrainConfig, need) -> None:
              == 0),
          f"--document-pad-multiple {c.document_pad_multiple} is not a positive multiple of "
          f"2*CP = {2 * cp} (zigzag cuts every document in 2*CP chunks)")
+    need(not (c.seqpar_method == "lss" and (c.reset_attention_mask or c.reset_position_ids)
+              and dict(c.seqpar_options).get("assemble_position_grads") is False),
+         "--no-seqpar-lss-assemble-position-grads owns position rows per CP segment, but with "
+         "--reset-attention-mask / --reset-position-ids a segment's positions are not its "
+         "own rows; drop --no-seqpar-lss-assemble-position-grads")
     need(not (c.reset_attention_mask and c.sequence_parallel),
          "--reset-attention-mask with --sequence-parallel: the packed stream's length varies "
          "by step and need not divide by TP; drop --sequence-parallel")
