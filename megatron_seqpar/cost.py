@@ -34,7 +34,7 @@ all-to-all of ``megatron_seqpar.headpar`` (Q, K, V in and O out in the forward, 
 dK, dV out in the backward, over ``U`` ranks; K/V heads repeated to ``kv_heads(hq, hkv, U)``),
 and the outer level is the method on ``U·s`` tokens, ``hq/U`` query heads and ``h'/U`` K/V
 heads over ``R = P/U`` ranks (``AttentionCost.outer``). ``AttentionCost.inner_sent`` holds the
-inner bytes, ``sent`` both levels; memory adds the all-to-all buffers (``_two_level_extra``).
+inner bytes, ``sent`` both levels; memory adds the all-to-all buffers (``_two_level_act``).
 """
 
 from __future__ import annotations
@@ -487,14 +487,20 @@ def inner_bytes(sh: AttnShape) -> tuple[int, int]:
     return a2a(qkv * e) + a2a(o * e), a2a(o * e) + a2a(qkv * a)
 
 
-def _two_level_extra(sh: AttnShape) -> int:
-    """Memory the head all-to-alls add to the outer method's working set: the method's inputs
-    are the received ``[Q, K, V]`` buffer (kept for the backward, input dtype) and its incoming
-    gradient the received dO (input dtype); the output's and the gradients' all-to-alls hold a
-    send and a receive buffer of their own (the larger: ``[dQ, dK, dV]``, accumulation dtype)."""
-    U = sh.head_parallel
+def _two_level_act(sh: AttnShape, outer_act: int) -> int:
+    """Working set of one two-level call. The method's inputs are the received ``[Q, K', V']``
+    buffer (kept for the backward, input dtype), its incoming gradient the received dO, and
+    the caller's output a new tensor (input dtype), all beside the outer method's own working
+    set; LightSeq also sends dense copies of its (strided) K'/V' views. At the end of the
+    backward the method's ``[dQ, dK', dV']`` (accumulation dtype) exist four times: the
+    method's, the all-to-all's send and receive buffers and the regrouped copies, beside the
+    saved inputs, output, lse and dO. Measured (CPU, fp32, P=4): see docs/two_level.md."""
+    U, e, a = sh.head_parallel, sh.e, sh.acc
     qkv = sh.b * sh.s * (sh.hq + 2 * kv_heads(sh.hq, sh.hkv, U)) * sh.D
-    return qkv * sh.e + sh.q_bytes + 2 * qkv * sh.acc
+    Q = sh.q_bytes
+    during = outer_act + qkv * e + 2 * Q
+    end = qkv * e + 2 * Q + Q * a // e + sh.lse_acc + 4 * qkv * a
+    return max(during, end)
 
 
 def two_level_cost(method: str, sh: AttnShape) -> AttentionCost:
@@ -507,10 +513,9 @@ def two_level_cost(method: str, sh: AttnShape) -> AttentionCost:
     fwd, bwd = inner_bytes(sh)
     j = [c // U for c in range(sh.P)]
     pick = lambda xs, add=0: tuple(xs[i] + add for i in j)  # noqa: E731
-    extra = _two_level_extra(sh)
+    act = tuple(_two_level_act(sh, out.act_bytes[i]) for i in j)
     return AttentionCost(method, sh, pick(out.sent_fwd, fwd), pick(out.sent_bwd, bwd),
-                         pick(out.recv_fwd, fwd), pick(out.recv_bwd, bwd),
-                         pick(out.act_bytes, extra), pick(out.pairs),
+                         pick(out.recv_fwd, fwd), pick(out.recv_bwd, bwd), act, pick(out.pairs),
                          inner_sent=(fwd + bwd,) * sh.P, inner_recv=(fwd + bwd,) * sh.P,
                          outer=out)
 

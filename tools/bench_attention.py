@@ -409,6 +409,8 @@ def main(argv=None) -> None:
     p.add_argument("--packed-docs", type=int, default=0,
                    help="also run each of our variants on a packed stream of N documents")
     p.add_argument("--packed-seed", type=int, default=0)
+    p.add_argument("--only", nargs="*", default=None,
+                   help="keep only these variant labels (e.g. lightseq/zigzag nosp/1thr)")
     p.add_argument("--head-parallel", type=int, nargs="+", default=[1],
                    help="two levels: run our variants at each U (dividing --ranks and heads)")
     p.add_argument("--out", default="runs/bench_attention")
@@ -427,8 +429,10 @@ def main(argv=None) -> None:
     bad = [U for U in a.head_parallel if a.ranks % U or a.heads % U]
     if bad:
         p.error(f"--head-parallel {bad} must divide --ranks {a.ranks} and --heads {a.heads}")
-    variants = two_level_variants(default_variants(a.methods, peers), a.packed_docs,
-                                  a.head_parallel)
+    base = default_variants(a.methods, peers)
+    if a.only is not None:
+        base = [v for v in base if v.label in a.only]
+    variants = two_level_variants(base, a.packed_docs, a.head_parallel)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
