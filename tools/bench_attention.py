@@ -214,8 +214,12 @@ def _run_variant(rank, world, v: Variant, S: int, a, full) -> dict:
     res.update(peak_bytes=m.peak_bytes, sent_bytes=m.sent_bytes, recv_bytes=m.recv_bytes,
                rss_peak_bytes=m.rss_peak_bytes, calls=m.calls,
                profiled_time_s=time.perf_counter() - t0)
+    c0 = time.process_time()
     res["time_s"] = (time_call(step, repeats=a.repeats, warmup=0, barrier=barrier)
                      if a.repeats else res["profiled_time_s"])
+    # CPU seconds of this process per call (every thread): on a shared machine the wall time
+    # follows the other jobs' load, the CPU time far less (barrier waits add a little)
+    res["cpu_s"] = (time.process_time() - c0) / max(1, a.repeats)
     if single:
         torch.set_num_threads(1)
         dist.barrier()
@@ -267,6 +271,8 @@ def collect(rows: list[dict], world: int) -> list[dict]:
         ranks = [rec["ranks"][i] for i in sorted(rec["ranks"]) if "time_s" in rec["ranks"][i]]
         if ranks:
             rec["time_s"] = max(x["time_s"] for x in ranks)
+            if all("cpu_s" in x for x in ranks):
+                rec["cpu_s"] = max(x["cpu_s"] for x in ranks)
             rec["peak_bytes"] = [x["peak_bytes"] for x in ranks]
             rec["sent_bytes"] = [x["sent_bytes"] for x in ranks]
             rec["recv_bytes"] = [x["recv_bytes"] for x in ranks]
@@ -288,7 +294,7 @@ def ratios(records: list[dict]) -> list[dict]:
         if "time_s" not in r:
             continue
         S = r["S"]
-        row = {"S": S, "label": r["label"], "time_s": r["time_s"],
+        row = {"S": S, "label": r["label"], "time_s": r["time_s"], "cpu_s": r.get("cpu_s"),
                "peak_mb": max(r["peak_bytes"]) / 2**20,
                "sent_mb": max(r["sent_bytes"]) / 2**20}
         base = by.get((S, "nosp/1thr"))
@@ -323,7 +329,9 @@ def compare(records: list[dict]) -> list[dict]:
             pairs = lambda rec: max(rec["model"].get("flops", [0]))  # noqa: E731
             t = r["time_s"] / u["time_s"]
             pred = r["model"].get("flop_ratio")
+            cpu = r["cpu_s"] / u["cpu_s"] if "cpu_s" in r and "cpu_s" in u else None
             rows.append({"S": S, "label": label, "vs": "unpacked", "time_ratio": t,
+                         "cpu_ratio": cpu, "cpu/pred": cpu / pred if cpu and pred else None,
                          "flop_pred": pred, "busiest_pred": pairs(r) / max(1, pairs(u)),
                          "t/pred": t / pred if pred else None,
                          "mem_ratio": max(r["peak_bytes"]) / max(1, max(u["peak_bytes"])),
@@ -332,7 +340,9 @@ def compare(records: list[dict]) -> list[dict]:
         if "/U" in label and (S, base) in by:
             u = by[(S, base)]
             rows.append({"S": S, "label": label, "vs": base, "time_ratio":
-                         r["time_s"] / u["time_s"], "mem_ratio":
+                         r["time_s"] / u["time_s"],
+                         "cpu_ratio": r["cpu_s"] / u["cpu_s"] if "cpu_s" in r and "cpu_s" in u
+                         else None, "mem_ratio":
                          max(r["peak_bytes"]) / max(1, max(u["peak_bytes"])),
                          "bytes==model": r.get("traffic_sent") == r["model"].get("sent")})
     return rows
@@ -341,8 +351,8 @@ def compare(records: list[dict]) -> list[dict]:
 def print_compare(rows: list[dict]) -> None:
     if not rows:
         return
-    cols = ["S", "label", "vs", "time_ratio", "flop_pred", "busiest_pred", "t/pred", "mem_ratio",
-            "bytes==model"]
+    cols = ["S", "label", "vs", "time_ratio", "cpu_ratio", "flop_pred", "busiest_pred", "t/pred",
+            "cpu/pred", "mem_ratio", "bytes==model"]
     print("\n" + " ".join(f"{c:>22}" if c in ("label", "vs") else f"{c:>12}" for c in cols))
     for r in rows:
         cells = []
@@ -354,8 +364,8 @@ def print_compare(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["S", "label", "time_s", "x_ideal", "t/ulysses", "t/ring", "peak_mb", "mem/ring",
-            "mem/nosp/1thr", "sent_mb", "bytes/model", "bytes==model", "inner==model",
+    cols = ["S", "label", "time_s", "cpu_s", "x_ideal", "t/ulysses", "t/ring", "peak_mb",
+            "mem/ring", "mem/nosp/1thr", "sent_mb", "bytes/model", "bytes==model", "inner==model",
             "mem/model"]
     print(" ".join(f"{c:>24}" if c == "label" else f"{c:>13}" for c in cols))
     for r in rows:
