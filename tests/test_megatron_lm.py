@@ -63,12 +63,15 @@ def megatron_like(**over):
 
 class TestSeqparFlags:
     def test_every_options_field_has_a_flag(self):
+        from megatron_seqpar.api import BaseOptions
+
         flags = {flag for flag, *_ in mlm.option_flags()}
-        assert "--seqpar-backend" in flags
-        for m in msp.METHODS:
+        shared = {f.name for f in dataclasses.fields(BaseOptions)}
+        assert {"--seqpar-backend", "--seqpar-head-parallel"} <= flags
+        for m in msp.METHODS:  # fields every method shares have one flag, the others one each
             for f in dataclasses.fields(msp.method_options(m)):
-                if f.name != "backend":
-                    assert f"--seqpar-{m}-{f.name.replace('_', '-')}" in flags
+                name = f.name.replace('_', '-')
+                assert (f"--seqpar-{name}" if f.name in shared else f"--seqpar-{m}-{name}") in flags
 
     def test_defaults_are_the_dataclass_defaults(self):
         for m in msp.METHODS:
