@@ -206,8 +206,10 @@ def seqpar_conflicts(args, *, model: str = "gpt") -> list[str]:
              f"--hierarchical-context-parallel-sizes {' '.join(map(str, hcp))}; give one")
     need(not g("hybrid_context_parallel", False),
          "--hybrid-context-parallel (packed THD batches) is not supported; drop it")
-    need(not g("sft", False), "--sft feeds packed THD sequences (cu_seqlens), which the "
-         "sequence-parallel methods do not support; pretrain without --sft")
+    need(not g("sft", False), "--sft feeds packed THD sequences through Megatron-LM's SFT "
+         "batch path (Transformer Engine's partitioning), which the patched scripts do not "
+         "route to megatron_seqpar.megatron.thd yet; pretrain without --sft (packed documents: "
+         "--reset-attention-mask)")
     if g("reset_attention_mask", False):  # documents reach attention as cu_seqlens (THD)
         need(model == "gpt", "--reset-attention-mask is a GPT flag; drop it")
         need(not g("create_attention_mask_in_dataloader", True),
