@@ -79,9 +79,37 @@ def pick_micro_chunks(*, s: int, world_size: int, row_bytes: int, budget_bytes: 
     return s
 
 
-def _chunk_runs(setup, j, s, c, i):
-    """Runs of micro-chunk ``i`` of rank ``j``'s queries, numbered from 0."""
-    return slice_runs(setup.runs(j, s), i * c, (i + 1) * c)
+def _pieces(setup, j, s, m, i):
+    """Local row ranges ``(start, length)`` of rank ``j``'s micro-step ``i`` (``s/m`` rows).
+
+    Balanced cut: when every run of every rank divides by ``m``, each run gives one piece of
+    ``length/m`` rows: piece ``i`` of a run in the first half of its sequence, piece
+    ``m-1-i`` of a run in the second half. The zigzag layout holds mirrored chunks
+    (``p -> S - p``), so a query at ``p`` and its mirror together see exactly the rank's key
+    count whatever ``p`` is: every micro-step then costs every rank the same causal work, and
+    no rank waits at the step's collectives. Otherwise rows ``[i·s/m, (i+1)·s/m)``.
+    """
+    P = setup.world_size
+    runs = [setup.runs(x, s) for x in range(P)]
+    if any(r.length % m for rr in runs for r in rr):
+        return ((i * (s // m), s // m),)
+    cu = setup.cu_seqlens
+    out = []
+    for r in runs[j]:
+        mid2 = (cu[r.doc] + cu[r.doc + 1]) if cu is not None else s * P  # twice the middle
+        e = r.length // m
+        late = 2 * r.start + r.length > mid2
+        out.append((r.local + (m - 1 - i if late else i) * e, e))
+    return tuple(out)
+
+
+def _piece_runs(setup, j, s, pieces):
+    """Runs of rank ``j``'s micro-step rows (the pieces one after another), from 0."""
+    runs, out, off = setup.runs(j, s), [], 0
+    for a, n in pieces:
+        out += slice_runs(runs, a, a + n, offset=off)
+        off += n
+    return tuple(out)
 
 
 def _micro_steps(setup, q, kpm_all):
@@ -94,22 +122,28 @@ def _micro_steps(setup, q, kpm_all):
 
 
 def mqsp_forward(setup, q, k, v, kpm_all):
-    """Per micro-step, rank j's gathered queries attend the local K/V straight into slot j of
-    the reduce-scatter buffer ``[P, b, c, h, D]`` (no rearranging copies)."""
+    """Per micro-step, this rank's pieces are written into its slot of the gather buffer,
+    rank j's gathered queries attend the local K/V straight into slot j of the reduce-scatter
+    buffer ``[P, b, c, h, D]`` (no rearranging copies)."""
     comm, r, s, P = setup.comm(), setup.rank, q.size(2), setup.world_size
-    b, hq, _, _ = q.shape
+    b, hq, _, d = q.shape
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
     kw = dict(scale=setup.scale, causal=setup.causal, kpm=kpm, backend=setup.options.backend)
     out = zeros_public((b, hq, s, v.size(-1)), cd, q.device)
     lse = torch.empty(b, hq, s, dtype=cd, device=q.device)
+    qp, outp = public(q), out.transpose(1, 2)
+    k_runs = setup.runs(r, s)
     for i in range(m):
-        rows = slice(i * c, (i + 1) * c)
-        gq = comm.all_gather(public(q)[:, rows])  # [P, b, c, hq, D]
+        mine = _pieces(setup, r, s, m, i)
+        gq = torch.empty(P, b, c, hq, d, dtype=q.dtype, device=q.device)
+        for off, (a, n) in _offsets(mine):
+            gq[r, :, off:off + n].copy_(qp[:, a:a + n])
+        comm.all_gather_inplace(gq)
         o = torch.zeros(P, b, c, hq, v.size(-1), dtype=cd, device=q.device)
         lo = torch.full((P, b, hq, c), float("-inf"), dtype=cd, device=q.device)
         for j in range(P):
-            attend(to_bhsd(gq[j]), _chunk_runs(setup, j, s, c, i), k, v, setup.runs(r, s),
-                   out=to_bhsd(o[j]), lse=lo[j], **kw)
+            attend(to_bhsd(gq[j]), _piece_runs(setup, j, s, _pieces(setup, j, s, m, i)), k, v,
+                   k_runs, out=to_bhsd(o[j]), lse=lo[j], **kw)
         del gq
         # distributed softmax: every rank holds a column block of the same P·c rows
         top = comm.all_reduce_(lo.clone(), dist.ReduceOp.MAX)
@@ -118,38 +152,57 @@ def mqsp_forward(setup, q, k, v, kpm_all):
         # global lse; -inf where no rank sees a key
         o.mul_(torch.exp(lo - glse.masked_fill(torch.isinf(glse), 0.0)).transpose(2, 3)
                .unsqueeze(-1))
-        out[:, :, rows] = to_bhsd(comm.reduce_scatter(o))
-        lse[:, :, rows] = glse[r]
+        mo = comm.reduce_scatter(o)
+        for off, (a, n) in _offsets(mine):
+            outp[:, a:a + n] = mo[:, off:off + n]
+            lse[:, :, a:a + n] = glse[r, :, :, off:off + n]
     if setup.traffic:
         setup.traffic.add_block_steps(m)
     return out, lse, ()
 
 
+def _offsets(pieces):
+    """``(offset in the micro-step buffer, (start, length))`` of each piece."""
+    off, out = 0, []
+    for a, n in pieces:
+        out.append((off, (a, n)))
+        off += n
+    return out
+
+
 def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
-    """Per micro-step, ONE all-gather of the packed ``[Q; dO; O]`` chunk and lse; rank j's rows
-    are used as views of it, their dQ partials go straight into slot j of the reduce-scatter
-    buffer, dK/dV accumulate locally."""
+    """Per micro-step, ONE all-gather of the packed ``[Q; dO; O]`` pieces and lse, written
+    straight into this rank's slot; rank j's rows are used as views of it, their dQ partials
+    go straight into slot j of the reduce-scatter buffer, dK/dV accumulate locally."""
     comm, r, s, P = setup.comm(), setup.rank, q.size(2), setup.world_size
     b, hq, _, d = q.shape
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
     kw = dict(scale=setup.scale, causal=setup.causal, kpm=kpm, backend=setup.options.backend)
     dq = zeros_public(q, cd)
     dk, dv = zeros_public(k, cd), zeros_public(v, cd)
+    dqp_pub = dq.transpose(1, 2)
+    src = [public(x) for x in (q, dout, out)]
+    k_runs = setup.runs(r, s)
     n = 3 * b * c * hq * d
     for i in range(m):
-        rows = slice(i * c, (i + 1) * c)
-        packed = torch.cat([
-            torch.stack([public(x)[:, rows] for x in (q, dout, out)]).to(cd).flatten(),
-            lse[:, :, rows].flatten()])
-        g = comm.all_gather(packed)  # [P, 3·b·c·hq·D + b·hq·c], one collective
-        del packed
+        mine = _pieces(setup, r, s, m, i)
+        g = torch.empty(P, n + b * hq * c, dtype=cd, device=q.device)
+        slot, slot_lse = g[r, :n].view(3, b, c, hq, d), g[r, n:].view(b, hq, c)
+        for off, (a, ln) in _offsets(mine):
+            for t, x in enumerate(src):
+                slot[t, :, off:off + ln].copy_(x[:, a:a + ln])
+            slot_lse[:, :, off:off + ln].copy_(lse[:, :, a:a + ln])
+        comm.all_gather_inplace(g)  # [P, 3·b·c·hq·D + b·hq·c], one collective
         dqp = torch.zeros(P, b, c, hq, d, dtype=cd, device=q.device)
         for j in range(P):
             gq, gdo, gout = (to_bhsd(x).to(q.dtype) for x in g[j, :n].view(3, b, c, hq, d))
-            attend_backward(gdo, gq, _chunk_runs(setup, j, s, c, i), k, v, setup.runs(r, s),
-                            gout, g[j, n:].view(b, hq, c), dq=to_bhsd(dqp[j]), dk=dk, dv=dv, **kw)
+            attend_backward(gdo, gq, _piece_runs(setup, j, s, _pieces(setup, j, s, m, i)), k, v,
+                            k_runs, gout, g[j, n:].view(b, hq, c), dq=to_bhsd(dqp[j]), dk=dk,
+                            dv=dv, **kw)
         del g, gq, gdo, gout  # the views too: they keep the gathered buffer alive
-        dq[:, :, rows] = to_bhsd(comm.reduce_scatter(dqp))
+        mdq = comm.reduce_scatter(dqp)
+        for off, (a, ln) in _offsets(mine):
+            dqp_pub[:, a:a + ln] = mdq[:, off:off + ln]
     return dq, dk, dv
 
 

@@ -27,8 +27,7 @@ import torch
 
 from megatron_seqpar.api import BaseOptions
 from megatron_seqpar.common import run_method
-from megatron_seqpar.kernels import acc_dtype
-from megatron_seqpar.layouts import documents, positions
+from megatron_seqpar.kernels import _block_mask, acc_dtype, plan_blocks
 
 
 @dataclass(frozen=True)
@@ -71,76 +70,142 @@ def _ring(comm, own: torch.Tensor, visit):
     return total
 
 
-def _mask(setup, s, kpm_all, device):
-    """``[b|1, 1, 1, s, S]`` bool, True = masked (later positions when causal, other packed
-    sequences, padded keys), columns in rank order."""
+def _blocks(setup, s):
+    """Per source rank ``j``: the ``(rows, columns within j's chunk, kind)`` blocks of this
+    rank's score rows that some query needs; the rest of the rows are never computed nor read
+    (fully masked: later positions, other packed sequences). A diagonal block is cut into
+    row tiles of at least 256 rows (eight per block at most): a tile sees the keys before it
+    in full and its own square causally, so about half of each diagonal is skipped too."""
     q_runs = setup.runs(setup.rank, s)
-    k_runs = [setup.runs(j, s) for j in range(setup.world_size)]
-    qp, kp = positions(q_runs, device), torch.cat([positions(r, device) for r in k_runs])
-    mask = (kp[None, :] > qp[:, None]) if setup.causal else torch.zeros(
-        len(qp), len(kp), dtype=torch.bool, device=device)
-    if setup.cu_seqlens is not None:  # packed: a query sees only its own sequence's keys
-        qd, kd = documents(q_runs, device), torch.cat([documents(r, device) for r in k_runs])
-        mask |= kd[None, :] != qd[:, None]
-    mask = mask.view(1, 1, 1, len(qp), len(kp))
-    if kpm_all is not None:
-        pad = kpm_all.permute(1, 0, 2).reshape(kpm_all.size(1), 1, 1, 1, -1)
-        mask = mask | pad
-    return mask
+    out = []
+    for j in range(setup.world_size):
+        blocks = []
+        for blk in plan_blocks(q_runs, setup.runs(j, s), setup.causal):
+            n = blk.q.stop - blk.q.start
+            if blk.kind != "causal" or n <= 256:
+                blocks.append(blk)
+                continue
+            t = max(256, -(-n // 8))
+            for a in range(0, n, t):
+                rows = slice(blk.q.start + a, blk.q.start + min(n, a + t))
+                k0 = blk.k.start + a
+                if a:
+                    blocks.append(blk._replace(q=rows, k=slice(blk.k.start, k0), kind="full"))
+                blocks.append(blk._replace(q=rows, k=slice(k0, k0 + rows.stop - rows.start)))
+        out.append(blocks)
+    return out
+
+
+def _mask_(dst, blk, kpm, device):
+    """Masked scores of a block to -inf: its causal triangle, offset triangle, key padding."""
+    causal, mask = _block_mask(blk, kpm, device)  # [b|1, 1, sq|1, sk] or None
+    if causal:
+        n = blk.q.stop - blk.q.start
+        tri = torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+        mask = tri if mask is None else mask | tri
+    if mask is not None:
+        dst.masked_fill_(mask.unsqueeze(1) if mask.dim() == 4 else mask, float("-inf"))
+
+
+def _row_tiles(blk, cols: int, row_elems: int, budget: int):
+    """Row slices of ``blk`` whose ``rows x cols`` temporaries hold at most ``budget``
+    elements (at least one row each)."""
+    step = max(1, budget // max(1, row_elems * cols))
+    return [slice(a, min(blk.q.stop, a + step)) for a in range(blk.q.start, blk.q.stop, step)]
 
 
 def rsa_forward(setup, q, k, v, kpm_all):
-    comm, s = setup.comm(), q.size(2)
+    """K ring: the needed blocks of the score rows, in place, and the row max; then the V
+    ring: each block exponentiated in place (``exp(score - max)``, the rows' unnormalised
+    softmax), summed, and multiplied with ``V_j``. The row sums divide the output once."""
+    comm, s, P = setup.comm(), q.size(2), setup.world_size
     b, hq, _, d = q.shape
     hkv = k.size(1)
     cd = acc_dtype(q.dtype)
-    qg = q.to(cd).reshape(b, hkv, hq // hkv, s, d)
-    probs = torch.empty(b, hkv, hq // hkv, s, setup.world_size * s, dtype=cd, device=q.device)
+    plans = _blocks(setup, s)
+    qs = (q.to(cd) * setup.scale).reshape(b, hkv, hq // hkv, s, d)
+    probs = torch.empty(b, hkv, hq // hkv, s, P * s, dtype=cd, device=q.device)
+    rmax = torch.full((b, hkv, hq // hkv, s, 1), float("-inf"), dtype=cd, device=q.device)
 
     def scores(j, k_j):
-        probs[..., j * s:(j + 1) * s] = torch.matmul(qg, k_j.to(cd).unsqueeze(2).transpose(-1, -2))
+        kt = k_j.to(cd).unsqueeze(2).transpose(-1, -2)
+        kpm = None if kpm_all is None else kpm_all[j]
+        for blk in plans[j]:
+            dst = probs[..., blk.q, j * s + blk.k.start:j * s + blk.k.stop]
+            torch.matmul(qs[..., blk.q, :], kt[..., blk.k], out=dst)
+            _mask_(dst, blk, kpm, q.device)
+            m = rmax[..., blk.q, :]
+            torch.maximum(m, dst.amax(-1, keepdim=True), out=m)
 
     _ring(comm, k, scores)
-    probs.mul_(setup.scale).masked_fill_(_mask(setup, s, kpm_all, q.device), float("-inf"))
-    lse = torch.logsumexp(probs, dim=-1)
-    probs.sub_(lse.masked_fill(torch.isinf(lse), 0.0).unsqueeze(-1)).exp_()
+    rmax.masked_fill_(torch.isinf(rmax), 0.0)  # rows without a key: all their scores are -inf
     out = torch.zeros(b, hkv, hq // hkv, s, d, dtype=cd, device=q.device)
+    total = torch.zeros_like(rmax)
 
     def context(j, v_j):
-        out.add_(torch.matmul(probs[..., j * s:(j + 1) * s], v_j.to(cd).unsqueeze(2)))
+        vj = v_j.to(cd).unsqueeze(2)
+        for blk in plans[j]:
+            p = probs[..., blk.q, j * s + blk.k.start:j * s + blk.k.stop]
+            p.sub_(rmax[..., blk.q, :]).exp_()
+            total[..., blk.q, :] += p.sum(-1, keepdim=True)
+            out[..., blk.q, :] += torch.matmul(p, vj[..., blk.k, :])
 
     _ring(comm, v, context)
+    inv = torch.where(total > 0, 1.0 / total, 0.0)
+    out.mul_(inv)
+    lse = torch.where(total > 0, total.log() + rmax, float("-inf"))
     if setup.traffic:
         setup.traffic.add_block_steps(setup.world_size)
-    return out.view(b, hq, s, d), lse.view(b, hq, s), (probs,)
+    return out.view(b, hq, s, d), lse.view(b, hq, s), (probs, inv)
 
 
-def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs):
+def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, inv):
+    """V ring: ``dV_j = Pᵀ·dO`` and ``dS = P∘(dO·V_jᵀ - δ)`` over the needed blocks, written
+    over the probabilities (row tiles bound the ``dO·V_jᵀ`` temporary); K ring: ``dQ`` and
+    the ``dK_j`` partials. ``P`` is held unnormalised: the row factors ``1/sum`` go on dO,
+    Q and dQ (``[s, D]`` tensors) instead of a pass over the rows."""
     comm, s = setup.comm(), q.size(2)
     b, hq, _, d = q.shape
     hkv = k.size(1)
     cd = probs.dtype
+    plans = _blocks(setup, s)
     do = dout.to(cd).reshape(b, hkv, hq // hkv, s, d)
     delta = (do * out.to(cd).reshape_as(do)).sum(-1, keepdim=True)  # = rowsum(dP∘P)
-    qg = q.to(cd).reshape_as(do)
+    dos = do * inv
+    budget = b * hq * s * max(s // 8, 1)  # dO·V_jᵀ tile: 1/(8P) of the score rows (>= 1 row)
+    tmp = [torch.empty(budget, dtype=cd, device=q.device)]
 
     def grad_v(j, v_j):  # dV_j partial; dS_j overwrites P_j (P_j is not needed afterwards)
-        p = probs[..., j * s:(j + 1) * s]
-        dv_j = torch.matmul(p.transpose(-1, -2), do).sum(2)
-        dp = torch.matmul(do, v_j.to(cd).unsqueeze(2).transpose(-1, -2))
-        p.mul_(dp.sub_(delta)).mul_(setup.scale)
+        vt = v_j.to(cd).unsqueeze(2).transpose(-1, -2)
+        dv_j = torch.zeros(b, hkv, s, d, dtype=cd, device=q.device)
+        for blk in plans[j]:
+            cols = slice(j * s + blk.k.start, j * s + blk.k.stop)
+            p = probs[..., blk.q, cols]
+            dv_j[..., blk.k, :] += torch.matmul(p.transpose(-1, -2), dos[..., blk.q, :]).sum(2)
+            n = blk.k.stop - blk.k.start
+            for rows in _row_tiles(blk, n, b * hq, budget):
+                dp = tmp[0][:b * hq * (rows.stop - rows.start) * n].view(
+                    b, hkv, hq // hkv, rows.stop - rows.start, n)
+                torch.matmul(do[..., rows, :], vt[..., blk.k], out=dp)
+                probs[..., rows, cols].mul_(dp.sub_(delta[..., rows, :]))
         return dv_j
 
     dv = _ring(comm, v, grad_v)
-    dq = torch.zeros_like(qg)
+    tmp.clear()
+    qsl = q.to(cd).reshape_as(do) * (inv * setup.scale)
+    dq = torch.zeros_like(do)
 
     def grad_k(j, k_j):
-        ds = probs[..., j * s:(j + 1) * s]
-        dq.add_(torch.matmul(ds, k_j.to(cd).unsqueeze(2)))
-        return torch.matmul(ds.transpose(-1, -2), qg).sum(2)
+        kj = k_j.to(cd).unsqueeze(2)
+        dk_j = torch.zeros(b, hkv, s, d, dtype=cd, device=q.device)
+        for blk in plans[j]:
+            ds = probs[..., blk.q, j * s + blk.k.start:j * s + blk.k.stop]
+            dq[..., blk.q, :] += torch.matmul(ds, kj[..., blk.k, :])
+            dk_j[..., blk.k, :] += torch.matmul(ds.transpose(-1, -2), qsl[..., blk.q, :]).sum(2)
+        return dk_j
 
     dk = _ring(comm, k, grad_k)
-    dq = dq.view(b, hq, s, d)
+    dq = dq.mul_(inv * setup.scale).view(b, hq, s, d)
     if setup.options.colossalai_compat:
         for g in (dq, dk, dv):
             g.div_(setup.world_size)
