@@ -487,18 +487,22 @@ def inner_bytes(sh: AttnShape) -> tuple[int, int]:
     return a2a(qkv * e) + a2a(o * e), a2a(o * e) + a2a(qkv * a)
 
 
-def _two_level_act(sh: AttnShape, outer_act: int) -> int:
+def _two_level_act(sh: AttnShape, outer_act: int, method: str) -> int:
     """Working set of one two-level call. The method's inputs are the received ``[Q, K', V']``
     buffer (kept for the backward, input dtype), its incoming gradient the received dO, and
     the caller's output a new tensor (input dtype), all beside the outer method's own working
-    set; LightSeq also sends dense copies of its (strided) K'/V' views. At the end of the
-    backward the method's ``[dQ, dK', dV']`` (accumulation dtype) exist four times: the
+    set; LightSeq's backward also holds dense copies of its strided K'/V' views (its sends)
+    and two of its Q view (its shipping template, made even when no step ships). At the end of
+    the backward the method's ``[dQ, dK', dV']`` (accumulation dtype) exist four times: the
     method's, the all-to-all's send and receive buffers and the regrouped copies, beside the
     saved inputs, output, lse and dO. Measured (CPU, fp32, P=4): see docs/two_level.md."""
     U, e, a = sh.head_parallel, sh.e, sh.acc
     qkv = sh.b * sh.s * (sh.hq + 2 * kv_heads(sh.hq, sh.hkv, U)) * sh.D
     Q = sh.q_bytes
     during = outer_act + qkv * e + 2 * Q
+    if method == "lightseq":
+        kv = sh.b * sh.s * kv_heads(sh.hq, sh.hkv, U) * sh.D * e
+        during += 2 * kv + 2 * Q
     end = qkv * e + 2 * Q + Q * a // e + sh.lse_acc + 4 * qkv * a
     return max(during, end)
 
@@ -513,7 +517,7 @@ def two_level_cost(method: str, sh: AttnShape) -> AttentionCost:
     fwd, bwd = inner_bytes(sh)
     j = [c // U for c in range(sh.P)]
     pick = lambda xs, add=0: tuple(xs[i] + add for i in j)  # noqa: E731
-    act = tuple(_two_level_act(sh, out.act_bytes[i]) for i in j)
+    act = tuple(_two_level_act(sh, out.act_bytes[i], method) for i in j)
     return AttentionCost(method, sh, pick(out.sent_fwd, fwd), pick(out.sent_bwd, bwd),
                          pick(out.recv_fwd, fwd), pick(out.recv_bwd, bwd), act, pick(out.pairs),
                          inner_sent=(fwd + bwd,) * sh.P, inner_recv=(fwd + bwd,) * sh.P,
