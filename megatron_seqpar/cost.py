@@ -280,10 +280,14 @@ def _rsa(sh: AttnShape, r: int):
     fwd = 2 * (P - 1) * KV  # K ring, then V ring
     bwd = 2 * (P - 1) * KV + 2 * (P - 1) * KV * a // e  # V and K rings; dV, dK partials home
     probs = sh.b * sh.hq * sh.s * sh.S * a  # the method: full score rows, kept for backward
-    # forward: logsumexp's temporary of the same size as the rows; backward: the rows beside
-    # the wrapper's tensors and a dK/dV partial
-    act = probs + max(probs, _wrapper(sh) + 2 * KV * a // e)
-    return fwd, bwd, fwd, bwd, act, sh.s * sh.S
+    # the backward's K ring, beside the rows and the wrapper's tensors: dO, dO/sum and the
+    # scaled Q (accumulation dtype), the ring's own dense copy and two receive buffers, and the
+    # dK partials sent and received (kept until the ring ends)
+    act = (probs + _wrapper(sh) + 3 * sh.q_bytes * a // e + 3 * KV
+           + 2 * (P - 1) * KV * a // e)
+    # computed: only the needed blocks of the rows (its diagonal row tiles also compute up to
+    # t(t-1)/2 masked entries per tile of t rows: left out)
+    return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)
 
 
 def mqsp_chunks(sh: AttnShape) -> int:

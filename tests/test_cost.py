@@ -111,7 +111,8 @@ def test_flops_balance():
         assert sum(pairs) == full
         assert max(pairs) - min(pairs) <= sh.s
     assert sum(attention_cost("lightseq", sh).pairs) == full
-    assert attention_cost("rsa", sh).pairs == (sh.s * sh.S,) * 4
+    # RSA computes only the needed blocks of its s x S rows (since its blocked rewrite)
+    assert attention_cost("rsa", sh).pairs == attention_cost("lss", sh).pairs
     assert all(c for c in ALL)
 
 
