@@ -127,6 +127,35 @@ def shard(x: torch.Tensor, rank: int, world: int, layout: str) -> torch.Tensor:
     return torch.cat([c[rank], c[2 * world - 1 - rank]], dim=1).contiguous()
 
 
+def kernel_floor(S: int, lengths: list[int], a) -> dict:
+    """One process, one thread: CPU seconds of the fused kernel's forward+backward (causal)
+    on each document whole against the whole stream: the packing ratio the kernel itself
+    reaches, before any sequence parallelism (the best of ``max(1, repeats)`` calls each)."""
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    opb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    torch.set_num_threads(1)
+    dt = DTYPES[a.dtype]
+
+    def cpu_s(n: int) -> float:
+        g = torch.Generator().manual_seed(n)
+        q, do = (torch.randn(a.batch, a.heads, n, a.head_dim, generator=g, dtype=dt)
+                 for _ in range(2))
+        k, v = (torch.randn(a.batch, a.kv_heads, n, a.head_dim, generator=g, dtype=dt)
+                for _ in range(2))
+        best = float("inf")
+        for _ in range(max(1, a.repeats)):
+            t0 = time.process_time()
+            o, lse = op(q, k, v, 0.0, True)
+            opb(do, q, k, v, o, lse, 0.0, True)
+            best = min(best, time.process_time() - t0)
+        return best
+
+    full, docs = cpu_s(S), sum(cpu_s(n) for n in lengths)
+    pred = packed_flop_ratio(lengths)
+    return {"S": S, "stream_cpu_s": full, "docs_cpu_s": docs, "ratio": docs / full,
+            "flop_pred": pred, "ratio/pred": docs / full / pred}
+
+
 def _cu(v: Variant, S: int, P: int, a) -> tuple[int, ...] | None:
     if not v.docs:
         return None
@@ -419,6 +448,9 @@ def main(argv=None) -> None:
     p.add_argument("--packed-docs", type=int, default=0,
                    help="also run each of our variants on a packed stream of N documents")
     p.add_argument("--packed-seed", type=int, default=0)
+    p.add_argument("--kernel-floor", action="store_true",
+                   help="with --packed-docs: also time the kernel on each document whole vs "
+                        "the whole stream (one process, one thread)")
     p.add_argument("--only", nargs="*", default=None,
                    help="keep only these variant labels (e.g. lightseq/zigzag nosp/1thr)")
     p.add_argument("--head-parallel", type=int, nargs="+", default=[1],
@@ -459,10 +491,18 @@ def main(argv=None) -> None:
     table = ratios(records)
     print_table(table)
     print_compare(compare(records))
+    floors = []
+    if a.kernel_floor and a.packed_docs:
+        for S in a.seqlens:
+            f = kernel_floor(S, doc_lengths(S, a.packed_docs, 2 * a.ranks, a.packed_seed), a)
+            floors.append(f)
+            print(f"kernel floor S={S}: documents whole {f['docs_cpu_s']:.3f} CPU s vs stream "
+                  f"{f['stream_cpu_s']:.3f} s: ratio {f['ratio']:.3f}, predicted "
+                  f"{f['flop_pred']:.3f} ({f['ratio/pred']:.2f}x)")
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out + ".json", "w") as f:
         json.dump({"args": vars(a), "records": records, "ratios": table,
-                   "compare": compare(records)}, f, indent=1)
+                   "compare": compare(records), "kernel_floor": floors}, f, indent=1)
     plot(table, a.out + ".png")
     print(f"wrote {a.out}.json and {a.out}.png")
 
