@@ -10,6 +10,9 @@ Each rank cuts its local queries into ``m`` micro-chunks of ``c = s/m`` tokens. 
    giving the global ``lse``; the partial context ``o·exp(lse_local - lse)`` of each rank is
 4. reduce-scattered back to the query owners, who get their exact output rows.
 
+Micro-step ``i`` takes ``s/m`` rows of each rank: with the zigzag layout, piece ``i`` of the
+early chunk and the mirrored piece ``m-1-i`` of the late one (``_pieces``), so every rank does
+the same causal work in every micro-step and none waits at its collectives.
 The score block is recycled across micro-steps, so live memory is one micro-step's block.
 Backward, per micro-step: ONE all-gather of the packed ``[Q, dO, O, lse]`` chunk (the row
 statistic ``rowsum(dP∘P) = rowsum(dO∘O)`` is formed from it, so no separate all-reduce and no

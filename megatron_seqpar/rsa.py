@@ -1,18 +1,28 @@
 """RSA, Ring Self-Attention (Li et al., ACL 2023): two rings, K then V.
 
-Forward: K chunks travel the ring ``r -> r+1`` ``P-1`` times; each rank fills its full score
-rows ``[s, S]`` (columns in rank order), masks them by global position and key padding, takes
-an exact softmax locally, then V chunks travel the same ring to accumulate ``softmax · V``.
+Forward: K chunks travel the ring ``r -> r+1`` ``P-1`` times; each rank fills its score rows
+``[s, S]`` (columns in rank order) block by block, masks them by global position, packed
+sequence and key padding, takes an exact softmax locally (row max, ``exp`` in place, row sums),
+then V chunks travel the same ring to accumulate ``softmax · V``.
 Backward: the V ring gives ``dP_j = dO·V_jᵀ`` and the partial ``dV_j = P_jᵀ·dO``; the softmax
 backward ``dS = P∘(dP - δ)`` uses ``δ = rowsum(dO∘O)`` (equal to ``rowsum(dP∘P)``) and
 overwrites the probabilities block by block; the K ring gives ``dQ += dS_j·K_j`` and the
 partial ``dK_j = dS_jᵀ·Q``. Partials go straight back to their owner ``j`` (one send each),
 overlapped with the next block.
 
+Blocked math (what the method allows): only the blocks of the rows that some query needs are
+computed (``kernels.plan_blocks``: causal blocks above the diagonal and other packed
+sequences are skipped, diagonal blocks are cut in row tiles), always in place in the rows
+buffer. The rows hold ``exp(score - rowmax)``, the softmax before its division by the row sum:
+``1/sum`` is applied to the ``[s, D]`` output, and in the backward to dO, Q and dQ, instead of
+a pass over the ``s x S`` rows. The ``dO·V_jᵀ`` temporary is cut in row tiles of at most
+``1/(8P)`` of the rows.
+
 Memory per rank: the score/probability rows ``b·hq·s·S`` in the accumulation dtype, kept for
-the backward. That quadratic term is the method, kept faithfully; the other methods exist to
-avoid it. Sent per rank, forward: ``(P-1)·s·b·hkv·D`` for each of K and V; backward: the same
-again plus ``(P-1)·s·b·hkv·D`` partials of dK and of dV (accumulation dtype).
+the backward (allocated whole; blocks nobody needs are never written nor read). That
+quadratic term is the method, kept faithfully; the other methods exist to avoid it. Sent per
+rank, forward: ``(P-1)·s·b·hkv·D`` for each of K and V; backward: the same again plus
+``(P-1)·s·b·hkv·D`` partials of dK and of dV (accumulation dtype).
 
 ``colossalai_compat=True`` reproduces ColossalAI's original gradients, which all-reduce
 full-length dK/dV and divide dQ, dK, dV by ``P`` (not the exact gradient; off by default).
