@@ -42,3 +42,31 @@ def make_padding(b, S, generator=None):
     if b > 2:
         kpm[2] = True  # nothing to attend to at all
     return kpm
+
+
+def relerr(a, b):
+    """Max abs error relative to the reference's largest magnitude."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def check_sharded(call, shard, *, b, S, hq, hkv, d, seed, causal, kpm=None, cu_seqlens=None,
+                  dtype=torch.float64):
+    """Run ``call(q, k, v, kpm)`` on this rank's shards (``shard(full) -> local``) forward and
+    backward, against ``reference_attention`` on the full inputs. Inputs are drawn in float64
+    and rounded to ``dtype`` first, so the reference sees exactly what the op sees.
+    Returns ``([out, dq, dk, dv] relative errors, the op's output)``."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, S, hq, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, S, hkv, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, S, hkv, d, generator=gen, dtype=torch.float64)
+    dout = torch.randn(b, S, hq, d, generator=gen, dtype=torch.float64)
+    q, k, v, dout = (x.to(dtype).double() for x in (q, k, v, dout))
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = reference_attention(*ref_in, causal=causal, key_padding_mask=kpm,
+                              cu_seqlens=cu_seqlens)
+    ref.backward(dout)
+    mine = [shard(x).to(dtype).requires_grad_() for x in (q, k, v)]
+    out = call(*mine, None if kpm is None else shard(kpm))
+    out.backward(shard(dout).to(dtype))
+    pairs = [(out, ref)] + [(m.grad, r.grad) for m, r in zip(mine, ref_in)]
+    return [relerr(a.double(), shard(r.detach())) for a, r in pairs], out

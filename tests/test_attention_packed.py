@@ -10,7 +10,7 @@ sequence, and (contiguous) lengths that straddle ranks anywhere; causal and bidi
 import pytest
 import torch
 from distributed import run_on_ranks
-from reference import reference_attention
+from reference import check_sharded, reference_attention, relerr
 
 import megatron_seqpar as msp
 from megatron_seqpar.kernels import count_blocks
@@ -18,10 +18,6 @@ from megatron_seqpar.layouts import Run, local_runs
 
 RTOL = 1e-10  # float64: round-off of a few thousand fused multiply-adds stays near 1e-14
 S_PER_RANK = 24
-
-
-def relerr(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def packings(world, layout):
@@ -53,27 +49,24 @@ def inner_padding(b, cu):
 
 
 def run_case(method, layout, causal, hq, hkv, d, pad, cu, seed, options=None, b=2):
-    world = torch.distributed.get_world_size()
-    S = S_PER_RANK * world
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, S, hq, d, generator=gen, dtype=torch.float64)
-    k = torch.randn(b, S, hkv, d, generator=gen, dtype=torch.float64)
-    v = torch.randn(b, S, hkv, d, generator=gen, dtype=torch.float64)
-    dout = torch.randn(b, S, hq, d, generator=gen, dtype=torch.float64)
-    kpm = inner_padding(b, cu) if pad else None
-    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
-    ref = reference_attention(*ref_in, causal=causal, key_padding_mask=kpm, cu_seqlens=cu)
-    ref.backward(dout)
+    """Relative errors (out, dq, dk, dv, and the gathered output) of this rank."""
+    S = S_PER_RANK * torch.distributed.get_world_size()
     cu_t = torch.tensor(cu, dtype=torch.int32)
     shard = lambda x: msp.shard_sequence(x, dim=1, layout=layout, cu_seqlens=cu_t)  # noqa: E731
-    mine = [shard(x).requires_grad_() for x in (q, k, v)]
-    out = msp.attention(*mine, method=method, causal=causal, layout=layout, options=options,
-                        key_padding_mask=None if kpm is None else shard(kpm), cu_seqlens=cu_t)
-    out.backward(shard(dout))
-    pairs = [(out, ref)] + [(m.grad, r.grad) for m, r in zip(mine, ref_in)]
+
+    def call(q, k, v, kpm):
+        return msp.attention(q, k, v, method=method, causal=causal, layout=layout,
+                             options=options, key_padding_mask=kpm, cu_seqlens=cu_t)
+
+    kpm = inner_padding(b, cu) if pad else None
+    errs, out = check_sharded(call, shard, b=b, S=S, hq=hq, hkv=hkv, d=d, seed=seed,
+                              causal=causal, kpm=kpm, cu_seqlens=cu)
+    # gather restores stream order: compare with the full reference output
     back = msp.gather_sequence(out.detach(), dim=1, layout=layout, cu_seqlens=cu_t)
-    errs = [relerr(a, shard(r.detach())) for a, r in pairs]
-    return errs + [relerr(back, ref.detach())]
+    full = check_sharded(lambda q, k, v, m: reference_attention(
+        q, k, v, causal=causal, key_padding_mask=m, cu_seqlens=cu), lambda x: x, b=b, S=S,
+        hq=hq, hkv=hkv, d=d, seed=seed, causal=causal, kpm=kpm, cu_seqlens=cu)[1]
+    return errs + [relerr(back, full.detach())]
 
 
 SUBCASES = [
