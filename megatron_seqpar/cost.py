@@ -282,9 +282,10 @@ def _rsa(sh: AttnShape, r: int):
     probs = sh.b * sh.hq * sh.s * sh.S * a  # the method: full score rows, kept for backward
     # the backward's K ring, beside the rows and the wrapper's tensors: dO, dO/sum and the
     # scaled Q (accumulation dtype), the ring's own dense copy and two receive buffers, and the
-    # dK partials sent and received (kept until the ring ends)
+    # dK partials sent and received: each step's pair is settled one step later, so at most two
+    # pairs are alive (rsa._ring)
     act = (probs + _wrapper(sh) + 3 * sh.q_bytes * a // e + 3 * KV
-           + 2 * (P - 1) * KV * a // e)
+           + min(2 * (P - 1), 4) * KV * a // e)
     # computed: only the needed blocks of the rows (its diagonal row tiles also compute up to
     # t(t-1)/2 masked entries per tile of t rows: left out)
     return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)

@@ -50,33 +50,43 @@ class Options(BaseOptions):
 def _ring(comm, own: torch.Tensor, visit):
     """Pass ``own`` around the ring; ``visit(j, chunk)`` sees every rank ``j``'s chunk once.
 
-    The next chunk's transfer is in flight while ``visit`` runs. ``visit`` may return
-    ``(partial, j)`` sends for ``j``'s owner; they are posted with the matching receives of
-    this rank's own partials and summed into the returned list (one per step).
+    The next chunk's transfer is in flight while ``visit`` runs. ``visit`` may return a
+    partial for ``j``'s owner; it is posted with the matching receive of this rank's own
+    partial, and each returned partial is added to the total one step later (after the next
+    step's transfers are posted), so at most two partials per direction are alive at once.
+    Returns the total (None when ``visit`` returns nothing).
     """
     P, r = comm.world_size, comm.rank
     own = own.contiguous()  # transfers need dense buffers (RSA's own copy: 1/P of its rows)
     cur, j = own, r
     bufs = [torch.empty_like(own), torch.empty_like(own)] if P > 1 else []
-    returned = []
+    total, last = None, None
+
+    def settle(item):
+        nonlocal total
+        back, recv, _keep_alive = item
+        if back is not None:
+            back.wait()
+        total = recv.clone() if total is None else total.add_(recv)
+
     for t in range(P):
         pending = (comm.post([(cur, (r + 1) % P)], [(bufs[t % 2], (r - 1) % P)])
                    if t < P - 1 else None)
         partial = visit(j, cur)
-        if partial is not None and j != r:
-            recv = partial.new_empty(partial.shape)  # dense, whatever the partial's strides
-            back = comm.post([(partial, j)], [(recv, (r + t) % P)])
-            returned.append((back, recv, partial))
-        elif partial is not None:
-            returned.append((None, partial, None))
+        if partial is not None:
+            if j != r:
+                recv = partial.new_empty(partial.shape)  # dense, whatever the partial's strides
+                item = (comm.post([(partial, j)], [(recv, (r + t) % P)]), recv, partial)
+            else:
+                item = (None, partial, None)
+            if last is not None:
+                settle(last)
+            last = item
         if pending is not None:
             pending.wait()
             cur, j = bufs[t % 2], (j - 1) % P
-    total = None
-    for back, recv, _ in returned:
-        if back is not None:
-            back.wait()
-        total = recv.clone() if total is None else total.add_(recv)
+    if last is not None:
+        settle(last)
     return total
 
 
