@@ -76,11 +76,44 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
         if task is None:
             break
         call_id, fn, args, kwargs = task
+        before = _groups()
         try:
-            outbox.put((call_id, rank, True, fn(rank, world_size, *args, **kwargs)))
+            result = (call_id, rank, True, fn(rank, world_size, *args, **kwargs))
         except BaseException:  # noqa: BLE001 - everything goes back to the parent
             outbox.put((call_id, rank, False, traceback.format_exc()))
+            continue  # the parent kills this pool: peers may be stuck in a collective
+        _release_groups(before)
+        outbox.put(result)
     dist.destroy_process_group()
+
+
+def _groups() -> set:
+    from torch.distributed import distributed_c10d as c10d
+
+    return set(c10d._world.pg_map)
+
+
+def _release_groups(before: set) -> None:
+    """Destroy the process groups a call made (after a barrier: every rank is done with them).
+
+    megatron-core's ``destroy_model_parallel`` drops its references but keeps the groups, and
+    each gloo group keeps threads that wake up periodically: a pool that ran the Megatron tests
+    held over a thousand of them per worker, which took a third of the machine from every test
+    after. The two-level subgroups that ``megatron_seqpar.headpar`` caches stay: they are few,
+    made once per world, and their store names (hashed from the ranks) cannot be reused in the
+    same world.
+    """
+    import torch.distributed as dist
+
+    from megatron_seqpar import headpar
+
+    cached = {id(pg) for groups in headpar._GROUPS.values() for pg in groups.values()}
+    new = [pg for pg in _groups() if pg not in before and id(pg) not in cached]
+    if not new:
+        return
+    dist.barrier()
+    for pg in new:
+        dist.destroy_process_group(pg)
 
 
 class _Pool:
