@@ -184,14 +184,28 @@ class Block(NamedTuple):
     k_run: Run
 
 
-def _in_position_order(runs) -> bool:
-    """Runs that tile the local buffer from index 0 with increasing positions."""
+def _diagonal_groups(runs):
+    """For a buffer against itself: ``[(lo, hi, doc)]`` local ranges, one per packed sequence,
+    each of whose causal mask is the local triangle (its runs adjacent, positions increasing
+    with the local index), when the runs tile the buffer from 0 and no sequence comes back
+    after another one; else None (the general planner then handles it)."""
+    groups: list[list] = []
     local = 0
-    for a, b in zip(runs, runs[1:] + (None,)):
-        if a.local != local or (b is not None and a.end > b.start):
-            return False
-        local += a.length
-    return True
+    for r in runs:
+        if r.local != local:
+            return None
+        last = groups[-1] if groups else None
+        if last is not None and last[2] == r.doc:
+            if last[3] > r.start:  # positions not increasing inside the sequence
+                return None
+            last[1], last[3] = r.local + r.length, r.end
+        else:
+            groups.append([r.local, r.local + r.length, r.doc, r.end])
+        local += r.length
+    docs = [g[2] for g in groups]
+    if len(set(docs)) != len(docs):
+        return None
+    return [(a, b, doc) for a, b, doc, _ in groups]
 
 
 def plan_blocks(q_runs, k_runs, causal: bool) -> list[Block]:
@@ -202,16 +216,16 @@ def plan_blocks(q_runs, k_runs, causal: bool) -> list[Block]:
 
     Fully visible key ranges adjacent in the key buffer are joined into one block. Two more
     joins make fewer, larger kernel calls: a buffer against itself (the same runs, positions
-    increasing with the local index) is ONE diagonal block, since its local triangle is then
-    the causal mask; and adjacent query runs whose only block is the same fully visible key
-    range share one call.
+    increasing with the local index) is ONE diagonal block per packed sequence, since its
+    local triangle is then the causal mask; and adjacent query runs whose only block is the
+    same fully visible key range share one call.
     """
     q_runs, k_runs = tuple(q_runs), tuple(k_runs)
-    one_doc = len({r.doc for r in q_runs}) == 1
-    if causal and q_runs and q_runs == k_runs and one_doc and _in_position_order(q_runs):
-        n = sum(r.length for r in q_runs)
-        local = Run(0, 0, n)  # positions stand in for local indices: the same triangle
-        return [Block(slice(0, n), slice(0, n), "causal", local, local)]
+    if causal and q_runs and q_runs == k_runs:
+        groups = _diagonal_groups(q_runs)
+        if groups is not None:  # local indices stand in for positions: the same triangles
+            return [Block(slice(a, b), slice(a, b), "causal", Run(a, 0, b - a, doc),
+                          Run(a, 0, b - a, doc)) for a, b, doc in groups]
     blocks: list[Block] = []
     for qr in q_runs:
         q_sl = slice(qr.local, qr.local + qr.length)

@@ -142,3 +142,19 @@ def _bad_packing(rank, world, cu, fix):
     q = torch.randn(1, 12, 2, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=fix):
         msp.attention(q, q, q, method="lightseq", layout="zigzag", cu_seqlens=cu)
+
+
+def test_local_block_is_one_diagonal_per_sequence():
+    """A zigzag rank against its own K/V: each sequence's two chunks make ONE causal kernel
+    call (their local triangle is the sequence's causal mask), not three."""
+    from megatron_seqpar.kernels import plan_blocks
+
+    cu = (0, 8, 24, 32)  # P=2: chunks of 2, 4 and 2 tokens
+    runs = local_runs("zigzag", 1, 2, 16, cu)
+    blocks = plan_blocks(runs, runs, causal=True)
+    assert [(b.q, b.k, b.kind) for b in blocks] == [
+        (slice(0, 4), slice(0, 4), "causal"), (slice(4, 12), slice(4, 12), "causal"),
+        (slice(12, 16), slice(12, 16), "causal")]
+    # a sequence split over non-adjacent runs (two levels) falls back to the general plan
+    two = runs + tuple(r._replace(local=r.local + 16) for r in runs)
+    assert count_blocks(two, two, causal=True) > 3
