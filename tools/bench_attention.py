@@ -42,13 +42,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from baselines import BASELINES  # noqa: E402
-from measure import free_port, measure, time_call  # noqa: E402
+from measure import measure, run_ranks, time_call  # noqa: E402
 
 from megatron_seqpar.comm import count_traffic  # noqa: E402
 from megatron_seqpar.cost import AttnShape, attention_cost, packed_flop_ratio  # noqa: E402
@@ -475,18 +474,7 @@ def main(argv=None) -> None:
     if a.only is not None:
         base = [v for v in base if v.label in a.only]
     variants = two_level_variants(base, a.packed_docs, a.head_parallel)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, a.ranks, port, a, variants, queue))
-             for r in range(a.ranks)]
-    for pr in procs:
-        pr.start()
-    rows = []
-    for _ in procs:
-        rows += queue.get()
-    for pr in procs:
-        pr.join()
+    rows = run_ranks(_worker, a.ranks, a, variants)
     records = collect(rows, a.ranks)
     table = ratios(records)
     print_table(table)

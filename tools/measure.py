@@ -224,6 +224,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_ranks(worker, ranks: int, *args) -> list:
+    """Spawn ``ranks`` processes running ``worker(rank, ranks, port, *args, queue)``, each of
+    which puts a list of rows on ``queue``; returns every rank's rows (in arrival order)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, ranks, port, *args, queue))
+             for r in range(ranks)]
+    for pr in procs:
+        pr.start()
+    rows = []
+    for _ in procs:
+        rows += queue.get()
+    for pr in procs:
+        pr.join()
+    return rows
+
+
 def time_call(fn, *, repeats: int = 3, warmup: int = 1, barrier=None) -> float:
     """Median wall time of ``fn()`` in seconds (``barrier()`` before each run if given)."""
     for _ in range(warmup):

@@ -30,12 +30,11 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from measure import free_port  # noqa: E402
+from measure import run_ranks  # noqa: E402
 
 KERNEL = ("aten::_scaled_dot_product_flash_attention_for_cpu",
           "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
@@ -173,18 +172,7 @@ def main(argv=None) -> None:
     p.add_argument("--all-ranks", action="store_true", help="print every rank (default: 0)")
     p.add_argument("--out", default="runs/profile_attention")
     a = p.parse_args(argv)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, a.ranks, port, a, queue))
-             for r in range(a.ranks)]
-    for pr in procs:
-        pr.start()
-    rows = []
-    for _ in procs:
-        rows += queue.get()
-    for pr in procs:
-        pr.join()
+    rows = run_ranks(_worker, a.ranks, a)
     report([r for r in rows if a.all_ranks or r["rank"] == 0], a.rows)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out + ".json", "w") as f:
