@@ -342,6 +342,13 @@ def _check(tp, cp, world, oracle, cases, label, expect_fail=False):
                         own = owned_position_rows(S, r, cp)
                         g, want = g[own], want[own]
                     assert _rel(g, want) < TOL, (kind, name)
+    report_rows(rows, bad, "parity failures")
+    return rows
+
+
+def report_rows(rows, bad, what: str) -> None:
+    """Print the parity rows (and append them to ``$MSP_PARITY_TABLE`` as JSON lines when
+    set), then fail on ``bad`` with ``what``."""
     out = os.environ.get("MSP_PARITY_TABLE")
     if out:
         with open(out, "a") as f:
@@ -349,8 +356,7 @@ def _check(tp, cp, world, oracle, cases, label, expect_fail=False):
                 f.write(json.dumps(row) + "\n")
     for row in rows:
         print(row)
-    assert not bad, f"parity failures: {bad}"
-    return rows
+    assert not bad, f"{what}: {bad}"
 
 
 def _cases(methods=METHODS, models=MODELS, lss_double=True):

@@ -28,8 +28,6 @@ Tolerance: 1e-9 relative to the largest reference magnitude, as in ``test_megatr
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import pytest
@@ -204,14 +202,9 @@ def _check(route, cases, oracle, label):
                      "seconds": round(max(r[case][4] for r in results), 2)})
         if not (el < TOL and eg < TOL and rows[-1]["groups_from_megatron"]):
             bad.append(rows[-1])
-    out = os.environ.get("MSP_PARITY_TABLE")
-    if out:
-        with open(out, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-    for row in rows:
-        print(row)
-    assert not bad, f"two-level parity failures: {bad}"
+    from test_megatron_parity import report_rows
+
+    report_rows(rows, bad, "two-level parity failures")
     return results
 
 
