@@ -79,12 +79,16 @@ def _subgroup(parent, ranks: tuple[int, ...]):
     return cache[ranks]
 
 
-def check_split(world_size: int, head_parallel: int, hq: int) -> None:
-    """ValueError naming the fix when ``U`` does not divide ``P`` or the query heads."""
-    U = head_parallel
+def _check_ranks(world_size: int, U: int) -> None:
     if world_size % U:
         raise ValueError(f"head_parallel={U} does not divide the {world_size} ranks of the "
                          "sequence group; choose U dividing P (U x R = P)")
+
+
+def check_split(world_size: int, head_parallel: int, hq: int) -> None:
+    """ValueError naming the fix when ``U`` does not divide ``P`` or the query heads."""
+    U = head_parallel
+    _check_ranks(world_size, U)
     if hq % U:
         raise ValueError(f"head_parallel={U} does not divide the {hq} query heads (per TP "
                          "rank); choose U dividing the heads")
@@ -92,13 +96,11 @@ def check_split(world_size: int, head_parallel: int, hq: int) -> None:
 
 def two_level_groups(group, head_parallel: int) -> TwoLevelGroups:
     """The inner/outer groups of this rank for ``U = head_parallel`` (built once, cached)."""
-    ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
-    U = head_parallel
-    if len(ranks) % U:
-        raise ValueError(f"head_parallel={U} does not divide the {len(ranks)} ranks of the "
-                         "sequence group; choose U dividing P (U x R = P)")
-    j, u = divmod(ranks.index(dist.get_rank()), U)
     parent = group if group is not None else dist.group.WORLD
+    ranks = tuple(dist.get_process_group_ranks(parent))
+    U = head_parallel
+    _check_ranks(len(ranks), U)
+    j, u = divmod(ranks.index(dist.get_rank()), U)
     inner, outer = ranks[j * U:(j + 1) * U], ranks[u::U]
     return TwoLevelGroups(parent if inner == ranks else _subgroup(parent, inner),
                           parent if outer == ranks else _subgroup(parent, outer))
