@@ -98,7 +98,64 @@ def _fold_causal(q, k, causal, mask):
     return causal, mask
 
 
+# A causal square block longer than this is cut into tiles (``_causal_tiles``) on the CPU
+# fused kernel. The kernel computes whole key tiles of up to 512 (a causal n <= 512 block costs
+# as much as the full square), so small causal blocks ran at ~2x the time per visible pair of
+# a full block; cut in halves down to 64, they run at 1.1-1.5x (``tools/bench_kernels.py``).
+CPU_CAUSAL_TILE = 64
+
+
+def _causal_tiles(n: int, tile: int) -> list[tuple[slice, slice, bool]]:
+    """A causal ``n x n`` block as ``(rows, keys, causal)`` pieces: halves recursively (the
+    top-left and bottom-right causal halves, the bottom-left full quarter) down to causal
+    diagonal tiles of at most ``tile``. Every visible pair is in exactly one piece. The
+    diagonal tiles come first, in order: their rows (and keys) cover ``[0, n)`` once, so the
+    callers write them into uninitialised buffers and merge or add the full pieces after."""
+    diag: list[tuple[slice, slice, bool]] = []
+    full: list[tuple[slice, slice, bool]] = []
+
+    def split(lo: int, hi: int) -> None:
+        if hi - lo <= tile:
+            diag.append((slice(lo, hi), slice(lo, hi), True))
+            return
+        mid = lo + (hi - lo) // 2
+        split(lo, mid)
+        full.append((slice(mid, hi), slice(lo, mid), False))
+        split(mid, hi)
+
+    split(0, n)
+    return diag + full
+
+
+def _tiled(q, k, causal, mask) -> list | None:
+    """The tiles of a causal square block on the CPU kernel, or None to call it whole (not
+    causal, not square, short, or a mask with rows of its own)."""
+    n = q.size(2)
+    if (not causal or n != k.size(2) or n <= CPU_CAUSAL_TILE
+            or (mask is not None and mask.size(2) != 1)):
+        return None
+    return _causal_tiles(n, CPU_CAUSAL_TILE)
+
+
 def _cpu_flash_forward(q, k, v, scale, causal, mask):
+    tiles = _tiled(q, k, causal, mask)
+    if tiles is None:
+        return _cpu_flash_block(q, k, v, scale, causal, mask)
+    b, hq, n, _ = q.shape
+    out = q.new_empty(b, hq, n, v.size(-1), dtype=acc_dtype(q.dtype))
+    lse = q.new_empty(b, hq, n, dtype=out.dtype)
+    for rows, keys, tri in tiles:
+        m = None if mask is None else mask[..., keys]
+        o, lb = _cpu_flash_block(q[:, :, rows], k[:, :, keys], v[:, :, keys], scale, tri, m)
+        if tri:  # diagonal tiles first: each row's first piece
+            out[:, :, rows].copy_(o)
+            lse[:, :, rows].copy_(lb)
+        else:
+            merge_(out[:, :, rows], lse[:, :, rows], o, lb)
+    return out.to(q.dtype), lse
+
+
+def _cpu_flash_block(q, k, v, scale, causal, mask):
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     causal, mask = _fold_causal(q, k, causal, mask)
     bias = None if mask is None else _additive(mask, q.dtype)
@@ -109,6 +166,25 @@ def _cpu_flash_forward(q, k, v, scale, causal, mask):
 
 
 def _cpu_flash_backward(dout, q, k, v, out, lse, scale, causal, mask):
+    tiles = _tiled(q, k, causal, mask)
+    if tiles is None:
+        return _cpu_flash_block_backward(dout, q, k, v, out, lse, scale, causal, mask)
+    cd = acc_dtype(q.dtype)
+    grads = [torch.empty(x.shape, dtype=cd, device=x.device) for x in (q, k, v)]
+    for rows, keys, tri in tiles:
+        m = None if mask is None else mask[..., keys]
+        g = _cpu_flash_block_backward(dout[:, :, rows], q[:, :, rows], k[:, :, keys],
+                                      v[:, :, keys], out[:, :, rows], lse[:, :, rows], scale,
+                                      tri, m)
+        for acc, part, sl in zip(grads, g, (rows, keys, keys)):
+            if tri:  # diagonal tiles first: each row's and key's first piece
+                acc[:, :, sl].copy_(part)
+            else:
+                acc[:, :, sl] += part
+    return tuple(grads)
+
+
+def _cpu_flash_block_backward(dout, q, k, v, out, lse, scale, causal, mask):
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     causal, mask = _fold_causal(q, k, causal, mask)
     bias = None if mask is None else _additive(mask, q.dtype)
@@ -208,13 +284,15 @@ def _diagonal_groups(runs):
     return [(a, b, doc) for a, b, doc, _ in groups]
 
 
-def plan_blocks(q_runs, k_runs, causal: bool) -> list[Block]:
+def plan_blocks(q_runs, k_runs, causal: bool, join_keys: bool = True) -> list[Block]:
     """The non-empty (query rows, key columns) blocks, grouped by query run.
 
     Runs of different packed sequences (``Run.doc``) never make a block: cross-sequence work
     costs nothing.
 
-    Fully visible key ranges adjacent in the key buffer are joined into one block. Two more
+    Fully visible key ranges adjacent in the key buffer are joined into one block (unless
+    ``join_keys=False``: a backward accumulating into given dK/dV then holds one run's kernel
+    gradients at a time, not the joined range's). Two more
     joins make fewer, larger kernel calls: a buffer against itself (the same runs, positions
     increasing with the local index) is ONE diagonal block per packed sequence, since its
     local triangle is then the causal mask; and adjacent query runs whose only block is the
@@ -245,7 +323,7 @@ def plan_blocks(q_runs, k_runs, causal: bool) -> list[Block]:
                 parts.append(("causal" if (lo, hi) == (qr.start, qr.end) else "mask", sub))
         merged: list[tuple[str, Run]] = []
         for kind, kr in parts:
-            if merged and kind == "full" and merged[-1][0] == "full":
+            if join_keys and merged and kind == "full" and merged[-1][0] == "full":
                 prev = merged[-1][1]
                 if prev.local + prev.length == kr.local:
                     merged[-1] = ("full", prev._replace(length=prev.length + kr.length))
@@ -331,11 +409,15 @@ def attend_backward(dout, q, q_runs, k, v, k_runs, out, lse, *, scale, causal, k
     ``out``/``lse`` are the rows' final values. Accumulators use the accumulation dtype.
     When ``dk``/``dv`` are not given and one block covers every key, the kernel's own dK/dV
     are returned as they are (no zero-filled accumulator beside them: less peak memory).
+    Otherwise fully visible key runs are not joined, so the kernel's transient dK/dV are one
+    run's, not the joined range's.
     """
     cd = acc_dtype(q.dtype)
     blocks = plan_blocks(q_runs, k_runs, causal)
     whole = (dk is None and dv is None and len(blocks) == 1
              and blocks[0].k == slice(0, k.size(2)))
+    if not whole:  # accumulating: one key run's kernel gradients alive at a time
+        blocks = plan_blocks(q_runs, k_runs, causal, join_keys=False)
     dq = zeros_public(q, cd) if dq is None else dq
     if not whole:
         dk = zeros_public(k, cd) if dk is None else dk
