@@ -3,7 +3,8 @@
 Schedule. Step 0 is the local block. At step ``t`` rank ``r`` sends its *own* K/V straight to
 rank ``r+t`` (no ring forwarding) and attends its queries to the K/V received from ``r-t``;
 partial results are merged in fp32 by log-sum-exp. Transfers of step ``t+1`` are posted before
-step ``t``'s compute (two alternating receive buffers), and waited on only when needed.
+step ``t``'s compute (step 1's before the local block; two alternating receive buffers), and
+waited on only when needed.
 
 Causal load balancing (contiguous layout, ``balance=True``). Only blocks ``(q_i, kv_j)`` with
 ``j <= i`` are needed, so rank ``P-1`` would compute ``P`` blocks while rank 0 computes one. For
@@ -128,8 +129,6 @@ def lightseq_forward(setup, q, k, v, kpm_all):
     kpm = lambda i: None if kpm_all is None else kpm_all[i]  # noqa: E731
     tally = setup.traffic.add_block_steps if setup.traffic else (lambda n=1: None)
 
-    out, lse = attend(q, runs(r), k, v, runs(r), kpm=kpm(r), **kw)
-    tally()
     steps = _steps(setup, s)
     kv_slot, n_kv = _slots(steps, "kv_from")
     q_slot, n_q = _slots(steps, "q_from")
@@ -153,7 +152,9 @@ def lightseq_forward(setup, q, k, v, kpm_all):
     def merge_home(bufs):  # our queries' (out, lse) against a later rank's K/V, public layout
         merge_(out, lse, bufs[0].transpose(1, 2), bufs[1])
 
-    pending = post(0) if steps else None
+    pending = post(0) if steps else None  # in flight while the local block computes
+    out, lse = attend(q, runs(r), k, v, runs(r), kpm=kpm(r), **kw)
+    tally()
     returns = None  # (Pending, recv buffers or None, tensors kept alive) of the last step
     for t, st in enumerate(steps):
         nxt = post(t + 1) if t + 1 < len(steps) else None
@@ -186,7 +187,6 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
     runs = lambda i: setup.runs(i, s)  # noqa: E731
     kpm = lambda i: None if kpm_all is None else kpm_all[i]  # noqa: E731
 
-    dq, dk, dv = attend_backward(dout, q, runs(r), k, v, runs(r), out, lse, kpm=kpm(r), **kw)
     steps = _steps(setup, s)
     kv_slot, n_kv = _slots(steps, "kv_from")
     q_slot, n_q = _slots(steps, "q_from")
@@ -212,7 +212,8 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
         for kind, buf in bufs:
             {"q": dq, "k": dk, "v": dv}[kind].add_(buf.transpose(1, 2))
 
-    pending = post(0) if steps else None
+    pending = post(0) if steps else None  # in flight while the local block computes
+    dq, dk, dv = attend_backward(dout, q, runs(r), k, v, runs(r), out, lse, kpm=kpm(r), **kw)
     returns = None
     for t, st in enumerate(steps):
         nxt = post(t + 1) if t + 1 < len(steps) else None
