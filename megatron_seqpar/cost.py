@@ -70,7 +70,7 @@ class AttnShape:
     layout: str = "contiguous"
     balance: bool = True  # LightSeq's Q-shipping balance (contiguous causal only)
     mqsp_chunks: int | None = None  # None: as megatron_seqpar.mqsp picks it from the budget
-    mqsp_budget_mb: float = 256.0
+    mqsp_budget_mb: float = 1024.0
     lss_regather: bool = True  # LSS gathers K/V again in the backward (its regather_kv)
     cu_seqlens: tuple[int, ...] | None = None  # packed stream boundaries [0, L1, ..., S]
     head_parallel: int = 1  # U: two levels (head all-to-all inside U ranks x method over P/U)
@@ -609,7 +609,7 @@ class LayerCost:
 
 def layer_cost(model: ModelConfig, *, S: int, P: int, method: str, tp: int = 1, b: int = 1,
                dtype: str = "bf16", recompute: str = "none", layout: str | None = None,
-               mqsp_budget_mb: float = 256.0, flash: bool = True,
+               mqsp_budget_mb: float = 1024.0, flash: bool = True,
                head_parallel: int = 1) -> LayerCost:
     """Per-rank cost of one layer with sequence parallelism ``P`` and tensor parallelism ``tp``.
 

@@ -42,11 +42,11 @@ from megatron_seqpar.layouts import slice_runs
 @dataclass(frozen=True)
 class Options(BaseOptions):
     """``micro_q``: micro-chunks per rank (must divide the local length); ``None`` picks the
-    smallest count ``>= P`` whose score block ``(S/m)·s·b·hq`` fits ``memory_budget_mb`` per
-    rank (``pick_micro_chunks``)."""
+    smallest count ``>= max(P, 4)`` whose score block ``(S/m)·s·b·hq`` fits
+    ``memory_budget_mb`` per rank (``pick_micro_chunks``)."""
 
     micro_q: int | None = None
-    memory_budget_mb: float = 256.0
+    memory_budget_mb: float = 1024.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,6 +54,9 @@ class Options(BaseOptions):
             raise ValueError(f"micro_q must be a positive integer or None, got {self.micro_q!r}")
         if not self.memory_budget_mb > 0:
             raise ValueError(f"memory_budget_mb must be positive, got {self.memory_budget_mb}")
+
+
+MIN_MICRO_CHUNKS = 4
 
 
 def micro_chunks(opts: Options, *, b: int, hq: int, s: int, world_size: int, itemsize: int):
@@ -69,14 +72,20 @@ def micro_chunks(opts: Options, *, b: int, hq: int, s: int, world_size: int, ite
 
 
 def pick_micro_chunks(*, s: int, world_size: int, row_bytes: int, budget_bytes: float) -> int:
-    """The smallest divisor ``m`` of ``s`` with ``m >= P`` whose score block fits the budget.
+    """The smallest divisor ``m`` of ``s`` with ``m >= max(P, MIN_MICRO_CHUNKS)`` whose score
+    block fits the budget.
 
     ``m >= P`` keeps every gathered buffer (``S/m`` queries, their dO/O, the partial context and
     dQ) no larger than the local tensors, so MQSP's live memory stays linear in ``s``; the
     score block of one micro-step is ``(S/m)`` rows of ``row_bytes`` (``s·b·hq·itemsize``).
+    The fused kernels never hold that block, so the default budget (1 GiB) leaves the
+    micro-steps large: fewer, larger kernel calls (a backward call's cost grows with its key
+    count whatever its rows). ``m >= 4`` keeps the gathered rows at half the local length at
+    P=2 (m=P=2 held more than LSS). Measured (docs/benchmarks.md, S=16K, P=2): m=16 took 1.11x
+    the time of m=4, whose peak is still the smallest of the methods.
     Plain Python: ``megatron_seqpar.cost`` models the same choice.
     """
-    for m in range(min(world_size, s), s + 1):
+    for m in range(min(max(world_size, MIN_MICRO_CHUNKS), s), s + 1):
         if s % m == 0 and (world_size * s // m) * row_bytes <= budget_bytes:
             return m
     return s

@@ -30,9 +30,13 @@ def test_mqsp_budget_picks_micro_chunks():
     # score block (S/m)·s·b·hq·4 bytes: S=8192 over 2 ranks, b=1, hq=8 -> 1 GiB at m=1
     assert micro_chunks(Options(memory_budget_mb=256), b=1, hq=8, s=4096, world_size=2,
                         itemsize=4) == 4
-    # small blocks: at least P chunks, so the gathered S/m queries are no more than local s
-    assert micro_chunks(Options(), b=1, hq=8, s=64, world_size=2, itemsize=4) == 2
-    assert micro_chunks(Options(), b=1, hq=8, s=64, world_size=3, itemsize=4) == 4  # divisor
+    # the default budget (1 GiB) at S=16K over 2 ranks: m=4, not the 16 of 256 MiB
+    assert micro_chunks(Options(), b=1, hq=8, s=8192, world_size=2, itemsize=4) == 4
+    # small blocks: at least max(P, 4) chunks, so the gathered S/m queries are no more than
+    # local s (half of it at P=2)
+    assert micro_chunks(Options(), b=1, hq=8, s=64, world_size=2, itemsize=4) == 4
+    assert micro_chunks(Options(), b=1, hq=8, s=60, world_size=3, itemsize=4) == 4
+    assert micro_chunks(Options(), b=1, hq=8, s=64, world_size=6, itemsize=4) == 8  # divisor
     assert micro_chunks(Options(), b=1, hq=8, s=2, world_size=4, itemsize=4) == 2  # s < P
     assert micro_chunks(Options(micro_q=1), b=1, hq=8, s=64, world_size=2, itemsize=4) == 1
 

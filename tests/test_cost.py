@@ -99,8 +99,9 @@ def test_mqsp_chunks_follow_budget():
     m = mqsp_chunks(sh)
     assert sh.s % m == 0
     assert (sh.S // m) * sh.s * sh.b * sh.hq * 4 <= 256 * 2**20
-    assert mqsp_chunks(AttnShape(S=64, P=2)) == 2  # at least P (gathered rows <= s)
-    assert mqsp_chunks(AttnShape(S=96, P=3)) == 4  # the smallest divisor of s=32 that is >= 3
+    assert mqsp_chunks(AttnShape(S=64, P=2)) == 4  # at least max(P, 4) (gathered rows <= s)
+    assert mqsp_chunks(AttnShape(S=96, P=3)) == 4  # the smallest divisor of s=32 that is >= 4
+    assert mqsp_chunks(AttnShape(S=120, P=6)) == 10  # ... of s=20 that is >= 6
 
 
 def test_flops_balance():
