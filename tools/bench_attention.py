@@ -127,12 +127,14 @@ def shard(x: torch.Tensor, rank: int, world: int, layout: str) -> torch.Tensor:
 
 
 def kernel_floor(S: int, lengths: list[int], a) -> dict:
-    """One process, one thread: CPU seconds of the fused kernel's forward+backward (causal)
-    on each document whole against the whole stream: the packing ratio the kernel itself
-    reaches, before any sequence parallelism (the best of ``max(1, repeats)`` calls each)."""
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    opb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    """One process, one thread: CPU seconds of the ``cpu_flash`` block kernel's
+    forward+backward (causal, its tiling included) on each document whole against the whole
+    stream: the packing ratio the kernel itself reaches, before any sequence parallelism (the
+    best of ``max(1, repeats)`` calls each)."""
+    from megatron_seqpar.kernels import block_attention, block_attention_backward
+
     torch.set_num_threads(1)
+    kw = dict(scale=a.head_dim ** -0.5, causal=True, backend="cpu_flash")
     dt = DTYPES[a.dtype]
 
     def cpu_s(n: int) -> float:
@@ -144,8 +146,8 @@ def kernel_floor(S: int, lengths: list[int], a) -> dict:
         best = float("inf")
         for _ in range(max(1, a.repeats)):
             t0 = time.process_time()
-            o, lse = op(q, k, v, 0.0, True)
-            opb(do, q, k, v, o, lse, 0.0, True)
+            o, lse = block_attention(q, k, v, **kw)
+            block_attention_backward(do, q, k, v, o, lse, **kw)
             best = min(best, time.process_time() - t0)
         return best
 

@@ -98,7 +98,12 @@ def _one(method, S, a, rank, world):
     g = torch.Generator().manual_seed(S)
     full = [torch.randn(a.batch, S, h, a.head_dim, generator=g)
             for h in (a.heads, a.heads, a.heads, a.heads)]
-    q, k, v, do = (msp.shard_sequence(x, dim=1, layout=a.layout) for x in full)
+    cu = None
+    if a.packed_docs:
+        from bench_attention import doc_lengths
+
+        cu = torch.tensor([0, *doc_lengths(S, a.packed_docs, 2 * world)]).cumsum(0)
+    q, k, v, do = (msp.shard_sequence(x, dim=1, layout=a.layout, cu_seqlens=cu) for x in full)
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     opts = None
     if method == "mqsp" and a.micro_q:
@@ -109,7 +114,7 @@ def _one(method, S, a, rank, world):
 
         with record_function("forward"):
             out = msp.attention(q, k, v, method=method, causal=True, layout=a.layout,
-                                options=opts)
+                                options=opts, cu_seqlens=cu)
         with record_function("backward"):
             out.backward(do)
         q.grad = k.grad = v.grad = None
@@ -168,6 +173,8 @@ def main(argv=None) -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--micro-q", type=int, default=None, help="MQSP micro_q (default: its pick)")
+    p.add_argument("--packed-docs", type=int, default=0,
+                   help="a packed stream of this many documents (bench_attention's lengths)")
     p.add_argument("--rows", type=int, default=8, help="top ops per phase to print")
     p.add_argument("--all-ranks", action="store_true", help="print every rank (default: 0)")
     p.add_argument("--out", default="runs/profile_attention")
