@@ -1,6 +1,7 @@
 """Where the time of one attention call goes: torch.profiler per kernel call and collective.
 
     python tools/profile_attention.py --methods mqsp rsa lightseq --seqlens 8192 --ranks 2
+    python tools/profile_attention.py --methods lightseq --seqlens 16384 --packed-docs 16
 
 Spawns ``--ranks`` gloo processes with one thread each (as ``bench_attention``). For every
 method and length: one warm-up forward+backward, then one under ``torch.profiler``, split into
