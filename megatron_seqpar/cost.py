@@ -356,14 +356,16 @@ def _lightseq(sh: AttnShape, r: int):
     # lse, dq/dk/dv (accumulation dtype), the K/V receive slots, the kernel's block gradients
     # with the dK/dV partial on its way home, the Q-shipping slots, and the fused kernel's
     # scratch (one local-sized tensor: the own block is one call)
-    # ... and, from step 2 on, the previous step's returns still in flight: its dK/dV (dQ)
-    # partials going home and the buffers for ours coming back
-    ret = [sum(b_send[k] for k in ("kv_from", "q_from") if k in st)
-           + sum(b_recv[k] for k in ("kv_to", "q_to") if k in st) for st in steps]
+    # ... and, from step 2 on, the receive buffers of returns coming back: a step's returns
+    # are settled before the next step computes, and returned dK/dV land in the step's own
+    # K/V slot when it has one of the same dtype (fp32), so only returned dQ and dK/dV
+    # without such a slot keep a buffer (made at first use)
+    ret = ((2 * KV * a // e) * any("kv_to" in st and ("kv_from" not in st or a != e)
+                                   for st in steps[:-1])
+           + (Q * a // e) * any("q_to" in st for st in steps[:-1]))
     # (a shipped query block also needs its own dQ accumulator)
     act = (_wrapper(sh) + n_kv * 2 * KV + (Q + 2 * KV) * a // e * (n_kv + n_q > 0)
-           + n_q * (3 * Q + L) + Q * a // e * (n_q > 0) + max(ret[:-1], default=0)
-           + _kernel_scratch(sh, sh.s))
+           + n_q * (3 * Q + L) + Q * a // e * (n_q > 0) + ret + _kernel_scratch(sh, sh.s))
     pr = lambda i, j: _pairs(sh, _positions(sh, i), _positions(sh, j))  # noqa: E731
     pairs = pr(r, r) + sum((pr(r, st["kv_from"]) if "kv_from" in st else 0)
                            + (pr(st["q_from"], r) if "q_from" in st else 0) for st in steps)

@@ -194,10 +194,13 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
     own_q = ([public(q), public(dout.to(q.dtype)), public(out.to(q.dtype)), lse]
              if any(st.q_to is not None for st in steps) else [])
     kv_buf = [(torch.empty_like(own_k), torch.empty_like(own_v)) for _ in range(n_kv)]
-    q_template = [public(q), public(q), public(out.to(q.dtype)), lse]
-    q_buf = [[torch.empty_like(x) for x in q_template] for _ in range(n_q)]
-    # returned partials (dK/dV to us as K/V owner, or dQ as Q owner): one set per call, made
-    # at first use, as in the forward
+    # Q-side receive buffers [q, dO, O (q's dtype), lse]: made from shapes, not from copies
+    pub = q.transpose(1, 2).shape
+    q_buf = [[q.new_empty(pub), q.new_empty(pub), q.new_empty(pub), torch.empty_like(lse)]
+             for _ in range(n_q)]
+    # returned partials (dK/dV to us as K/V owner, or dQ as Q owner): in the step's own K/V
+    # receive slot when the dtypes agree (it is free once the step has computed), else one
+    # set per call, made at first use, as in the forward
     kv_ret, q_ret = [], []
 
     def post(t):
@@ -216,6 +219,10 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
     dq, dk, dv = attend_backward(dout, q, runs(r), k, v, runs(r), out, lse, kpm=kpm(r), **kw)
     returns = None
     for t, st in enumerate(steps):
+        # the last step's returns first: they may sit in the K/V slot the next post reuses,
+        # and its partials are freed before this step's exist
+        _finish_returns(returns, consume)
+        returns = None
         nxt = post(t + 1) if t + 1 < len(steps) else None
         pending.wait()
         sends, recvs = [], []
@@ -225,14 +232,20 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
                                           kpm=kpm(st.kv_from), dq=dq, **kw)
             # dK/dV partials go home in the public layout, where the kernel's output is dense
             sends += [(public(dkp), st.kv_from), (public(dvp), st.kv_from)]
+            del dkp, dvp  # only the in-flight sends keep them: freed once settled
         if st.q_from is not None:
             qa, doa, oa, la = q_buf[q_slot[t]]
             g = attend_backward(doa.transpose(1, 2), qa.transpose(1, 2), runs(st.q_from), k, v,
                                 runs(r), oa.transpose(1, 2), la, kpm=kpm(r), dk=dk, dv=dv, **kw)
             sends.append((public(g[0]), st.q_from))
+            del g
         if st.kv_to is not None:
-            kv_ret = kv_ret or [dk.new_empty(own_k.shape), dv.new_empty(own_v.shape)]
-            recvs += [(("k", kv_ret[0]), st.kv_to), (("v", kv_ret[1]), st.kv_to)]
+            if st.kv_from is not None and own_k.dtype == dk.dtype:
+                ret = kv_buf[kv_slot[t]]  # this step's K/V are used up: returns land there
+            else:
+                kv_ret = kv_ret or [dk.new_empty(own_k.shape), dv.new_empty(own_v.shape)]
+                ret = kv_ret
+            recvs += [(("k", ret[0]), st.kv_to), (("v", ret[1]), st.kv_to)]
         if st.q_to is not None:
             q_ret = q_ret or [torch.empty_like(public(dq))]
             recvs.append((("q", q_ret[0]), st.q_to))
