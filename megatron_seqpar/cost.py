@@ -280,8 +280,9 @@ def _rsa(sh: AttnShape, r: int):
     fwd = 2 * (P - 1) * KV  # K ring, then V ring
     bwd = 2 * (P - 1) * KV + 2 * (P - 1) * KV * a // e  # V and K rings; dV, dK partials home
     probs = sh.b * sh.hq * sh.s * sh.S * a  # the method: full score rows, kept for backward
-    # the backward's K ring, beside the rows and the wrapper's tensors: dO, dO/sum and the
-    # scaled Q (accumulation dtype), the ring's own dense copy and two receive buffers, and the
+    # the backward's K ring, beside the rows and the wrapper's tensors: dO, the scaled Q and
+    # a block's rescaled Q or dQ product (accumulation dtype; the per-block row factors are
+    # small), the ring's own dense copy and two receive buffers, and the
     # dK partials sent and received: each step's pair is settled one step later, so at most two
     # pairs are alive (rsa._ring)
     act = (probs + _wrapper(sh) + 3 * sh.q_bytes * a // e + 3 * KV

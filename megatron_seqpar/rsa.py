@@ -13,9 +13,12 @@ overlapped with the next block.
 Blocked math (what the method allows): only the blocks of the rows that some query needs are
 computed (``kernels.plan_blocks``: causal blocks above the diagonal and other packed
 sequences are skipped, diagonal blocks are cut in row tiles), always in place in the rows
-buffer. The rows hold ``exp(score - rowmax)``, the softmax before its division by the row sum:
-``1/sum`` is applied to the ``[s, D]`` output, and in the backward to dO, Q and dQ, instead of
-a pass over the ``s x S`` rows. The ``dO·V_jᵀ`` temporary is cut in row tiles of at most
+buffer. In the K ring each block is filled by tiles (one K/V head, a few dozen rows: they
+stay in cache) and each tile is reduced at once: its row max ``m``, ``exp(score - m)`` in
+place, its row sums. The rows thus hold ``exp(score - m)`` per block; the rescaling
+``exp(m - M) / sum`` (``M`` the row max over all blocks) is one factor per block row, applied
+to the ``[rows, D]`` products and operands (the context, dO, Q and dQ) instead of passes over
+the ``s x S`` rows. The backward's ``dO·V_jᵀ`` temporary is cut in row tiles of at most
 ``1/(8P)`` of the rows.
 
 Memory per rank: the score/probability rows ``b·hq·s·S`` in the accumulation dtype, kept for
@@ -116,15 +119,24 @@ def _blocks(setup, s):
     return out
 
 
-def _mask_(dst, blk, kpm, device):
-    """Masked scores of a block to -inf: its causal triangle, offset triangle, key padding."""
-    causal, mask = _block_mask(blk, kpm, device)  # [b|1, 1, sq|1, sk] or None
+def _block_bool_mask(blk, kpm, device):
+    """The block's masked entries as one bool ``[b|1, 1, sq|1, sk]`` (its causal triangle,
+    offset triangle and key padding), or None."""
+    causal, mask = _block_mask(blk, kpm, device)
     if causal:
         n = blk.q.stop - blk.q.start
-        tri = torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+        tri = torch.ones(n, n, dtype=torch.bool, device=device).triu_(1).view(1, 1, n, n)
         mask = tri if mask is None else mask | tri
-    if mask is not None:
-        dst.masked_fill_(mask.unsqueeze(1) if mask.dim() == 4 else mask, float("-inf"))
+    return mask
+
+
+def _tiles(blk, b: int, g: int, hkv: int, cols: int):
+    """``(kv head, rows)`` tiles of a block: one K/V head's query group by row slices whose
+    ``b·g·rows·cols`` scores fit in a core's cache (~512 KiB fp32), at least 16 rows: the
+    scores are written, reduced and exponentiated there before the next tile."""
+    step = max(16, (1 << 17) // max(1, b * g * cols))
+    return [(h, slice(a, min(blk.q.stop, a + step)))
+            for h in range(hkv) for a in range(blk.q.start, blk.q.stop, step)]
 
 
 def _row_tiles(blk, cols: int, row_elems: int, budget: int):
@@ -134,74 +146,118 @@ def _row_tiles(blk, cols: int, row_elems: int, budget: int):
     return [slice(a, min(blk.q.stop, a + step)) for a in range(blk.q.start, blk.q.stop, step)]
 
 
+def _stat_offsets(plans):
+    """Offset of each block's rows in the flat per-block statistics (row max, factor)."""
+    offs, n = [], 0
+    for blocks in plans:
+        offs.append([])
+        for blk in blocks:
+            offs[-1].append(n)
+            n += blk.q.stop - blk.q.start
+    return offs, n
+
+
 def rsa_forward(setup, q, k, v, kpm_all):
-    """K ring: the needed blocks of the score rows, in place, and the row max; then the V
-    ring: each block exponentiated in place (``exp(score - max)``, the rows' unnormalised
-    softmax), summed, and multiplied with ``V_j``. The row sums divide the output once."""
+    """K ring: the needed blocks of the score rows, tile by tile in cache: scores, the
+    block's row max ``m``, ``exp(score - m)`` in place and its row sums. V ring: each block
+    times ``V_j``, rescaled by ``exp(m - M)`` (``M`` the row max over all blocks) on the
+    ``[s, D]`` product. The rows hold the per-block ``exp(score - m)``; the factors
+    ``exp(m - M) / sum`` (one per block row) are kept for the backward."""
     comm, s, P = setup.comm(), q.size(2), setup.world_size
     b, hq, _, d = q.shape
     hkv = k.size(1)
+    g = hq // hkv
     cd = acc_dtype(q.dtype)
     plans = _blocks(setup, s)
-    qs = (q.to(cd) * setup.scale).reshape(b, hkv, hq // hkv, s, d)
-    probs = torch.empty(b, hkv, hq // hkv, s, P * s, dtype=cd, device=q.device)
-    rmax = torch.full((b, hkv, hq // hkv, s, 1), float("-inf"), dtype=cd, device=q.device)
+    offs, n_stat = _stat_offsets(plans)
+    qs = (q.to(cd) * setup.scale).reshape(b, hkv, g, s, d)
+    probs = torch.empty(b, hkv, g, s, P * s, dtype=cd, device=q.device)
+    bmax = torch.empty(b, hkv, g, n_stat, 1, dtype=cd, device=q.device)  # per block row
+    bsum = torch.empty_like(bmax)
 
     def scores(j, k_j):
         kt = k_j.to(cd).unsqueeze(2).transpose(-1, -2)
         kpm = None if kpm_all is None else kpm_all[j]
-        for blk in plans[j]:
-            dst = probs[..., blk.q, j * s + blk.k.start:j * s + blk.k.stop]
-            torch.matmul(qs[..., blk.q, :], kt[..., blk.k], out=dst)
-            _mask_(dst, blk, kpm, q.device)
-            m = rmax[..., blk.q, :]
-            torch.maximum(m, dst.amax(-1, keepdim=True), out=m)
+        for blk, off in zip(plans[j], offs[j]):
+            cols = slice(j * s + blk.k.start, j * s + blk.k.stop)
+            mask = _block_bool_mask(blk, kpm, q.device)
+            for h, rows in _tiles(blk, b, g, hkv, cols.stop - cols.start):
+                hs = slice(h, h + 1)
+                dst = probs[:, hs, :, rows, cols]
+                torch.matmul(qs[:, hs, :, rows], kt[:, hs, ..., blk.k], out=dst)
+                if mask is not None:
+                    mt = mask if mask.size(2) == 1 else mask[:, :, rows.start - blk.q.start:
+                                                             rows.stop - blk.q.start]
+                    dst.masked_fill_(mt.unsqueeze(1), float("-inf"))
+                st = slice(off + rows.start - blk.q.start, off + rows.stop - blk.q.start)
+                m = bmax[:, hs, :, st]
+                torch.amax(dst, -1, keepdim=True, out=m)
+                dst.sub_(m.masked_fill(torch.isinf(m), 0.0)).exp_()
+                torch.sum(dst, -1, keepdim=True, out=bsum[:, hs, :, st])
 
     _ring(comm, k, scores)
-    rmax.masked_fill_(torch.isinf(rmax), 0.0)  # rows without a key: all their scores are -inf
-    out = torch.zeros(b, hkv, hq // hkv, s, d, dtype=cd, device=q.device)
+    rmax = torch.full((b, hkv, g, s, 1), float("-inf"), dtype=cd, device=q.device)
+    for j in range(P):
+        for blk, off in zip(plans[j], offs[j]):
+            m = rmax[..., blk.q, :]
+            torch.maximum(m, bmax[..., off:off + blk.q.stop - blk.q.start, :], out=m)
+    rmax.masked_fill_(torch.isinf(rmax), 0.0)  # rows without a key: every block is empty
+    fac = bmax  # becomes exp(m - M) per block row (0 for an empty block row), in place
     total = torch.zeros_like(rmax)
+    for j in range(P):
+        for blk, off in zip(plans[j], offs[j]):
+            st = slice(off, off + blk.q.stop - blk.q.start)
+            fac[..., st, :].sub_(rmax[..., blk.q, :]).exp_()
+            total[..., blk.q, :] += fac[..., st, :] * bsum[..., st, :]
+    del bsum
+    out = torch.zeros(b, hkv, g, s, d, dtype=cd, device=q.device)
 
     def context(j, v_j):
         vj = v_j.to(cd).unsqueeze(2)
-        for blk in plans[j]:
+        for blk, off in zip(plans[j], offs[j]):
             p = probs[..., blk.q, j * s + blk.k.start:j * s + blk.k.stop]
-            p.sub_(rmax[..., blk.q, :]).exp_()
-            total[..., blk.q, :] += p.sum(-1, keepdim=True)
-            out[..., blk.q, :] += torch.matmul(p, vj[..., blk.k, :])
+            st = slice(off, off + blk.q.stop - blk.q.start)
+            out[..., blk.q, :] += torch.matmul(p, vj[..., blk.k, :]).mul_(fac[..., st, :])
 
     _ring(comm, v, context)
     inv = torch.where(total > 0, 1.0 / total, 0.0)
     out.mul_(inv)
     lse = torch.where(total > 0, total.log() + rmax, float("-inf"))
+    for j in range(P):  # the factors of the true probabilities: exp(m - M) / sum
+        for blk, off in zip(plans[j], offs[j]):
+            fac[..., off:off + blk.q.stop - blk.q.start, :].mul_(inv[..., blk.q, :])
     if setup.traffic:
         setup.traffic.add_block_steps(setup.world_size)
-    return out.view(b, hq, s, d), lse.view(b, hq, s), (probs, inv)
+    return out.view(b, hq, s, d), lse.view(b, hq, s), (probs, fac)
 
 
-def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, inv):
+def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
     """V ring: ``dV_j = Pᵀ·dO`` and ``dS = P∘(dO·V_jᵀ - δ)`` over the needed blocks, written
     over the probabilities (row tiles bound the ``dO·V_jᵀ`` temporary); K ring: ``dQ`` and
-    the ``dK_j`` partials. ``P`` is held unnormalised: the row factors ``1/sum`` go on dO,
-    Q and dQ (``[s, D]`` tensors) instead of a pass over the rows."""
+    the ``dK_j`` partials. The rows hold ``P`` up to a factor per block row (``fac``), which
+    goes on the ``[rows, D]`` operands and products instead of a pass over the rows."""
     comm, s = setup.comm(), q.size(2)
     b, hq, _, d = q.shape
     hkv = k.size(1)
     cd = probs.dtype
     plans = _blocks(setup, s)
+    offs, _ = _stat_offsets(plans)
     do = dout.to(cd).reshape(b, hkv, hq // hkv, s, d)
     delta = (do * out.to(cd).reshape_as(do)).sum(-1, keepdim=True)  # = rowsum(dP∘P)
-    dos = do * inv
     budget = b * hq * s * max(s // 8, 1)  # dO·V_jᵀ tile: 1/(8P) of the score rows (>= 1 row)
     tmp = [torch.empty(budget, dtype=cd, device=q.device)]
 
-    def grad_v(j, v_j):  # dV_j partial; dS_j overwrites P_j (P_j is not needed afterwards)
+    def factor(blk, off):
+        return fac[..., off:off + blk.q.stop - blk.q.start, :]
+
+    def grad_v(j, v_j):  # dV_j partial; dS_j (up to its factor) overwrites P_j
         vt = v_j.to(cd).unsqueeze(2).transpose(-1, -2)
         dv_j = torch.zeros(b, hkv, s, d, dtype=cd, device=q.device)
-        for blk in plans[j]:
+        for blk, off in zip(plans[j], offs[j]):
             cols = slice(j * s + blk.k.start, j * s + blk.k.stop)
             p = probs[..., blk.q, cols]
-            dv_j[..., blk.k, :] += torch.matmul(p.transpose(-1, -2), dos[..., blk.q, :]).sum(2)
+            dos = do[..., blk.q, :] * factor(blk, off)
+            dv_j[..., blk.k, :] += torch.matmul(p.transpose(-1, -2), dos).sum(2)
             n = blk.k.stop - blk.k.start
             for rows in _row_tiles(blk, n, b * hq, budget):
                 dp = tmp[0][:b * hq * (rows.stop - rows.start) * n].view(
@@ -212,20 +268,22 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, inv):
 
     dv = _ring(comm, v, grad_v)
     tmp.clear()
-    qsl = q.to(cd).reshape_as(do) * (inv * setup.scale)
+    qs = q.to(cd).reshape_as(do) * setup.scale
     dq = torch.zeros_like(do)
 
     def grad_k(j, k_j):
         kj = k_j.to(cd).unsqueeze(2)
         dk_j = torch.zeros(b, hkv, s, d, dtype=cd, device=q.device)
-        for blk in plans[j]:
+        for blk, off in zip(plans[j], offs[j]):
             ds = probs[..., blk.q, j * s + blk.k.start:j * s + blk.k.stop]
-            dq[..., blk.q, :] += torch.matmul(ds, kj[..., blk.k, :])
-            dk_j[..., blk.k, :] += torch.matmul(ds.transpose(-1, -2), qsl[..., blk.q, :]).sum(2)
+            c = factor(blk, off)
+            dq[..., blk.q, :] += torch.matmul(ds, kj[..., blk.k, :]).mul_(c)
+            dk_j[..., blk.k, :] += torch.matmul(ds.transpose(-1, -2),
+                                                qs[..., blk.q, :] * c).sum(2)
         return dk_j
 
     dk = _ring(comm, k, grad_k)
-    dq = dq.mul_(inv * setup.scale).view(b, hq, s, d)
+    dq = dq.mul_(setup.scale).view(b, hq, s, d)
     if setup.options.colossalai_compat:
         for g in (dq, dk, dv):
             g.div_(setup.world_size)
