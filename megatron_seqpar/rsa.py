@@ -209,7 +209,6 @@ def rsa_forward(setup, q, k, v, kpm_all):
             st = slice(off, off + blk.q.stop - blk.q.start)
             fac[..., st, :].sub_(rmax[..., blk.q, :]).exp_()
             total[..., blk.q, :] += fac[..., st, :] * bsum[..., st, :]
-    del bsum
     out = torch.zeros(b, hkv, g, s, d, dtype=cd, device=q.device)
 
     def context(j, v_j):
