@@ -211,7 +211,7 @@ def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
             attend_backward(gdo, gq, _piece_runs(setup, j, s, _pieces(setup, j, s, m, i)), k, v,
                             k_runs, gout, g[j, n:].view(b, hq, c), dq=to_bhsd(dqp[j]), dk=dk,
                             dv=dv, **kw)
-        del g, gq, gdo, gout  # the views too: they keep the gathered buffer alive
+        del g, slot, slot_lse, gq, gdo, gout  # the views too: they keep the gathered buffer alive
         mdq = comm.reduce_scatter(dqp)
         for off, (a, ln) in _offsets(mine):
             dqp_pub[:, a:a + ln] = mdq[:, off:off + ln]
