@@ -348,7 +348,7 @@ def _joins(blocks: list[Block], blk: Block) -> bool:
     return alone and last.kind == "full" and last.k == blk.k and last.q.stop == blk.q.start
 
 
-def _block_mask(blk: Block, kpm, device):
+def block_mask(blk: Block, kpm, device):
     """``(causal, mask)`` for a block: mask ``[b|1, 1, sq|1, sk]`` bool or None. A diagonal
     block keeps ``causal`` with only the key padding ``[b, 1, 1, sk]`` as its mask (the fused
     kernels apply the triangle themselves); an offset ``mask`` block gets its explicit
@@ -380,7 +380,7 @@ def attend(q, q_runs, k, v, k_runs, *, scale, causal, kpm=None, backend="auto", 
         lse = torch.full((b, hq, sq), NEG_INF, dtype=cd, device=q.device)
     seen = None
     for blk in plan_blocks(q_runs, k_runs, causal):
-        blk_causal, mask = _block_mask(blk, kpm, q.device)
+        blk_causal, mask = block_mask(blk, kpm, q.device)
         o, lb = block_attention(q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], scale=scale,
                                 causal=blk_causal, mask=mask, backend=backend)
         if fresh and blk.q != seen:
@@ -423,7 +423,7 @@ def attend_backward(dout, q, q_runs, k, v, k_runs, out, lse, *, scale, causal, k
         dk = zeros_public(k, cd) if dk is None else dk
         dv = zeros_public(v, cd) if dv is None else dv
     for blk in blocks:
-        blk_causal, mask = _block_mask(blk, kpm, q.device)
+        blk_causal, mask = block_mask(blk, kpm, q.device)
         g = block_attention_backward(
             dout[:, :, blk.q], q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k],
             out[:, :, blk.q], lse[:, :, blk.q], scale=scale, causal=blk_causal, mask=mask,

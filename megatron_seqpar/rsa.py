@@ -40,7 +40,7 @@ import torch
 
 from megatron_seqpar.api import BaseOptions
 from megatron_seqpar.common import run_method
-from megatron_seqpar.kernels import _block_mask, acc_dtype, plan_blocks
+from megatron_seqpar.kernels import acc_dtype, block_mask, plan_blocks
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def _blocks(setup, s):
 def _block_bool_mask(blk, kpm, device):
     """The block's masked entries as one bool ``[b|1, 1, sq|1, sk]`` (its causal triangle,
     offset triangle and key padding), or None."""
-    causal, mask = _block_mask(blk, kpm, device)
+    causal, mask = block_mask(blk, kpm, device)
     if causal:
         n = blk.q.stop - blk.q.start
         tri = torch.ones(n, n, dtype=torch.bool, device=device).triu_(1).view(1, 1, n, n)
