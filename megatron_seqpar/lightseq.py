@@ -249,7 +249,6 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
         if st.q_to is not None:
             q_ret = q_ret or [torch.empty_like(public(dq))]
             recvs.append((("q", q_ret[0]), st.q_to))
-        _finish_returns(returns, consume)
         returns = (comm.post(sends, [(b, p) for (_, b), p in recvs]), [kb for kb, _ in recvs],
                    sends)
         pending = nxt
