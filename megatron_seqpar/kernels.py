@@ -101,7 +101,7 @@ def _fold_causal(q, k, causal, mask):
 # A causal square block longer than this is cut into tiles (``_causal_tiles``) on the CPU
 # fused kernel. The kernel computes whole key tiles of up to 512 (a causal n <= 512 block costs
 # as much as the full square), so small causal blocks ran at ~2x the time per visible pair of
-# a full block; cut in halves down to 64, they run at 1.1-1.5x (``tools/bench_kernels.py``).
+# a full block; cut in halves down to 64, they run at 1.1-1.5x (docs/benchmarks.md, issue 17).
 CPU_CAUSAL_TILE = 64
 
 

@@ -130,15 +130,6 @@ def _block_bool_mask(blk, kpm, device):
     return mask
 
 
-def _tiles(blk, b: int, g: int, hkv: int, cols: int):
-    """``(kv head, rows)`` tiles of a block: one K/V head's query group by row slices whose
-    ``b·g·rows·cols`` scores fit in a core's cache (~512 KiB fp32), at least 16 rows: the
-    scores are written, reduced and exponentiated there before the next tile."""
-    step = max(16, (1 << 17) // max(1, b * g * cols))
-    return [(h, slice(a, min(blk.q.stop, a + step)))
-            for h in range(hkv) for a in range(blk.q.start, blk.q.stop, step)]
-
-
 def _row_tiles(blk, cols: int, row_elems: int, budget: int):
     """Row slices of ``blk`` whose ``rows x cols`` temporaries hold at most ``budget``
     elements (at least one row each)."""
@@ -146,15 +137,24 @@ def _row_tiles(blk, cols: int, row_elems: int, budget: int):
     return [slice(a, min(blk.q.stop, a + step)) for a in range(blk.q.start, blk.q.stop, step)]
 
 
-def _stat_offsets(plans):
-    """Offset of each block's rows in the flat per-block statistics (row max, factor)."""
-    offs, n = [], 0
+def _tiles(blk, b: int, g: int, hkv: int, cols: int):
+    """``(kv head, rows)`` tiles of a block: one K/V head's query group by row slices whose
+    ``b·g·rows·cols`` scores fit in a core's cache (~512 KiB fp32), at least 16 rows: the
+    scores are written, reduced and exponentiated there before the next tile."""
+    budget = max(1 << 17, 16 * b * g * cols)
+    return [(h, rows) for h in range(hkv) for rows in _row_tiles(blk, cols, b * g, budget)]
+
+
+def _stat_slices(plans):
+    """Each block's rows in the flat per-block statistics (row max, factor), and their
+    total count."""
+    out, n = [], 0
     for blocks in plans:
-        offs.append([])
+        out.append([])
         for blk in blocks:
-            offs[-1].append(n)
+            out[-1].append(slice(n, n + blk.q.stop - blk.q.start))
             n += blk.q.stop - blk.q.start
-    return offs, n
+    return out, n
 
 
 def rsa_forward(setup, q, k, v, kpm_all):
@@ -169,7 +169,7 @@ def rsa_forward(setup, q, k, v, kpm_all):
     g = hq // hkv
     cd = acc_dtype(q.dtype)
     plans = _blocks(setup, s)
-    offs, n_stat = _stat_offsets(plans)
+    stats, n_stat = _stat_slices(plans)
     qs = (q.to(cd) * setup.scale).reshape(b, hkv, g, s, d)
     probs = torch.empty(b, hkv, g, s, P * s, dtype=cd, device=q.device)
     bmax = torch.empty(b, hkv, g, n_stat, 1, dtype=cd, device=q.device)  # per block row
@@ -178,7 +178,7 @@ def rsa_forward(setup, q, k, v, kpm_all):
     def scores(j, k_j):
         kt = k_j.to(cd).unsqueeze(2).transpose(-1, -2)
         kpm = None if kpm_all is None else kpm_all[j]
-        for blk, off in zip(plans[j], offs[j]):
+        for blk, sb in zip(plans[j], stats[j]):
             cols = slice(j * s + blk.k.start, j * s + blk.k.stop)
             mask = _block_bool_mask(blk, kpm, q.device)
             for h, rows in _tiles(blk, b, g, hkv, cols.stop - cols.start):
@@ -189,7 +189,7 @@ def rsa_forward(setup, q, k, v, kpm_all):
                     mt = mask if mask.size(2) == 1 else mask[:, :, rows.start - blk.q.start:
                                                              rows.stop - blk.q.start]
                     dst.masked_fill_(mt.unsqueeze(1), float("-inf"))
-                st = slice(off + rows.start - blk.q.start, off + rows.stop - blk.q.start)
+                st = slice(sb.start + rows.start - blk.q.start, sb.start + rows.stop - blk.q.start)
                 m = bmax[:, hs, :, st]
                 torch.amax(dst, -1, keepdim=True, out=m)
                 dst.sub_(m.masked_fill(torch.isinf(m), 0.0)).exp_()
@@ -198,24 +198,22 @@ def rsa_forward(setup, q, k, v, kpm_all):
     _ring(comm, k, scores)
     rmax = torch.full((b, hkv, g, s, 1), float("-inf"), dtype=cd, device=q.device)
     for j in range(P):
-        for blk, off in zip(plans[j], offs[j]):
+        for blk, st in zip(plans[j], stats[j]):
             m = rmax[..., blk.q, :]
-            torch.maximum(m, bmax[..., off:off + blk.q.stop - blk.q.start, :], out=m)
+            torch.maximum(m, bmax[..., st, :], out=m)
     rmax.masked_fill_(torch.isinf(rmax), 0.0)  # rows without a key: every block is empty
     fac = bmax  # becomes exp(m - M) per block row (0 for an empty block row), in place
     total = torch.zeros_like(rmax)
     for j in range(P):
-        for blk, off in zip(plans[j], offs[j]):
-            st = slice(off, off + blk.q.stop - blk.q.start)
+        for blk, st in zip(plans[j], stats[j]):
             fac[..., st, :].sub_(rmax[..., blk.q, :]).exp_()
             total[..., blk.q, :] += fac[..., st, :] * bsum[..., st, :]
     out = torch.zeros(b, hkv, g, s, d, dtype=cd, device=q.device)
 
     def context(j, v_j):
         vj = v_j.to(cd).unsqueeze(2)
-        for blk, off in zip(plans[j], offs[j]):
+        for blk, st in zip(plans[j], stats[j]):
             p = probs[..., blk.q, j * s + blk.k.start:j * s + blk.k.stop]
-            st = slice(off, off + blk.q.stop - blk.q.start)
             out[..., blk.q, :] += torch.matmul(p, vj[..., blk.k, :]).mul_(fac[..., st, :])
 
     _ring(comm, v, context)
@@ -223,8 +221,8 @@ def rsa_forward(setup, q, k, v, kpm_all):
     out.mul_(inv)
     lse = torch.where(total > 0, total.log() + rmax, float("-inf"))
     for j in range(P):  # the factors of the true probabilities: exp(m - M) / sum
-        for blk, off in zip(plans[j], offs[j]):
-            fac[..., off:off + blk.q.stop - blk.q.start, :].mul_(inv[..., blk.q, :])
+        for blk, st in zip(plans[j], stats[j]):
+            fac[..., st, :].mul_(inv[..., blk.q, :])
     if setup.traffic:
         setup.traffic.add_block_steps(setup.world_size)
     return out.view(b, hq, s, d), lse.view(b, hq, s), (probs, fac)
@@ -240,22 +238,19 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
     hkv = k.size(1)
     cd = probs.dtype
     plans = _blocks(setup, s)
-    offs, _ = _stat_offsets(plans)
+    stats, _ = _stat_slices(plans)
     do = dout.to(cd).reshape(b, hkv, hq // hkv, s, d)
     delta = (do * out.to(cd).reshape_as(do)).sum(-1, keepdim=True)  # = rowsum(dP∘P)
     budget = b * hq * s * max(s // 8, 1)  # dO·V_jᵀ tile: 1/(8P) of the score rows (>= 1 row)
     tmp = [torch.empty(budget, dtype=cd, device=q.device)]
 
-    def factor(blk, off):
-        return fac[..., off:off + blk.q.stop - blk.q.start, :]
-
     def grad_v(j, v_j):  # dV_j partial; dS_j (up to its factor) overwrites P_j
         vt = v_j.to(cd).unsqueeze(2).transpose(-1, -2)
         dv_j = torch.zeros(b, hkv, s, d, dtype=cd, device=q.device)
-        for blk, off in zip(plans[j], offs[j]):
+        for blk, st in zip(plans[j], stats[j]):
             cols = slice(j * s + blk.k.start, j * s + blk.k.stop)
             p = probs[..., blk.q, cols]
-            dos = do[..., blk.q, :] * factor(blk, off)
+            dos = do[..., blk.q, :] * fac[..., st, :]
             dv_j[..., blk.k, :] += torch.matmul(p.transpose(-1, -2), dos).sum(2)
             n = blk.k.stop - blk.k.start
             for rows in _row_tiles(blk, n, b * hq, budget):
@@ -273,9 +268,9 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
     def grad_k(j, k_j):
         kj = k_j.to(cd).unsqueeze(2)
         dk_j = torch.zeros(b, hkv, s, d, dtype=cd, device=q.device)
-        for blk, off in zip(plans[j], offs[j]):
+        for blk, st in zip(plans[j], stats[j]):
             ds = probs[..., blk.q, j * s + blk.k.start:j * s + blk.k.stop]
-            c = factor(blk, off)
+            c = fac[..., st, :]
             dq[..., blk.q, :] += torch.matmul(ds, kj[..., blk.k, :]).mul_(c)
             dk_j[..., blk.k, :] += torch.matmul(ds.transpose(-1, -2),
                                                 qs[..., blk.q, :] * c).sum(2)
