@@ -18,8 +18,10 @@ stay in cache) and each tile is reduced at once: its row max ``m``, ``exp(score 
 place, its row sums. The rows thus hold ``exp(score - m)`` per block; the rescaling
 ``exp(m - M) / sum`` (``M`` the row max over all blocks) is one factor per block row, applied
 to the ``[rows, D]`` products and operands (the context, dO, Q and dQ) instead of passes over
-the ``s x S`` rows. The backward's ``dO·V_jᵀ`` temporary is cut in row tiles of at most
-``1/(8P)`` of the rows.
+the ``s x S`` rows. The K ring works in base 2 (``exp2``, as flash kernels do). The backward's
+``dO·V_jᵀ`` is computed by the same tiles, and its products with the rows are taken as
+``dOᵀ·P`` and ``Qᵀ·dS`` (the dV and dK partials travel transposed): the rows are then read in
+their own order, about 13% faster than through a transposed operand here.
 
 Memory per rank: the score/probability rows ``b·hq·s·S`` in the accumulation dtype, kept for
 the backward (allocated whole; blocks nobody needs are never written nor read). That
@@ -34,6 +36,7 @@ The block-kernel ``backend`` option does not apply: RSA materialises its score r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +44,10 @@ import torch
 from megatron_seqpar.api import BaseOptions
 from megatron_seqpar.common import run_method
 from megatron_seqpar.kernels import acc_dtype, block_mask, plan_blocks
+
+# the K ring works in base 2 (scores times log2(e), then exp2: about 3x cheaper than exp on
+# CPU, the same trick as flash kernels); the log-sum-exp it returns is natural
+_LOG2E, _LN2 = math.log2(math.e), math.log(2.0)
 
 
 @dataclass(frozen=True)
@@ -139,9 +146,9 @@ def _row_tiles(blk, cols: int, row_elems: int, budget: int):
 
 def _tiles(blk, b: int, g: int, hkv: int, cols: int):
     """``(kv head, rows)`` tiles of a block: one K/V head's query group by row slices whose
-    ``b·g·rows·cols`` scores fit in a core's cache (~512 KiB fp32), at least 16 rows: the
-    scores are written, reduced and exponentiated there before the next tile."""
-    budget = max(1 << 17, 16 * b * g * cols)
+    ``b·g·rows·cols`` scores fit in a core's L2 cache (1 MiB fp32 here), at least 16 rows:
+    the scores are written, reduced and exponentiated there before the next tile."""
+    budget = max(1 << 18, 16 * b * g * cols)
     return [(h, rows) for h in range(hkv) for rows in _row_tiles(blk, cols, b * g, budget)]
 
 
@@ -157,6 +164,11 @@ def _stat_slices(plans):
     return out, n
 
 
+def _group_sum(x):
+    """Sum a ``[b, hkv, g, ...]`` product over the query group ``g`` (a view when g = 1)."""
+    return x.squeeze(2) if x.size(2) == 1 else x.sum(2)
+
+
 def rsa_forward(setup, q, k, v, kpm_all):
     """K ring: the needed blocks of the score rows, tile by tile in cache: scores, the
     block's row max ``m``, ``exp(score - m)`` in place and its row sums. V ring: each block
@@ -170,10 +182,11 @@ def rsa_forward(setup, q, k, v, kpm_all):
     cd = acc_dtype(q.dtype)
     plans = _blocks(setup, s)
     stats, n_stat = _stat_slices(plans)
-    qs = (q.to(cd) * setup.scale).reshape(b, hkv, g, s, d)
+    qs = (q.to(cd) * (setup.scale * _LOG2E)).reshape(b, hkv, g, s, d)  # scores in base 2
     probs = torch.empty(b, hkv, g, s, P * s, dtype=cd, device=q.device)
     bmax = torch.empty(b, hkv, g, n_stat, 1, dtype=cd, device=q.device)  # per block row
     bsum = torch.empty_like(bmax)
+    lowest = torch.finfo(cd).min
 
     def scores(j, k_j):
         kt = k_j.to(cd).unsqueeze(2).transpose(-1, -2)
@@ -191,22 +204,23 @@ def rsa_forward(setup, q, k, v, kpm_all):
                     dst.masked_fill_(mt.unsqueeze(1), float("-inf"))
                 st = slice(sb.start + rows.start - blk.q.start, sb.start + rows.stop - blk.q.start)
                 m = bmax[:, hs, :, st]
-                torch.amax(dst, -1, keepdim=True, out=m)
-                dst.sub_(m.masked_fill(torch.isinf(m), 0.0)).exp_()
+                # a row without a key: -inf becomes the lowest finite value, so that
+                # exp2(score - m) gives 0 and, later, exp2(m - M) is 0 (or 1 times a 0 sum)
+                torch.amax(dst, -1, keepdim=True, out=m).clamp_(min=lowest)
+                dst.sub_(m).exp2_()
                 torch.sum(dst, -1, keepdim=True, out=bsum[:, hs, :, st])
 
     _ring(comm, k, scores)
-    rmax = torch.full((b, hkv, g, s, 1), float("-inf"), dtype=cd, device=q.device)
+    rmax = torch.full((b, hkv, g, s, 1), lowest, dtype=cd, device=q.device)
     for j in range(P):
         for blk, st in zip(plans[j], stats[j]):
             m = rmax[..., blk.q, :]
             torch.maximum(m, bmax[..., st, :], out=m)
-    rmax.masked_fill_(torch.isinf(rmax), 0.0)  # rows without a key: every block is empty
     fac = bmax  # becomes exp(m - M) per block row (0 for an empty block row), in place
     total = torch.zeros_like(rmax)
     for j in range(P):
         for blk, st in zip(plans[j], stats[j]):
-            fac[..., st, :].sub_(rmax[..., blk.q, :]).exp_()
+            fac[..., st, :].sub_(rmax[..., blk.q, :]).exp2_()
             total[..., blk.q, :] += fac[..., st, :] * bsum[..., st, :]
     out = torch.zeros(b, hkv, g, s, d, dtype=cd, device=q.device)
 
@@ -219,7 +233,7 @@ def rsa_forward(setup, q, k, v, kpm_all):
     _ring(comm, v, context)
     inv = torch.where(total > 0, 1.0 / total, 0.0)
     out.mul_(inv)
-    lse = torch.where(total > 0, total.log() + rmax, float("-inf"))
+    lse = torch.where(total > 0, total.log() + rmax * _LN2, float("-inf"))
     for j in range(P):  # the factors of the true probabilities: exp(m - M) / sum
         for blk, st in zip(plans[j], stats[j]):
             fac[..., st, :].mul_(inv[..., blk.q, :])
@@ -229,58 +243,63 @@ def rsa_forward(setup, q, k, v, kpm_all):
 
 
 def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
-    """V ring: ``dV_j = Pᵀ·dO`` and ``dS = P∘(dO·V_jᵀ - δ)`` over the needed blocks, written
-    over the probabilities (row tiles bound the ``dO·V_jᵀ`` temporary); K ring: ``dQ`` and
-    the ``dK_j`` partials. The rows hold ``P`` up to a factor per block row (``fac``), which
-    goes on the ``[rows, D]`` operands and products instead of a pass over the rows."""
+    """V ring: ``dV_jᵀ = dOᵀ·P`` and ``dS = P∘(dO·V_jᵀ - δ)`` over the needed blocks, written
+    over the probabilities (``dO·V_jᵀ`` by cache tiles); K ring: ``dQ`` and the ``dK_jᵀ``
+    partials (the partials are summed transposed, then turned once). The rows hold ``P`` up
+    to a factor per block row (``fac``), which goes on the ``[rows, D]`` operands and
+    products instead of a pass over the rows."""
     comm, s = setup.comm(), q.size(2)
     b, hq, _, d = q.shape
     hkv = k.size(1)
+    g = hq // hkv
     cd = probs.dtype
     plans = _blocks(setup, s)
     stats, _ = _stat_slices(plans)
-    do = dout.to(cd).reshape(b, hkv, hq // hkv, s, d)
+    do = dout.to(cd).reshape(b, hkv, g, s, d)
     delta = (do * out.to(cd).reshape_as(do)).sum(-1, keepdim=True)  # = rowsum(dP∘P)
-    budget = b * hq * s * max(s // 8, 1)  # dO·V_jᵀ tile: 1/(8P) of the score rows (>= 1 row)
-    tmp = [torch.empty(budget, dtype=cd, device=q.device)]
+    tile = max((b * g * (r.stop - r.start) * (blk.k.stop - blk.k.start)
+                for blocks in plans for blk in blocks
+                for _, r in _tiles(blk, b, g, hkv, blk.k.stop - blk.k.start)), default=1)
+    tmp = [torch.empty(tile, dtype=cd, device=q.device)]  # one tile of dO·V_jᵀ, reused
 
     def grad_v(j, v_j):  # dV_j partial; dS_j (up to its factor) overwrites P_j
         vt = v_j.to(cd).unsqueeze(2).transpose(-1, -2)
-        dv_j = torch.zeros(b, hkv, s, d, dtype=cd, device=q.device)
+        dvt_j = torch.zeros(b, hkv, d, s, dtype=cd, device=q.device)
         for blk, st in zip(plans[j], stats[j]):
             cols = slice(j * s + blk.k.start, j * s + blk.k.stop)
             p = probs[..., blk.q, cols]
             dos = do[..., blk.q, :] * fac[..., st, :]
-            dv_j[..., blk.k, :] += torch.matmul(p.transpose(-1, -2), dos).sum(2)
+            dvt_j[..., blk.k] += _group_sum(torch.matmul(dos.transpose(-1, -2), p))
             n = blk.k.stop - blk.k.start
-            for rows in _row_tiles(blk, n, b * hq, budget):
-                dp = tmp[0][:b * hq * (rows.stop - rows.start) * n].view(
-                    b, hkv, hq // hkv, rows.stop - rows.start, n)
-                torch.matmul(do[..., rows, :], vt[..., blk.k], out=dp)
-                probs[..., rows, cols].mul_(dp.sub_(delta[..., rows, :]))
-        return dv_j
+            for h, rows in _tiles(blk, b, g, hkv, n):  # in cache, like the K ring's
+                hs = slice(h, h + 1)
+                dp = tmp[0][:b * g * (rows.stop - rows.start) * n].view(
+                    b, 1, g, rows.stop - rows.start, n)
+                torch.matmul(do[:, hs, :, rows], vt[:, hs, ..., blk.k], out=dp)
+                probs[:, hs, :, rows, cols].mul_(dp.sub_(delta[:, hs, :, rows]))
+        return dvt_j
 
-    dv = _ring(comm, v, grad_v)
+    dv = _ring(comm, v, grad_v).transpose(-1, -2).contiguous()
     tmp.clear()
     qs = q.to(cd).reshape_as(do) * setup.scale
     dq = torch.zeros_like(do)
 
     def grad_k(j, k_j):
         kj = k_j.to(cd).unsqueeze(2)
-        dk_j = torch.zeros(b, hkv, s, d, dtype=cd, device=q.device)
+        dkt_j = torch.zeros(b, hkv, d, s, dtype=cd, device=q.device)
         for blk, st in zip(plans[j], stats[j]):
             ds = probs[..., blk.q, j * s + blk.k.start:j * s + blk.k.stop]
             c = fac[..., st, :]
             dq[..., blk.q, :] += torch.matmul(ds, kj[..., blk.k, :]).mul_(c)
-            dk_j[..., blk.k, :] += torch.matmul(ds.transpose(-1, -2),
-                                                qs[..., blk.q, :] * c).sum(2)
-        return dk_j
+            dkt_j[..., blk.k] += _group_sum(torch.matmul((qs[..., blk.q, :] * c)
+                                                         .transpose(-1, -2), ds))
+        return dkt_j
 
-    dk = _ring(comm, k, grad_k)
+    dk = _ring(comm, k, grad_k).transpose(-1, -2).contiguous()
     dq = dq.mul_(setup.scale).view(b, hq, s, d)
     if setup.options.colossalai_compat:
-        for g in (dq, dk, dv):
-            g.div_(setup.world_size)
+        for grad in (dq, dk, dv):
+            grad.div_(setup.world_size)
     return dq, dk, dv
 
 
