@@ -57,38 +57,41 @@ class Options(BaseOptions):
     colossalai_compat: bool = False
 
 
-def _ring(comm, own: torch.Tensor, visit):
+def _ring(comm, own: torch.Tensor, visit, total: torch.Tensor | None = None):
     """Pass ``own`` around the ring; ``visit(j, chunk)`` sees every rank ``j``'s chunk once.
 
-    The next chunk's transfer is in flight while ``visit`` runs. ``visit`` may return a
-    partial for ``j``'s owner; it is posted with the matching receive of this rank's own
-    partial, and each returned partial is added to the total one step later (after the next
-    step's transfers are posted), so at most two partials per direction are alive at once.
-    Returns the total (None when ``visit`` returns nothing).
+    The next chunk's transfer is in flight while ``visit`` runs. With ``total`` (zeros),
+    ``visit(j, chunk, acc)`` adds ``j``'s partial into ``acc`` instead: this rank's own
+    partial straight into ``total``, the others into a zeroed buffer that is posted to ``j``
+    with the matching receive of this rank's own partial and added to ``total`` one step
+    later (after the next step's transfers are posted). Two such buffers and two receive
+    buffers alternate (a pair is reused once it is settled), so at most two partials per
+    direction are alive and no step allocates. Returns ``total``.
     """
     P, r = comm.world_size, comm.rank
     own = own.contiguous()  # transfers need dense buffers (RSA's own copy: 1/P of its rows)
     cur, j = own, r
     bufs = [torch.empty_like(own), torch.empty_like(own)] if P > 1 else []
-    total, last = None, None
+    n = min(2, P - 1) if total is not None else 0
+    sent = [torch.empty_like(total) for _ in range(n)]
+    recv = [torch.empty_like(total) for _ in range(n)]
+    last = None
 
     def settle(item):
-        nonlocal total
-        back, recv, _keep_alive = item
-        if back is not None:
-            back.wait()
-        total = recv.clone() if total is None else total.add_(recv)
+        item[0].wait()
+        total.add_(item[1])
 
     for t in range(P):
         pending = (comm.post([(cur, (r + 1) % P)], [(bufs[t % 2], (r - 1) % P)])
                    if t < P - 1 else None)
-        partial = visit(j, cur)
-        if partial is not None:
-            if j != r:
-                recv = partial.new_empty(partial.shape)  # dense, whatever the partial's strides
-                item = (comm.post([(partial, j)], [(recv, (r + t) % P)]), recv, partial)
-            else:
-                item = (None, partial, None)
+        if total is None:
+            visit(j, cur)
+        elif j == r:
+            visit(j, cur, total)
+        else:
+            acc, into = sent[t % n].zero_(), recv[t % n]
+            visit(j, cur, acc)
+            item = (comm.post([(acc, j)], [(into, (r + t) % P)]), into)
             if last is not None:
                 settle(last)
             last = item
@@ -164,9 +167,13 @@ def _stat_slices(plans):
     return out, n
 
 
-def _group_sum(x):
-    """Sum a ``[b, hkv, g, ...]`` product over the query group ``g`` (a view when g = 1)."""
-    return x.squeeze(2) if x.size(2) == 1 else x.sum(2)
+def _add_product_t(acc, a, x):
+    """``acc[b, hkv, D, n] += Σ_g a[b, hkv, g, rows, D]ᵀ · x[b, hkv, g, rows, n]``, in place
+    and without a temporary (``acc``: columns of a ``[b, hkv, D, s]`` partial; ``x``: a block
+    of the rows, read in its own order)."""
+    acc3 = acc.flatten(0, 1)
+    for gi in range(a.size(2)):
+        acc3.baddbmm_(a[:, :, gi].flatten(0, 1).transpose(1, 2), x[:, :, gi].flatten(0, 1))
 
 
 def rsa_forward(setup, q, k, v, kpm_all):
@@ -223,12 +230,14 @@ def rsa_forward(setup, q, k, v, kpm_all):
             fac[..., st, :].sub_(rmax[..., blk.q, :]).exp2_()
             total[..., blk.q, :] += fac[..., st, :] * bsum[..., st, :]
     out = torch.zeros(b, hkv, g, s, d, dtype=cd, device=q.device)
+    scratch = torch.empty_like(out)  # a block's [rows, D] product, reused
 
     def context(j, v_j):
         vj = v_j.to(cd).unsqueeze(2)
         for blk, st in zip(plans[j], stats[j]):
             p = probs[..., blk.q, j * s + blk.k.start:j * s + blk.k.stop]
-            out[..., blk.q, :] += torch.matmul(p, vj[..., blk.k, :]).mul_(fac[..., st, :])
+            prod = torch.matmul(p, vj[..., blk.k, :], out=scratch[..., :p.size(-2), :])
+            out[..., blk.q, :].addcmul_(prod, fac[..., st, :])
 
     _ring(comm, v, context)
     inv = torch.where(total > 0, 1.0 / total, 0.0)
@@ -261,15 +270,15 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
                 for blocks in plans for blk in blocks
                 for _, r in _tiles(blk, b, g, hkv, blk.k.stop - blk.k.start)), default=1)
     tmp = [torch.empty(tile, dtype=cd, device=q.device)]  # one tile of dO·V_jᵀ, reused
+    scratch = torch.empty_like(do)  # a block's [rows, D] operand or product, reused
 
-    def grad_v(j, v_j):  # dV_j partial; dS_j (up to its factor) overwrites P_j
+    def grad_v(j, v_j, dvt_j):  # dV_jᵀ partial; dS_j (up to its factor) overwrites P_j
         vt = v_j.to(cd).unsqueeze(2).transpose(-1, -2)
-        dvt_j = torch.zeros(b, hkv, d, s, dtype=cd, device=q.device)
         for blk, st in zip(plans[j], stats[j]):
             cols = slice(j * s + blk.k.start, j * s + blk.k.stop)
             p = probs[..., blk.q, cols]
-            dos = do[..., blk.q, :] * fac[..., st, :]
-            dvt_j[..., blk.k] += _group_sum(torch.matmul(dos.transpose(-1, -2), p))
+            dos = torch.mul(do[..., blk.q, :], fac[..., st, :], out=scratch[..., :p.size(-2), :])
+            _add_product_t(dvt_j[..., blk.k], dos, p)
             n = blk.k.stop - blk.k.start
             for h, rows in _tiles(blk, b, g, hkv, n):  # in cache, like the K ring's
                 hs = slice(h, h + 1)
@@ -277,25 +286,25 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
                     b, 1, g, rows.stop - rows.start, n)
                 torch.matmul(do[:, hs, :, rows], vt[:, hs, ..., blk.k], out=dp)
                 probs[:, hs, :, rows, cols].mul_(dp.sub_(delta[:, hs, :, rows]))
-        return dvt_j
 
-    dv = _ring(comm, v, grad_v).transpose(-1, -2).contiguous()
+    partial_t = (b, hkv, d, s)  # dV and dK partials are summed transposed
+    dv = _ring(comm, v, grad_v, torch.zeros(partial_t, dtype=cd, device=q.device))
+    dv = dv.transpose(-1, -2).contiguous()
     tmp.clear()
     qs = q.to(cd).reshape_as(do) * setup.scale
     dq = torch.zeros_like(do)
 
-    def grad_k(j, k_j):
+    def grad_k(j, k_j, dkt_j):
         kj = k_j.to(cd).unsqueeze(2)
-        dkt_j = torch.zeros(b, hkv, d, s, dtype=cd, device=q.device)
         for blk, st in zip(plans[j], stats[j]):
             ds = probs[..., blk.q, j * s + blk.k.start:j * s + blk.k.stop]
             c = fac[..., st, :]
-            dq[..., blk.q, :] += torch.matmul(ds, kj[..., blk.k, :]).mul_(c)
-            dkt_j[..., blk.k] += _group_sum(torch.matmul((qs[..., blk.q, :] * c)
-                                                         .transpose(-1, -2), ds))
-        return dkt_j
+            prod = scratch[..., :ds.size(-2), :]
+            dq[..., blk.q, :].addcmul_(torch.matmul(ds, kj[..., blk.k, :], out=prod), c)
+            _add_product_t(dkt_j[..., blk.k], torch.mul(qs[..., blk.q, :], c, out=prod), ds)
 
-    dk = _ring(comm, k, grad_k).transpose(-1, -2).contiguous()
+    dk = _ring(comm, k, grad_k, torch.zeros(partial_t, dtype=cd, device=q.device))
+    dk = dk.transpose(-1, -2).contiguous()
     dq = dq.mul_(setup.scale).view(b, hq, s, d)
     if setup.options.colossalai_compat:
         for grad in (dq, dk, dv):
