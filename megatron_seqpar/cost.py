@@ -310,8 +310,7 @@ def _mqsp(sh: AttnShape, r: int):
     qc = sh.b * sh.hq * c * sh.D  # elements of one rank's micro-chunk of Q
     stat = sh.b * sh.hq * P * c * a  # one micro-step's row statistics
     rs = lambda n: (P - 1) * n // P  # noqa: E731
-    ar = lambda n: 2 * (P - 1) * n // P  # noqa: E731
-    fwd = m * ((P - 1) * qc * e + 2 * ar(stat) + rs(P * qc * a))  # Q gather, max+sum, ctx RS
+    fwd = m * ((P - 1) * qc * e + (P - 1) * stat + rs(P * qc * a))  # Q, lse gathers; ctx RS
     bwd = m * ((P - 1) * (3 * qc + sh.b * sh.hq * c) * a + rs(P * qc * a))  # packed gather, dQ
     # the backward's micro-step holds the gathered [q, dO, O, lse] rows of every rank and
     # their dQ partials (P·c rows, accumulation dtype, used in place), one kernel call's

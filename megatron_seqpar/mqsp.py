@@ -6,8 +6,11 @@ Each rank cuts its local queries into ``m`` micro-chunks of ``c = s/m`` tokens. 
 1. all-gather chunk ``i`` of every rank's Q: ``S/m`` queries, positions known from the layout;
 2. attend them to the LOCAL K/V only (causal mask by global position, key padding): a
    ``[S/m, s]`` score block, the column block of the distributed softmax, as ``(o, lse)``;
-3. distributed softmax: all-reduce of the row max, then of the row sum of exponentials,
-   giving the global ``lse``; the partial context ``o·exp(lse_local - lse)`` of each rank is
+3. distributed softmax in one exchange (the "one lse merge" of DESIGN.md): an all-gather of
+   every rank's column-block ``lse`` of the ``S/m`` rows, merged locally by log-sum-exp into
+   the global ``lse`` (one synchronisation instead of the max and sum all-reduces; bytes
+   ``(P-1)·S/m·b·hq``: equal to theirs at P=4, less below, at most ``P/D`` of the Q gather
+   above); the partial context ``o·exp(lse_local - lse)`` of each rank is
 4. reduce-scattered back to the query owners, who get their exact output rows.
 
 Micro-step ``i`` takes ``s/m`` rows of each rank: with the zigzag layout, piece ``i`` of the
@@ -20,8 +23,8 @@ re-run of the forward), dK/dV accumulate locally, and dQ partials are reduce-sca
 their owners.
 
 Sent per rank and micro-step (elements, ``c = s/m``): forward ``(P-1)·c·b·hq·D`` (Q gather) +
-``(P-1)/P·P·c·b·hq·D`` (context reduce-scatter, accumulation dtype) + two all-reduces of
-``P·c·b·hq`` statistics; backward ``(P-1)·c·b·hq·(3D+1)`` (gather, accumulation dtype) +
+``(P-1)/P·P·c·b·hq·D`` (context reduce-scatter, accumulation dtype) + ``(P-1)·P·c·b·hq``
+statistics (lse all-gather); backward ``(P-1)·c·b·hq·(3D+1)`` (gather, accumulation dtype) +
 ``(P-1)/P·P·c·b·hq·D`` (dQ reduce-scatter). Memory: q, k, v, out, lse saved; one
 micro-step's gathered queries, partial context and score block live.
 """
@@ -31,7 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megatron_seqpar.api import BaseOptions
 from megatron_seqpar.common import public, run_method, to_bhsd
@@ -152,16 +154,16 @@ def mqsp_forward(setup, q, k, v, kpm_all):
             gq[r, :, off:off + n].copy_(qp[:, a:a + n])
         comm.all_gather_inplace(gq)
         o = torch.zeros(P, b, c, hq, v.size(-1), dtype=cd, device=q.device)
-        lo = torch.full((P, b, hq, c), float("-inf"), dtype=cd, device=q.device)
+        # every rank's lse of its column block of the same P·c rows; this rank's is its slot
+        stats = torch.empty(P, P, b, hq, c, dtype=cd, device=q.device)
+        lo = stats[r].fill_(float("-inf"))
         for j in range(P):
             attend(to_bhsd(gq[j]), _piece_runs(setup, j, s, _pieces(setup, j, s, m, i)), k, v,
                    k_runs, out=to_bhsd(o[j]), lse=lo[j], **kw)
         del gq
-        # distributed softmax: every rank holds a column block of the same P·c rows
-        top = comm.all_reduce_(lo.clone(), dist.ReduceOp.MAX)
-        top = top.masked_fill_(torch.isinf(top), 0.0)
-        glse = torch.log(comm.all_reduce_(torch.exp(lo - top), dist.ReduceOp.SUM)).add_(top)
-        # global lse; -inf where no rank sees a key
+        # distributed softmax in one exchange: gather the column blocks' lse, merge locally
+        # (global lse; -inf where no rank sees a key)
+        glse = torch.logsumexp(comm.all_gather_inplace(stats), dim=0)
         o.mul_(torch.exp(lo - glse.masked_fill(torch.isinf(glse), 0.0)).transpose(2, 3)
                .unsqueeze(-1))
         mo = comm.reduce_scatter(o)
