@@ -311,15 +311,16 @@ def _mqsp(sh: AttnShape, r: int):
     stat = sh.b * sh.hq * P * c * a  # one micro-step's row statistics
     rs = lambda n: (P - 1) * n // P  # noqa: E731
     fwd = m * ((P - 1) * qc * e + (P - 1) * stat + rs(P * qc * a))  # Q, lse gathers; ctx RS
-    bwd = m * ((P - 1) * (3 * qc + sh.b * sh.hq * c) * a + rs(P * qc * a))  # packed gather, dQ
-    # the backward's micro-step holds the gathered [q, dO, O, lse] rows of every rank and
+    bwd = m * ((P - 1) * 2 * (qc + sh.b * sh.hq * c) * a + rs(P * qc * a))  # packed gather, dQ
+    # the backward's micro-step holds the gathered [q, dO, lse, δ] rows of every rank and
     # their dQ partials (P·c rows, accumulation dtype, used in place), one kernel call's
-    # gradients (c rows of dQ; dK/dV of one key run: half the local keys when zigzag), the
-    # reduce-scatter's c rows and the kernel's scratch; the score block stays in the kernel
+    # stand-in for O (α·dO) and gradients (c rows of dQ; dK/dV of one key run: half the local
+    # keys when zigzag), the reduce-scatter's c rows and the kernel's scratch; the score
+    # block stays in the kernel
     lc = sh.b * sh.hq * c * a  # one rank's lse rows
     run = _run_tokens(sh)
     key_run = sh.kv_bytes * run // sh.s
-    act = (_wrapper(sh) + P * (4 * qc * a + lc) + 2 * qc * a
+    act = (_wrapper(sh) + P * (3 * qc * a + 2 * lc) + 3 * qc * a
            + 2 * key_run * a // e + _kernel_scratch(sh, max(c, run)))
     pairs = sum(_pairs(sh, _positions(sh, j), _positions(sh, r)) for j in range(P))
     return fwd, bwd, fwd, bwd, act, pairs

@@ -17,14 +17,14 @@ Micro-step ``i`` takes ``s/m`` rows of each rank: with the zigzag layout, piece 
 early chunk and the mirrored piece ``m-1-i`` of the late one (``_pieces``), so every rank does
 the same causal work in every micro-step and none waits at its collectives.
 The score block is recycled across micro-steps, so live memory is one micro-step's block.
-Backward, per micro-step: ONE all-gather of the packed ``[Q, dO, O, lse]`` chunk (the row
-statistic ``rowsum(dP∘P) = rowsum(dO∘O)`` is formed from it, so no separate all-reduce and no
-re-run of the forward), dK/dV accumulate locally, and dQ partials are reduce-scattered to
-their owners.
+Backward, per micro-step: ONE all-gather of the packed ``[Q, dO, lse, δ]`` chunk, where
+``δ = rowsum(dO∘O) = rowsum(dP∘P)`` is formed by each owner for its rows (no separate
+all-reduce, no re-run of the forward, and O does not travel: ``mqsp_backward``), dK/dV
+accumulate locally, and dQ partials are reduce-scattered to their owners.
 
 Sent per rank and micro-step (elements, ``c = s/m``): forward ``(P-1)·c·b·hq·D`` (Q gather) +
 ``(P-1)/P·P·c·b·hq·D`` (context reduce-scatter, accumulation dtype) + ``(P-1)·P·c·b·hq``
-statistics (lse all-gather); backward ``(P-1)·c·b·hq·(3D+1)`` (gather, accumulation dtype) +
+statistics (lse all-gather); backward ``(P-1)·c·b·hq·(2D+2)`` (gather, accumulation dtype) +
 ``(P-1)/P·P·c·b·hq·D`` (dQ reduce-scatter). Memory: q, k, v, out, lse saved; one
 micro-step's gathered queries, partial context and score block live.
 """
@@ -185,9 +185,16 @@ def _offsets(pieces):
 
 
 def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
-    """Per micro-step, ONE all-gather of the packed ``[Q; dO; O]`` pieces and lse, written
-    straight into this rank's slot; rank j's rows are used as views of it, their dQ partials
-    go straight into slot j of the reduce-scatter buffer, dK/dV accumulate locally."""
+    """Per micro-step, ONE all-gather of the packed ``[Q; dO]`` pieces and their ``lse`` and
+    ``δ = rowsum(dO∘O)``, written straight into this rank's slot; rank j's rows are used as
+    views of it, their dQ partials go straight into slot j of the reduce-scatter buffer,
+    dK/dV accumulate locally.
+
+    O itself does not travel: the kernels read it only through ``rowsum(dO∘O)``, so each rank
+    forms ``δ`` for its own rows, and rank j's kernel call gets ``α·dO`` in O's place, with
+    ``α = δ/|dO|²`` per row (``rowsum(dO∘α·dO) = δ``; a zero row of dO has ``δ = 0`` and
+    ``α = 0``). That is ``D - 1`` fewer elements per gathered row and one query-sized buffer
+    less per rank slot."""
     comm, r, s, P = setup.comm(), setup.rank, q.size(2), setup.world_size
     b, hq, _, d = q.shape
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
@@ -195,25 +202,32 @@ def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
     dq = zeros_public(q, cd)
     dk, dv = zeros_public(k, cd), zeros_public(v, cd)
     dqp_pub = dq.transpose(1, 2)
-    src = [public(x) for x in (q, dout, out)]
+    src = [public(x) for x in (q, dout)]
+    delta = (dout.to(cd) * out.to(cd)).sum(-1)  # [b, hq, s]
     k_runs = setup.runs(r, s)
-    n = 3 * b * c * hq * d
+    n = 2 * b * c * hq * d
     for i in range(m):
         mine = _pieces(setup, r, s, m, i)
-        g = torch.empty(P, n + b * hq * c, dtype=cd, device=q.device)
-        slot, slot_lse = g[r, :n].view(3, b, c, hq, d), g[r, n:].view(b, hq, c)
+        g = torch.empty(P, n + 2 * b * hq * c, dtype=cd, device=q.device)
+        slot, slot_st = g[r, :n].view(2, b, c, hq, d), g[r, n:].view(2, b, hq, c)
         for off, (a, ln) in _offsets(mine):
             for t, x in enumerate(src):
                 slot[t, :, off:off + ln].copy_(x[:, a:a + ln])
-            slot_lse[:, :, off:off + ln].copy_(lse[:, :, a:a + ln])
-        comm.all_gather_inplace(g)  # [P, 3·b·c·hq·D + b·hq·c], one collective
+            for t, x in enumerate((lse, delta)):
+                slot_st[t, :, :, off:off + ln].copy_(x[:, :, a:a + ln])
+        comm.all_gather_inplace(g)  # [P, 2·b·c·hq·D + 2·b·hq·c], one collective
         dqp = torch.zeros(P, b, c, hq, d, dtype=cd, device=q.device)
         for j in range(P):
-            gq, gdo, gout = (to_bhsd(x).to(q.dtype) for x in g[j, :n].view(3, b, c, hq, d))
-            attend_backward(gdo, gq, _piece_runs(setup, j, s, _pieces(setup, j, s, m, i)), k, v,
-                            k_runs, gout, g[j, n:].view(b, hq, c), dq=to_bhsd(dqp[j]), dk=dk,
-                            dv=dv, **kw)
-        del g, slot, slot_lse, gq, gdo, gout  # the views too: they keep the gathered buffer alive
+            gq, gdo = (to_bhsd(x) for x in g[j, :n].view(2, b, c, hq, d))
+            glse, gdelta = g[j, n:].view(2, b, hq, c)
+            norm = gdo.square().sum(-1)
+            gout = gdo * torch.where(norm > 0, gdelta / norm, 0.0).unsqueeze(-1)
+            del norm
+            attend_backward(gdo.to(q.dtype), gq.to(q.dtype),
+                            _piece_runs(setup, j, s, _pieces(setup, j, s, m, i)), k, v, k_runs,
+                            gout.to(q.dtype), glse, dq=to_bhsd(dqp[j]), dk=dk, dv=dv, **kw)
+            del gout
+        del g, slot, slot_st, gq, gdo, glse, gdelta  # views keep the gathered buffer alive
         mdq = comm.reduce_scatter(dqp)
         for off, (a, ln) in _offsets(mine):
             dqp_pub[:, a:a + ln] = mdq[:, off:off + ln]
