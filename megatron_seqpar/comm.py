@@ -220,16 +220,17 @@ class Comm:
         if stream is not None:
             torch.cuda.current_stream(stream.device).wait_stream(stream)
 
-    def post(self, sends=(), recvs=()) -> Pending:
+    def post(self, sends=(), recvs=(), kind: str = "p2p") -> Pending:
         """Start sends ``[(tensor, dst)]`` and receives ``[(tensor, src)]`` (group ranks).
 
         Sends are made contiguous (a no-op for dense tensors); receive buffers must be.
+        ``kind`` names the traffic in ``count_traffic``.
         """
         sends = [(t.contiguous(), p) for t, p in sends]
         recvs = list(recvs)
         if not sends and not recvs:
             return Pending([])
-        self._count("p2p", sum(_nbytes(t) for t, _ in sends), sum(_nbytes(t) for t, _ in recvs))
+        self._count(kind, sum(_nbytes(t) for t, _ in sends), sum(_nbytes(t) for t, _ in recvs))
         copy_back = ()
         if self.staged:
             sends = [(_host(t), p) for t, p in sends]
@@ -278,6 +279,26 @@ class Comm:
                 else:
                     self._gather_p2p(out)
         return out
+
+    def all_gather_post(self, out: torch.Tensor) -> Pending:
+        """``all_gather_inplace`` started, not finished: ``wait()`` on the result before
+        reading ``out`` (and leave this rank's slot unchanged until then). NCCL: one
+        asynchronous all-gather on the side stream; gloo: point-to-point transfers in flight."""
+        P, r = self.world_size, self.rank
+        if out.size(0) != P or not out.is_contiguous():
+            raise ValueError(f"all_gather_post needs a contiguous [{P}, ...] buffer")
+        if P == 1:
+            return Pending([])
+        if self.nccl and not self.staged:
+            n = _nbytes(out[0]) * (P - 1)
+            self._count("all_gather", n, n)
+            with failure_hint("all_gather"), self._side_stream([out]) as stream:
+                work = _all_gather_single(out.view(-1), out[r].view(-1), group=self.group,
+                                          async_op=True)
+            return Pending([work], (), stream)
+        peers = [j for j in range(P) if j != r]
+        return self.post([(out[r], j) for j in peers], [(out[j], j) for j in peers],
+                         kind="all_gather")
 
     def _gather_p2p(self, out: torch.Tensor) -> None:
         """gloo stages its collectives in a P-fold copy; p2p lands in place."""

@@ -138,7 +138,8 @@ def _micro_steps(setup, q, kpm_all):
 def mqsp_forward(setup, q, k, v, kpm_all):
     """Per micro-step, this rank's pieces are written into its slot of the gather buffer,
     rank j's gathered queries attend the local K/V straight into slot j of the reduce-scatter
-    buffer ``[P, b, c, h, D]`` (no rearranging copies)."""
+    buffer ``[P, b, c, h, D]`` (no rearranging copies). The next micro-step's query gather is
+    in flight while a step computes (two gather buffers alive: ``2·P·c`` query rows)."""
     comm, r, s, P = setup.comm(), setup.rank, q.size(2), setup.world_size
     b, hq, _, d = q.shape
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
@@ -147,12 +148,19 @@ def mqsp_forward(setup, q, k, v, kpm_all):
     lse = torch.empty(b, hq, s, dtype=cd, device=q.device)
     qp, outp = public(q), out.transpose(1, 2)
     k_runs = setup.runs(r, s)
-    for i in range(m):
+
+    def gather_queries(i):  # micro-step i's pieces into this rank's slot; the gather posted
         mine = _pieces(setup, r, s, m, i)
         gq = torch.empty(P, b, c, hq, d, dtype=q.dtype, device=q.device)
         for off, (a, n) in _offsets(mine):
             gq[r, :, off:off + n].copy_(qp[:, a:a + n])
-        comm.all_gather_inplace(gq)
+        return mine, gq, comm.all_gather_post(gq)
+
+    nxt = gather_queries(0)
+    for i in range(m):
+        mine, gq, pending = nxt
+        pending.wait()
+        nxt = gather_queries(i + 1) if i + 1 < m else None  # in flight during this step
         o = torch.zeros(P, b, c, hq, v.size(-1), dtype=cd, device=q.device)
         # every rank's lse of its column block of the same P·c rows; this rank's is its slot
         stats = torch.empty(P, P, b, hq, c, dtype=cd, device=q.device)
@@ -160,7 +168,7 @@ def mqsp_forward(setup, q, k, v, kpm_all):
         for j in range(P):
             attend(to_bhsd(gq[j]), _piece_runs(setup, j, s, _pieces(setup, j, s, m, i)), k, v,
                    k_runs, out=to_bhsd(o[j]), lse=lo[j], **kw)
-        del gq
+        del gq, pending
         # distributed softmax in one exchange: gather the column blocks' lse, merge locally
         # (global lse; -inf where no rank sees a key)
         glse = torch.logsumexp(comm.all_gather_inplace(stats), dim=0)

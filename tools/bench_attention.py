@@ -277,7 +277,8 @@ def _worker(rank, world, port, a, variants, queue):
                 except Exception as e:  # noqa: BLE001 - a failing peer must not end the run
                     res = {"error": f"{type(e).__name__}: {e}"[:300]}
                     dist.barrier()
-            results.append({"S": S, "variant": asdict(v), "rank": rank, "model": model, **res})
+            results.append({"S": S, "variant": asdict(v), "rank": rank, "model": model,
+                            "thp": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1", **res})
             if rank == 0:
                 print(f"  S={S} {v.label}: " + (f"{res['time_s']:.2f}s" if "time_s" in res
                                                else str(res)[:120]), flush=True)
