@@ -13,7 +13,7 @@ overlapped with the next block.
 Blocked math (what the method allows): only the blocks of the rows that some query needs are
 computed (``kernels.plan_blocks``: causal blocks above the diagonal and other packed
 sequences are skipped, diagonal blocks are cut in row tiles), always in place in the rows
-buffer. In the K ring each block is filled by tiles (one K/V head, a few dozen rows: they
+buffer. In the K ring each block is filled by tiles (one K/V head, 1 MiB of rows: they
 stay in cache) and each tile is reduced at once: its row max ``m``, ``exp(score - m)`` in
 place, its row sums. The rows thus hold ``exp(score - m)`` per block; the rescaling
 ``exp(m - M) / sum`` (``M`` the row max over all blocks) is one factor per block row, applied
