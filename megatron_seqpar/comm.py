@@ -6,7 +6,8 @@
   ``Pending`` to wait on later, so step ``t+1``'s transfer overlaps step ``t``'s compute. No
   ``cuda.synchronize``; waits honour the group's timeout.
 - ``all_gather(x)`` -> ``[P, *x.shape]``, ``all_gather_inplace(out)`` (this rank's data already
-  in ``out[rank]``: no input buffer), ``reduce_scatter(x)`` of ``[P, *shape]`` -> ``shape``
+  in ``out[rank]``: no input buffer) and ``all_gather_post(out)`` (the same, returned as a
+  ``Pending``), ``reduce_scatter(x)`` of ``[P, *shape]`` -> ``shape``
   (sum), ``all_reduce_(x, op)``, ``all_to_all(x)`` of ``[P, *shape]`` (two-level heads). NCCL
   runs its native collectives (all-gather in place). gloo stages all-gather and
   reduce-scatter through a P-fold temporary copy, so there they are batched point-to-point
@@ -153,14 +154,16 @@ class Pending:
     applies): on CUDA the compute stream is made to wait (device-side), on CPU the host waits;
     staged receives are copied back into the caller's buffers."""
 
-    def __init__(self, works, keep_alive=(), stream=None, copy_back=()):
+    def __init__(self, works, keep_alive=(), stream=None, copy_back=(),
+                 hint="point-to-point transfer"):
         self._works = works
+        self._hint = hint  # what a failure names (``failure_hint``)
         self._keep_alive = keep_alive  # send buffers must outlive their transfer
         self._stream = stream  # the side stream the transfers were issued on (CUDA)
         self._copy_back = copy_back  # (host buffer, caller's buffer) pairs (staging)
 
     def wait(self) -> None:
-        with failure_hint("point-to-point transfer"):
+        with failure_hint(self._hint):
             for w in self._works:
                 w.wait()
         if self._stream is not None:
@@ -224,7 +227,7 @@ class Comm:
         """Start sends ``[(tensor, dst)]`` and receives ``[(tensor, src)]`` (group ranks).
 
         Sends are made contiguous (a no-op for dense tensors); receive buffers must be.
-        ``kind`` names the traffic in ``count_traffic``.
+        ``kind`` names the traffic in ``count_traffic`` and, unless "p2p", a failure.
         """
         sends = [(t.contiguous(), p) for t, p in sends]
         recvs = list(recvs)
@@ -239,10 +242,10 @@ class Comm:
             recvs = host
         ops = [dist.P2POp(dist.isend, t, group=self.group, group_peer=p) for t, p in sends]
         ops += [dist.P2POp(dist.irecv, t, group=self.group, group_peer=p) for t, p in recvs]
-        with failure_hint("point-to-point transfer"), \
-                self._side_stream([t for t, _ in sends + recvs]) as stream:
+        hint = "point-to-point transfer" if kind == "p2p" else kind
+        with failure_hint(hint), self._side_stream([t for t, _ in sends + recvs]) as stream:
             works = dist.batch_isend_irecv(ops)
-        return Pending(works, sends, stream, copy_back)
+        return Pending(works, sends, stream, copy_back, hint)
 
     def _exchange(self, sends, recvs) -> None:
         """Blocking batch of p2p transfers (not counted: the caller counts its collective)."""
@@ -260,33 +263,17 @@ class Comm:
     def all_gather_inplace(self, out: torch.Tensor) -> torch.Tensor:
         """All-gather into ``out`` (``[P, *shape]``, contiguous) whose slot ``out[rank]`` already
         holds this rank's data: no separate input buffer. Returns ``out``."""
-        P, r = self.world_size, self.rank
-        if out.size(0) != P or not out.is_contiguous():
-            raise ValueError(f"all_gather_inplace needs a contiguous [{P}, ...] buffer")
-        if P > 1:
-            n = _nbytes(out[0]) * (P - 1)
-            self._count("all_gather", n, n)
-            with failure_hint("all_gather"):
-                if self.staged:
-                    buf = _host(out)
-                    self._gather_p2p(buf)
-                    with _sync_allowed():
-                        out.copy_(buf)
-                elif self.nccl:  # in place: the input is this rank's slot of the output
-                    with self._side_stream([out]) as stream:
-                        _all_gather_single(out.view(-1), out[r].view(-1), group=self.group)
-                    self._join(stream)
-                else:
-                    self._gather_p2p(out)
+        self.all_gather_post(out).wait()
         return out
 
     def all_gather_post(self, out: torch.Tensor) -> Pending:
         """``all_gather_inplace`` started, not finished: ``wait()`` on the result before
         reading ``out`` (and leave this rank's slot unchanged until then). NCCL: one
-        asynchronous all-gather on the side stream; gloo: point-to-point transfers in flight."""
+        asynchronous all-gather in place on the side stream; gloo (which would stage it in a
+        P-fold copy): point-to-point transfers straight into ``out``."""
         P, r = self.world_size, self.rank
         if out.size(0) != P or not out.is_contiguous():
-            raise ValueError(f"all_gather_post needs a contiguous [{P}, ...] buffer")
+            raise ValueError(f"an all-gather needs a contiguous [{P}, ...] buffer")
         if P == 1:
             return Pending([])
         if self.nccl and not self.staged:
@@ -295,16 +282,10 @@ class Comm:
             with failure_hint("all_gather"), self._side_stream([out]) as stream:
                 work = _all_gather_single(out.view(-1), out[r].view(-1), group=self.group,
                                           async_op=True)
-            return Pending([work], (), stream)
+            return Pending([work], (), stream, hint="all_gather")
         peers = [j for j in range(P) if j != r]
         return self.post([(out[r], j) for j in peers], [(out[j], j) for j in peers],
                          kind="all_gather")
-
-    def _gather_p2p(self, out: torch.Tensor) -> None:
-        """gloo stages its collectives in a P-fold copy; p2p lands in place."""
-        P, r = self.world_size, self.rank
-        peers = [j for j in range(P) if j != r]
-        self._exchange([(out[r], j) for j in peers], [(out[j], j) for j in peers])
 
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks of ``x[rank]``, where ``x`` is ``[P, *shape]`` (chunk i -> rank i)."""
