@@ -24,7 +24,8 @@ the ``s x S`` rows. The K ring works in base 2 (``exp2``, as flash kernels do). 
 their own order, about 13% faster than through a transposed operand here.
 
 Memory per rank: the score/probability rows ``b·hq·s·S`` in the accumulation dtype, kept for
-the backward (allocated whole; blocks nobody needs are never written nor read). That
+the backward (allocated whole, stored block by block: each needed block contiguous, in ring
+order; the blocks nobody needs, the buffer's tail, are never written nor read). That
 quadratic term is the method, kept faithfully; the other methods exist to avoid it. On CPU
 the rows are fresh memory every call; ``huge_pages`` (default on) asks Linux for transparent
 huge pages for them (``hostmem``: 512x fewer first-touch faults; the rows then become resident
@@ -181,6 +182,20 @@ def _stat_slices(plans):
     return out, n
 
 
+def _block_views(rows: torch.Tensor, plans, b: int, hkv: int, g: int):
+    """Each needed block's ``[b, hkv, g, rows, cols]`` view of the flat score-row buffer: the
+    blocks lie one after another in ring order, each contiguous (a tile of one head is one
+    stretch of memory); the buffer's tail, the blocks nobody needs, is never touched."""
+    out, off = [], 0
+    for blocks in plans:
+        out.append([])
+        for blk in blocks:
+            shape = (b, hkv, g, blk.q.stop - blk.q.start, blk.k.stop - blk.k.start)
+            out[-1].append(rows[off:off + math.prod(shape)].view(shape))
+            off += math.prod(shape)
+    return out
+
+
 def _add_product_t(acc, a, x):
     """``acc[b, hkv, D, n] += Σ_g a[b, hkv, g, rows, D]ᵀ · x[b, hkv, g, rows, n]``, in place
     and without a temporary (``acc``: columns of a ``[b, hkv, D, s]`` partial; ``x``: a block
@@ -204,9 +219,10 @@ def rsa_forward(setup, q, k, v, kpm_all):
     plans = _blocks(setup, s)
     stats, n_stat = _stat_slices(plans)
     qs = (q.to(cd) * (setup.scale * _LOG2E)).reshape(b, hkv, g, s, d)  # scores in base 2
-    probs = torch.empty(b, hkv, g, s, P * s, dtype=cd, device=q.device)
+    probs = torch.empty(b * hkv * g * s * P * s, dtype=cd, device=q.device)  # the s x S rows
     if setup.options.huge_pages:
         advise_huge_pages(probs)  # before the first write: fresh memory, faulted 2 MiB at a time
+    views = _block_views(probs, plans, b, hkv, g)
     bmax = torch.empty(b, hkv, g, n_stat, 1, dtype=cd, device=q.device)  # per block row
     bsum = torch.empty_like(bmax)
     lowest = torch.finfo(cd).min
@@ -214,12 +230,11 @@ def rsa_forward(setup, q, k, v, kpm_all):
     def scores(j, k_j):
         kt = k_j.to(cd).unsqueeze(2).transpose(-1, -2)
         kpm = None if kpm_all is None else kpm_all[j]
-        for blk, sb in zip(plans[j], stats[j]):
-            cols = slice(j * s + blk.k.start, j * s + blk.k.stop)
+        for blk, sb, blk_rows in zip(plans[j], stats[j], views[j]):
             mask = _block_bool_mask(blk, kpm, q.device)
-            for h, rows in _tiles(blk, b, g, hkv, cols.stop - cols.start):
+            for h, rows in _tiles(blk, b, g, hkv, blk.k.stop - blk.k.start):
                 hs = slice(h, h + 1)
-                dst = probs[:, hs, :, rows, cols]
+                dst = blk_rows[:, hs, :, rows.start - blk.q.start:rows.stop - blk.q.start]
                 torch.matmul(qs[:, hs, :, rows], kt[:, hs, ..., blk.k], out=dst)
                 if mask is not None:
                     mt = mask if mask.size(2) == 1 else mask[:, :, rows.start - blk.q.start:
@@ -250,8 +265,7 @@ def rsa_forward(setup, q, k, v, kpm_all):
 
     def context(j, v_j):
         vj = v_j.to(cd).unsqueeze(2)
-        for blk, st in zip(plans[j], stats[j]):
-            p = probs[..., blk.q, j * s + blk.k.start:j * s + blk.k.stop]
+        for blk, st, p in zip(plans[j], stats[j], views[j]):
             prod = torch.matmul(p, vj[..., blk.k, :], out=scratch[..., :p.size(-2), :])
             out[..., blk.q, :].addcmul_(prod, fac[..., st, :])
 
@@ -280,6 +294,7 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
     cd = probs.dtype
     plans = _blocks(setup, s)
     stats, _ = _stat_slices(plans)
+    views = _block_views(probs, plans, b, hkv, g)
     do = dout.to(cd).reshape(b, hkv, g, s, d)
     delta = (do * out.to(cd).reshape_as(do)).sum(-1, keepdim=True)  # = rowsum(dP∘P)
     tile = max((b * g * (r.stop - r.start) * (blk.k.stop - blk.k.start)
@@ -290,9 +305,7 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
 
     def grad_v(j, v_j, dvt_j):  # dV_jᵀ partial; dS_j (up to its factor) overwrites P_j
         vt = v_j.to(cd).unsqueeze(2).transpose(-1, -2)
-        for blk, st in zip(plans[j], stats[j]):
-            cols = slice(j * s + blk.k.start, j * s + blk.k.stop)
-            p = probs[..., blk.q, cols]
+        for blk, st, p in zip(plans[j], stats[j], views[j]):
             dos = torch.mul(do[..., blk.q, :], fac[..., st, :], out=scratch[..., :p.size(-2), :])
             _add_product_t(dvt_j[..., blk.k], dos, p)
             n = blk.k.stop - blk.k.start
@@ -301,7 +314,8 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
                 dp = tmp[0][:b * g * (rows.stop - rows.start) * n].view(
                     b, 1, g, rows.stop - rows.start, n)
                 torch.matmul(do[:, hs, :, rows], vt[:, hs, ..., blk.k], out=dp)
-                probs[:, hs, :, rows, cols].mul_(dp.sub_(delta[:, hs, :, rows]))
+                p[:, hs, :, rows.start - blk.q.start:rows.stop - blk.q.start].mul_(
+                    dp.sub_(delta[:, hs, :, rows]))
 
     partial_t = (b, hkv, d, s)  # dV and dK partials are summed transposed
     dv = _ring(comm, v, grad_v, torch.zeros(partial_t, dtype=cd, device=q.device))
@@ -312,8 +326,7 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
 
     def grad_k(j, k_j, dkt_j):
         kj = k_j.to(cd).unsqueeze(2)
-        for blk, st in zip(plans[j], stats[j]):
-            ds = probs[..., blk.q, j * s + blk.k.start:j * s + blk.k.stop]
+        for blk, st, ds in zip(plans[j], stats[j], views[j]):
             c = fac[..., st, :]
             prod = scratch[..., :ds.size(-2), :]
             dq[..., blk.q, :].addcmul_(torch.matmul(ds, kj[..., blk.k, :], out=prod), c)
