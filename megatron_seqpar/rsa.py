@@ -28,8 +28,8 @@ the backward (allocated whole, stored block by block: each needed block contiguo
 order; the blocks nobody needs, the buffer's tail, are never written nor read). That
 quadratic term is the method, kept faithfully; the other methods exist to avoid it. On CPU
 the rows are fresh memory every call; ``huge_pages`` (default on) asks Linux for transparent
-huge pages for them (``hostmem``: 512x fewer first-touch faults; the rows then become resident
-whole, as the cost model counts them, instead of only the blocks written). Sent per
+huge pages for them (``hostmem``: 512x fewer first-touch faults; only the needed blocks, the
+buffer's head, are touched, so only they become resident). Sent per
 rank, forward: ``(P-1)·s·b·hkv·D`` for each of K and V; backward: the same again plus
 ``(P-1)·s·b·hkv·D`` partials of dK and of dV (accumulation dtype).
 
