@@ -151,7 +151,6 @@ def _run_variant(rank: int, v: Variant, a) -> dict:
                                  create_gloo_process_groups=False)
     try:
         dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
-        torch.manual_seed(cfg.seed)
         model, _, finalize = build_model(cfg, "cpu")
         model.train()
         batch = _batch(cfg, a, ps.get_context_parallel_group())

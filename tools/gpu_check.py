@@ -323,7 +323,6 @@ def _gpt_variant(a, method, seq):
                       plot=False)
     ps.initialize_model_parallel(1, 1, context_parallel_size=1, create_gloo_process_groups=False)
     try:
-        torch.manual_seed(cfg.seed)
         model, _, finalize = build_model(cfg, dev)
         model.train()
         g = torch.Generator().manual_seed(3)

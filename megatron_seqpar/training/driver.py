@@ -247,7 +247,6 @@ def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -
         dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
         cp_group = ps.get_context_parallel_group()
         dpcp_size = dp_cp.size()
-        torch.manual_seed(cfg.seed)  # identical init on every rank and for every CP size
         model, _, finalize = build_model(cfg, device)
         module = unwrap(model)
         if device == "cuda":

@@ -95,14 +95,30 @@ def _zigzag_bert_model():
     return _ZigzagBertModel
 
 
+def seed_rngs(seed: int, device: str) -> None:
+    """Seed what a model build draws from: torch's default generator and, on CUDA,
+    megatron-core's CUDA RNG tracker (``model_parallel_cuda_manual_seed``, as Megatron-LM's
+    ``_set_random_seed`` does). On CUDA the weights are initialised on the device
+    (``use_cpu_initialization=False``) inside ``get_cuda_rng_tracker().fork()``, which raises
+    "cuda rng state model-parallel-rng is not added" unless the tracker was seeded. Needs
+    megatron-core's parallel state (the TP/EP ranks pick the per-rank seeds)."""
+    torch.manual_seed(seed)
+    if device == "cuda":
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
 def build_model(cfg, device: str):
-    """(DDP-wrapped model, TransformerConfig, finalize_grads_fn). Seed torch before calling."""
+    """(DDP-wrapped model, TransformerConfig, finalize_grads_fn), its weights drawn after
+    ``seed_rngs(cfg.seed, device)``: the same on every rank and for every CP size."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
         finalize_model_grads,
     )
 
+    seed_rngs(cfg.seed, device)
     config = transformer_config(cfg, device)
     spec = layer_spec(cfg)
     max_pos = cfg.max_position_embeddings or cfg.seq_length
