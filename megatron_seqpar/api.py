@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_seqpar import headpar
 from megatron_seqpar.comm import Comm, Traffic, current_traffic, failure_hint, staging_enabled
 from megatron_seqpar.headpar import TwoLevelGroups, check_split, two_level_runs
-from megatron_seqpar.kernels import BACKEND_NAMES
+from megatron_seqpar.kernels import BACKEND_NAMES, key_pad
 from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, check_layout, local_runs
 
 METHODS = ("rsa", "mqsp", "lss", "lightseq")
@@ -57,12 +57,19 @@ class Setup:
     cu_seqlens: tuple[int, ...] | None = None  # packed-sequence boundaries of the stream
     head_parallel: int = 1  # U; then group/rank/world_size are the OUTER group's
     inner_group: Any = None  # the head all-to-all group when head_parallel > 1
+    # per (outer) rank, the local key ranges holding a padded key (host; None = not known)
+    key_pads: tuple | None = None
 
     def comm(self) -> Comm:
         return Comm(self.group, self.traffic, staged=self.staged)
 
     def inner_comm(self) -> Comm:
         return Comm(self.inner_group, self.traffic, staged=self.staged)
+
+    def key_pad(self, kpm_all, j: int):
+        """Rank ``j``'s key padding for the kernels (``kernels.key_pad``): None where rank
+        ``j``'s keys hold no padding, so its blocks run unmasked."""
+        return key_pad(kpm_all, j, self.key_pads)
 
     def runs(self, rank: int, local_len: int) -> tuple[Run, ...]:
         """Position runs of (outer) rank ``rank``'s ``local_len`` tokens."""
@@ -142,7 +149,7 @@ def _check_across_ranks(group, q, k, method, layout, causal, kpm, cu, head_paral
 
 def attention(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
               layout="contiguous", key_padding_mask=None, options=None, cu_seqlens=None,
-              two_level_groups=None):
+              two_level_groups=None, key_padding_ranges=None):
     """Exact self-attention over the whole sequence, from this rank's shard.
 
     ``q``: ``[b, s, hq, D]``, ``k``/``v``: ``[b, s, hkv, D]`` (this rank's tokens in
@@ -154,17 +161,24 @@ def attention(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
     ``options.head_parallel = U > 1``: two levels (``megatron_seqpar.headpar``); its inner and
     outer groups are built from ``group`` once and cached, or given as ``two_level_groups``
     (a ``headpar.TwoLevelGroups``, e.g. Megatron's hierarchical CP groups).
+    ``key_padding_ranges``: optional host-side description of ``key_padding_mask`` for CUDA
+    tensors, one tuple of ``(lo, hi)`` local key ranges per rank of ``group`` (every range
+    that holds a padded key in some batch row; ``()`` = none), the same on every rank: blocks
+    whose keys miss them run unmasked (the flash kernel) without reading the mask on the host.
+    It must describe the mask (the Megatron provider derives it from the full-length mask once
+    per step); for CPU tensors it is not needed and not used (the gathered mask is read).
     """
     mod, setup = prepare(q, k, v, method=method, group=group, causal=causal,
                          softmax_scale=softmax_scale, layout=layout,
                          key_padding_mask=key_padding_mask, options=options,
-                         cu_seqlens=cu_seqlens, two_level_groups=two_level_groups)
+                         cu_seqlens=cu_seqlens, two_level_groups=two_level_groups,
+                         key_padding_ranges=key_padding_ranges)
     return mod.apply(q, k, v, key_padding_mask, setup)
 
 
 def prepare(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
             layout="contiguous", key_padding_mask=None, options=None, cu_seqlens=None,
-            two_level_groups=None):
+            two_level_groups=None, key_padding_ranges=None):
     """Validate ``attention``'s arguments and build its ``Setup``: ``(method module, setup)``
     (also used by ``megatron_seqpar.megatron.checkpointing``)."""
     mod = _module(method)
@@ -181,6 +195,8 @@ def prepare(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
     cu = check_cu_seqlens(cu_seqlens, comm.world_size * q.shape[1], layout, comm.world_size)
     U = opts.head_parallel
     check_split(comm.world_size, U, q.shape[2])
+    comm.staged = staging_enabled()
+    comm.join_nccl(q.device)  # before any rank may skip a point-to-point batch
     if comm.world_size > 1 and not q.is_cuda:
         _check_across_ranks(group, q, k, method, layout, causal, key_padding_mask, cu, U)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -191,14 +207,36 @@ def prepare(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
         if not isinstance(groups, TwoLevelGroups):
             raise ValueError("two_level_groups must be a megatron_seqpar.headpar.TwoLevelGroups")
         outer, inner = groups.outer, groups.inner
-        ci, co = Comm(inner), Comm(outer)
+        ci, co = Comm(inner, staged=comm.staged), Comm(outer, staged=comm.staged)
         if (ci.world_size, co.world_size, ci.rank, co.rank) != \
                 (U, comm.world_size // U, comm.rank % U, comm.rank // U):
             raise ValueError(f"two_level_groups do not match head_parallel={U} over "
                              f"{comm.world_size} ranks: the inner groups must be U consecutive "
                              "ranks of the sequence group and the outer groups the P/U ranks at "
                              "the same place in them (Megatron's hierarchical CP order)")
+        ci.join_nccl(q.device)
+        co.join_nccl(q.device)
         rank, world = co.rank, co.world_size
+    pads = _key_pads(key_padding_ranges, key_padding_mask, comm.world_size, U, q.shape[1])
     return mod, Setup(outer, rank, world, bool(causal), scale, layout, opts, current_traffic(),
-                      staging_enabled(), cu, U, inner)
+                      staging_enabled(), cu, U, inner, pads)
+
+
+def _key_pads(ranges, kpm, P: int, U: int, s: int):
+    """``key_padding_ranges`` validated, then regrouped per outer rank with two levels (outer
+    rank ``j``'s key buffer is the ``U`` inner ranks' shards one after another)."""
+    if ranges is None:
+        return None
+    if kpm is None:
+        raise ValueError("key_padding_ranges describes a key_padding_mask: pass both or neither")
+    try:
+        ranges = tuple(tuple((int(lo), int(hi)) for lo, hi in r) for r in ranges)
+    except (TypeError, ValueError):
+        raise ValueError("key_padding_ranges must hold, per rank, a tuple of (lo, hi) int "
+                         "pairs") from None
+    if len(ranges) != P or any(not 0 <= lo < hi <= s for r in ranges for lo, hi in r):
+        raise ValueError(f"key_padding_ranges needs one tuple of (lo, hi) ranges with "
+                         f"0 <= lo < hi <= {s} per rank of the group ({P}), got {ranges!r:.200}")
+    return tuple(tuple((lo + i * s, hi + i * s) for i in range(U) for lo, hi in ranges[j * U + i])
+                 for j in range(P // U))
 

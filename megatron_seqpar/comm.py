@@ -37,6 +37,7 @@ an all-to-all of an ``N``-byte buffer ``(P-1)/P·N``. Received bytes are counted
 from __future__ import annotations
 
 import contextvars
+import weakref
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -180,6 +181,11 @@ _reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
                           or dist.reduce_scatter_tensor)
 
 
+# NCCL groups on which every rank has run an operation (so their communicator exists): a
+# cache of facts about live groups, held weakly (gone with the group), not behaviour
+_NCCL_JOINED: weakref.WeakSet = weakref.WeakSet()
+
+
 class Comm:
     """Collectives and P2P on one explicit group. ``group=None`` is the default group."""
 
@@ -197,6 +203,23 @@ class Comm:
                 raise ValueError("a process group was given but torch.distributed is not "
                                  "initialised; call torch.distributed.init_process_group first")
             self.rank, self.world_size, self.nccl = 0, 1, False
+
+    def join_nccl(self, device: torch.device) -> None:
+        """Make sure the group's NCCL communicator exists before the first point-to-point
+        batch. NCCL creates it at the group's first operation, and a ``batch_isend_irecv``
+        that is that first operation must be joined by every rank of the group; but a rank of
+        a packed stream or a causal schedule may have nothing to send at a step and skip it.
+        So every rank runs one one-element all-reduce on the group first (asynchronous, on the
+        current stream: no host sync), once per group. Every rank must call this at the same
+        point (``api.prepare`` does, on every call); gloo and single-rank groups need none."""
+        if not self.nccl or self.staged or self.world_size == 1:
+            return
+        group = self.group if self.group is not None else dist.group.WORLD
+        if group in _NCCL_JOINED:
+            return
+        with failure_hint("the first operation of the NCCL group"):
+            dist.all_reduce(torch.zeros(1, device=device), group=self.group)
+        _NCCL_JOINED.add(group)
 
     def _count(self, kind: str, sent: int, recv: int) -> None:
         if self.traffic is not None:

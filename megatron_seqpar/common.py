@@ -14,9 +14,12 @@ communication.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from megatron_seqpar import headpar
+from megatron_seqpar.hostread import true_runs
 
 
 def gather_kpm(comm, kpm):
@@ -73,20 +76,39 @@ def dout_to_outer(setup, dout):
     return headpar.scatter_heads(setup.inner_comm(), [dout])[0]
 
 
+def run_forward(setup, fwd, q, k, v, kpm):
+    """The forward steps every call shares, plain and under recompute (``megatron.
+    checkpointing``): two levels' head all-to-all, the key padding gathered and, for CPU
+    tensors, its padded ranges read on the host (free there; on CUDA only the caller's hint in
+    ``setup.key_pads`` is used: no sync), then the method's forward.
+
+    Returns ``(setup, (qh, kh, vh), out, lse, kpm_all, extra)``: the setup the backward must
+    get, the ``[b, h, s, d]`` views, ``out`` ``[b, h, s, d]`` in q's dtype."""
+    if setup.head_parallel > 1:
+        q, k, v, kpm = to_outer(setup, q, k, v, kpm)
+    qkv = to_bhsd(q), to_bhsd(k), to_bhsd(v)
+    kpm_all = gather_kpm(setup.comm(), kpm)
+    if kpm_all is not None and kpm_all.device.type == "cpu":
+        pads = tuple(true_runs(kpm_all[j]) for j in range(kpm_all.size(0)))
+        setup = dataclasses.replace(setup, key_pads=pads)
+    out, lse, extra = fwd(setup, *qkv, kpm_all)
+    return setup, qkv, out.to(q.dtype), lse, kpm_all, tuple(extra)
+
+
+def public_out(setup, out):
+    """The method's ``[b, h, s, d]`` output as the caller's ``[b, s, h, d]`` shard."""
+    out = out.transpose(1, 2)
+    return out_to_inner(setup, out) if setup.head_parallel > 1 else out
+
+
 class _SeqParFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kpm, setup, fwd, bwd):
         ctx.dtypes, ctx.hkv = (q.dtype, k.dtype, v.dtype), k.size(2)
-        two = setup.head_parallel > 1
-        if two:
-            q, k, v, kpm = to_outer(setup, q, k, v, kpm)
-        qh, kh, vh = to_bhsd(q), to_bhsd(k), to_bhsd(v)
-        kpm_all = gather_kpm(setup.comm(), kpm)
-        out, lse, extra = fwd(setup, qh, kh, vh, kpm_all)
-        out = out.to(q.dtype)
+        setup, (qh, kh, vh), out, lse, kpm_all, extra = run_forward(setup, fwd, q, k, v, kpm)
         ctx.setup, ctx.bwd, ctx.n_extra = setup, bwd, len(extra)
         ctx.save_for_backward(qh, kh, vh, out, lse, kpm_all, *extra)
-        return out_to_inner(setup, out.transpose(1, 2)) if two else out.transpose(1, 2)
+        return public_out(setup, out)
 
     @staticmethod
     def backward(ctx, dout):

@@ -214,15 +214,25 @@ BACKENDS: dict[str, Backend] = {
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
+def device_kind(x: torch.Tensor) -> str:
+    """The device type the dispatch (and RSA's tiling) plans for: ``x.device.type``. The one
+    seam where tests/test_fake_cuda.py runs the CUDA plan on meta tensors (a CPU-only torch
+    cannot index fake CUDA tensors)."""
+    return x.device.type
+
+
 def pick_backend(name: str, q: torch.Tensor, mask, causal: bool = False) -> Backend:
     """The backend ``name`` (or, for ``auto``, ``kernels_cuda.choose_backend``'s pick) for this
     block; one that cannot serve it falls back to ``reference``. Shapes and dtypes only."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown kernel backend {name!r}; use one of {BACKEND_NAMES}")
-    kind = (q.device.type, q.dtype, mask is not None, causal, q.size(-1))
+    device = device_kind(q)
+    cap = kernels_cuda.capability(q.device) if device == "cuda" else None
+    kind = (device, q.dtype, mask is not None, causal, q.size(-1))
     if name == "auto":
-        return BACKENDS[kernels_cuda.choose_backend(*kind)]
-    ok = name in kernels_cuda.available_backends() and kernels_cuda.supports(name, *kind)
+        return BACKENDS[kernels_cuda.choose_backend(*kind, capability=cap)]
+    ok = (name in kernels_cuda.available_backends()
+          and kernels_cuda.supports(name, *kind, capability=cap))
     return BACKENDS[name] if ok else BACKENDS["reference"]
 
 
@@ -252,6 +262,28 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: tor
 
 
 # ----------------------------------------------------------------------------- block plan
+class KeyPad(NamedTuple):
+    """A key buffer's padding: ``mask`` ``[b, sk]`` bool (True = padded) and, when known on the
+    host, ``ranges``: the local key ranges ``((lo, hi), ...)`` holding a padded key in some
+    batch row (None = not known). A block whose keys miss every range takes no mask, so on
+    CUDA it runs the flash kernel instead of the masked efficient one."""
+
+    mask: torch.Tensor
+    ranges: tuple | None = None
+
+
+def key_pad(kpm_all, j: int, ranges_all=None):
+    """Rank ``j``'s key padding for ``attend`` / ``block_mask``: None when there is no mask or
+    its keys are known to hold no padding, else a ``KeyPad`` (``ranges_all``: per rank, the
+    padded ranges, or None = not known)."""
+    if kpm_all is None:
+        return None
+    ranges = None if ranges_all is None else ranges_all[j]
+    if ranges == ():
+        return None
+    return KeyPad(kpm_all[j], ranges)
+
+
 class Block(NamedTuple):
     q: slice
     k: slice
@@ -352,12 +384,18 @@ def block_mask(blk: Block, kpm, device):
     """``(causal, mask)`` for a block: mask ``[b|1, 1, sq|1, sk]`` bool or None. A diagonal
     block keeps ``causal`` with only the key padding ``[b, 1, 1, sk]`` as its mask (the fused
     kernels apply the triangle themselves); an offset ``mask`` block gets its explicit
-    ``[1, 1, sq, sk]`` triangle (never emitted for the contiguous and zigzag layouts)."""
+    ``[1, 1, sq, sk]`` triangle (never emitted for the contiguous and zigzag layouts).
+    ``kpm``: the key buffer's ``[b, sk]`` bool padding, or a ``KeyPad`` (then a block that
+    misses its padded ranges gets no padding mask)."""
     mask = None
     if blk.kind == "mask":
         qp = torch.arange(blk.q_run.start, blk.q_run.end, device=device)
         kp = torch.arange(blk.k_run.start, blk.k_run.end, device=device)
         mask = (kp.unsqueeze(0) > qp.unsqueeze(1)).view(1, 1, len(qp), len(kp))
+    if isinstance(kpm, KeyPad):
+        hit = kpm.ranges is None or any(lo < blk.k.stop and blk.k.start < hi
+                                        for lo, hi in kpm.ranges)
+        kpm = kpm.mask if hit else None
     if kpm is not None:
         pad = kpm[:, blk.k].view(kpm.size(0), 1, 1, -1)
         mask = pad if mask is None else mask | pad
@@ -369,7 +407,8 @@ def attend(q, q_runs, k, v, k_runs, *, scale, causal, kpm=None, backend="auto", 
     """Attention of ``q`` against ``(k, v)`` whose tokens sit at the given runs.
 
     Returns ``(out, lse)`` in the accumulation dtype; rows that see no key get 0 / -inf.
-    ``kpm``: ``[b, sk]`` bool key padding mask of the key buffer (True = padded) or None.
+    ``kpm``: ``[b, sk]`` bool key padding mask of the key buffer (True = padded), a
+    ``KeyPad``, or None.
     ``out``/``lse``: an earlier call's result to merge into (one key buffer after another).
     """
     b, hq, sq, d = q.shape

@@ -23,8 +23,9 @@ when the call returns; dK/dV are summed over each group of ``hq/hkv`` query head
 ``cuda_cudnn`` (opt-in: ``backend="cuda_cudnn"``; ``auto`` does not pick it until the device
 check has measured it): ``aten._scaled_dot_product_cudnn_attention`` and its ``_backward``,
 fp16/bf16 blocks without a mask, head dim up to 128, GQA natively. Its lse comes as
-``[b, h, sq, 1]`` in this torch; the shape its backward takes is read from the op's meta
-kernel (no device call), so a torch that changes it keeps working.
+``[b, h, sq, 1]`` in this torch; the backward hands it back in the rank the real forward
+returned (remembered per device type; the op's meta kernel answers before any forward), so a
+torch that changes it keeps working.
 
 Rows with no visible key (padding, a causal row whose keys are all padded): whatever the
 kernel writes there (0 or NaN, lse -inf or +inf), the forward sets out = 0 and lse = -inf,
@@ -37,8 +38,8 @@ ops -> name):
 | device | dtype | block | backend |
 |---|---|---|---|
 | cpu | any | any | ``cpu_flash`` |
-| cuda | fp16, bf16 | full, causal diagonal (no mask) | ``cuda_flash`` |
-| cuda | fp16, bf16 | key-padded, causal + padded, partially masked | ``cuda_efficient`` |
+| cuda | fp16, bf16 | full, causal diagonal (no mask), sm80+ | ``cuda_flash`` |
+| cuda | fp16, bf16 | padded, partially masked; any below sm80 | ``cuda_efficient`` |
 | cuda | fp32 | any | ``cuda_efficient`` |
 | cuda | fp64, or head dim not a multiple of 8 / above 256 | any | ``reference`` |
 
@@ -46,6 +47,8 @@ ops -> name):
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -72,32 +75,50 @@ def available_backends() -> frozenset[str]:
                      if all(hasattr(torch.ops.aten, op) for op in ops)) | {"reference"}
 
 
+def capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA device's compute capability (a cached host query: no device sync), or None
+    when it cannot be asked (no CUDA in this build: fake or meta tensors in tests)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def supports(name: str, device_type: str, dtype: torch.dtype, has_mask: bool, causal: bool,
-             head_dim: int) -> bool:
-    """Whether backend ``name`` serves a block of this kind (pure: no tensors)."""
+             head_dim: int, capability: tuple[int, int] | None = None) -> bool:
+    """Whether backend ``name`` serves a block of this kind (pure: no tensors). ``capability``:
+    the CUDA device's (None = not known, taken as able): flash and cuDNN need sm80 or newer
+    (Ampere), the efficient kernel runs from sm50."""
     if name == "reference":
         return True
     if name == "cpu_flash":
         return device_type == "cpu"
     if device_type != "cuda" or head_dim % 8 or head_dim > 256:
         return False
+    modern = capability is None or tuple(capability) >= (8, 0)
     if name == "cuda_flash":
-        return not has_mask and dtype in (torch.float16, torch.bfloat16)
+        return modern and not has_mask and dtype in (torch.float16, torch.bfloat16)
     if name == "cuda_efficient":
         return dtype in (torch.float16, torch.bfloat16, torch.float32)
     if name == "cuda_cudnn":
-        return not has_mask and dtype in (torch.float16, torch.bfloat16) and head_dim <= 128
+        return (modern and not has_mask and dtype in (torch.float16, torch.bfloat16)
+                and head_dim <= 128)
     return False
 
 
 def choose_backend(device_type: str, dtype: torch.dtype, has_mask: bool, causal: bool,
-                   head_dim: int, available=None) -> str:
+                   head_dim: int, available=None, capability=None) -> str:
     """The backend ``auto`` runs for one block: the first of the device's preference order
     that is available and serves the block, else ``reference``."""
     available = available_backends() if available is None else available
     order = CUDA_ORDER if device_type == "cuda" else CPU_ORDER if device_type == "cpu" else ()
     for name in order:
-        if name in available and supports(name, device_type, dtype, has_mask, causal, head_dim):
+        if name in available and supports(name, device_type, dtype, has_mask, causal, head_dim,
+                                          capability):
             return name
     return "reference"
 
@@ -121,7 +142,7 @@ def _bias(mask, dtype, b: int, h: int, sq: int, sk: int):
         return None
     mb, _, mq, _ = mask.shape
     width = -(-sk // BIAS_ALIGN) * BIAS_ALIGN
-    bias = torch.zeros(mb, 1, mq, width, dtype=dtype, device=mask.device)[..., :sk]
+    bias = torch.zeros(mb, 1, mq, width, dtype=dtype, device=mask.device).narrow(-1, 0, sk)
     bias.masked_fill_(mask, NEG_INF)
     return bias.expand(b, h, sq, sk)
 
@@ -133,10 +154,11 @@ def dead_rows(mask, causal: bool, sq: int):
     if mask is None:
         return None
     if causal and mask.size(2) == 1:
-        run = mask[:, :, 0].to(torch.int32).cumprod(-1).bool()  # keys 0..j all padded
-        if sq <= run.size(-1):
-            return run[..., :sq]
-        return torch.cat([run, run[..., -1:].expand(*run.shape[:-1], sq - run.size(-1))], -1)
+        run = mask.select(2, 0).to(torch.int32).cumprod(-1).bool()  # keys 0..j all padded
+        n = run.size(-1)
+        if sq <= n:
+            return run.narrow(-1, 0, sq)
+        return torch.cat([run, run.narrow(-1, n - 1, 1).expand(*run.shape[:-1], sq - n)], -1)
     if causal:
         tri = torch.ones(sq, mask.size(-1), dtype=torch.bool, device=mask.device).triu_(1)
         mask = mask | tri
@@ -162,7 +184,8 @@ def flash_forward(q, k, v, scale, causal, mask):
 def flash_backward(dout, q, k, v, out, lse, scale, causal, mask):
     sq, sk = q.size(2), k.size(2)
     zero = _zeros_int64(q.device)
-    lse = lse.float().masked_fill(torch.isneginf(lse), POS_INF)  # no row is empty here
+    # no row is empty here; the kernel reads lse as a dense [b, h, sq] (no strides)
+    lse = lse.float().masked_fill(torch.isneginf(lse), POS_INF).contiguous()
     dq, dk, dv = _op("_scaled_dot_product_flash_attention_backward")(
         dout.to(q.dtype), q, k, v, out.to(q.dtype), lse, None, None, sq, sk, 0.0, causal,
         zero, zero, scale=scale)
@@ -177,7 +200,7 @@ def efficient_forward(q, k, v, scale, causal, mask):
     out, lse = _op("_efficient_attention_forward")(
         _bmhk(q), _bmhk(k, g), _bmhk(v, g), bias, None, None, None, None, 0.0, int(causal),
         True, scale=scale)[:2]
-    out, lse = out.transpose(1, 2), lse[:, :, :sq]
+    out, lse = out.transpose(1, 2), lse.narrow(2, 0, sq)
     dead = dead_rows(mask, causal, sq)
     if dead is not None:
         out = out.masked_fill_(dead.unsqueeze(-1), 0.0)
@@ -190,8 +213,8 @@ def efficient_backward(dout, q, k, v, out, lse, scale, causal, mask):
     hkv, sk, g = k.size(1), k.size(2), _groups(q, k)
     bias = _bias(mask, q.dtype, b, hq, sq, sk)
     padded = -(-sq // LSE_ALIGN) * LSE_ALIGN
-    lse_p = torch.full((b, hq, padded), POS_INF, dtype=torch.float32, device=q.device)
-    lse_p[:, :, :sq] = lse.float().masked_fill(torch.isneginf(lse), POS_INF)
+    lse_p = torch.nn.functional.pad(lse.float().masked_fill(torch.isneginf(lse), POS_INF),
+                                    (0, padded - sq), value=POS_INF).contiguous()
     zero = _zeros_int64(q.device)
     dq, dk, dv, _ = _op("_efficient_attention_backward")(
         _bmhk(dout.to(q.dtype)).contiguous(), _bmhk(q), _bmhk(k, g), _bmhk(v, g), bias,
@@ -204,16 +227,23 @@ def efficient_backward(dout, q, k, v, out, lse, scale, causal, mask):
 
 
 # ----------------------------------------------------------------------------- cuda_cudnn
-def _cudnn_lse_dims() -> int:
-    """How many dims the cuDNN op's lse has in this torch (3 or 4), from its meta kernel."""
-    x = torch.empty(1, 1, 8, 8, device="meta", dtype=torch.bfloat16)
-    return _op("_scaled_dot_product_cudnn_attention")(x, x, x, None, True, 0.0, False,
-                                                       False)[1].dim()
+_CUDNN_LSE_DIMS: dict[str, int] = {}  # lse rank the real forward returned (3 or 4), by device
+
+
+def _cudnn_lse_dims(device_type: str) -> int:
+    """How many dims the cuDNN op's lse has: as the real forward returned it in this process,
+    else (no forward seen) as the op's meta kernel says."""
+    if device_type not in _CUDNN_LSE_DIMS:
+        x = torch.empty(1, 1, 8, 8, device="meta", dtype=torch.bfloat16)
+        return _op("_scaled_dot_product_cudnn_attention")(x, x, x, None, True, 0.0, False,
+                                                           False)[1].dim()
+    return _CUDNN_LSE_DIMS[device_type]
 
 
 def cudnn_forward(q, k, v, scale, causal, mask):
     res = _op("_scaled_dot_product_cudnn_attention")(q, k, v, None, True, 0.0, causal, False,
                                                       scale=scale)
+    _CUDNN_LSE_DIMS[q.device.type] = res[1].dim()
     return res[0], res[1].reshape(q.shape[:3])
 
 
@@ -221,7 +251,7 @@ def cudnn_backward(dout, q, k, v, out, lse, scale, causal, mask):
     sq, sk = q.size(2), k.size(2)
     zero = _zeros_int64(q.device)
     lse = lse.float().masked_fill(torch.isneginf(lse), POS_INF)
-    if _cudnn_lse_dims() == 4:
+    if _cudnn_lse_dims(q.device.type) == 4:
         lse = lse.unsqueeze(-1)
     dq, dk, dv = _op("_scaled_dot_product_cudnn_attention_backward")(
         dout.to(q.dtype), q, k, v, out.to(q.dtype), lse, zero, zero, None, None, None, sq, sk,

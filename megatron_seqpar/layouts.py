@@ -26,6 +26,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from megatron_seqpar.hostread import host_ints
+
 LAYOUTS = ("contiguous", "zigzag")
 
 
@@ -50,8 +52,8 @@ def check_cu_seqlens(cu_seqlens, total: int, layout: str, world_size: int):
 
     Accepts a 1-d integer tensor or sequence, or a ``[1, n+1]`` tensor (flattened). It must
     start at 0, end at the global length ``total``, never decrease, and with ``zigzag`` every
-    sequence length must be a multiple of ``2P``. Reads the values on the host (one device
-    sync for a CUDA tensor, as Megatron's THD path does).
+    sequence length must be a multiple of ``2P``. Reads the values on the host once per tensor
+    (``hostread``: one device sync per step for a CUDA tensor, not one per layer).
     """
     if cu_seqlens is None:
         return None
@@ -60,12 +62,10 @@ def check_cu_seqlens(cu_seqlens, total: int, layout: str, world_size: int):
                 cu_seqlens.dtype == torch.bool:
             raise ValueError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}; "
                              "pass e.g. torch.tensor([0, L1, L1+L2, ..., S], dtype=torch.int32)")
-        if cu_seqlens.dim() == 2 and cu_seqlens.size(0) == 1:
-            cu_seqlens = cu_seqlens[0]
-        if cu_seqlens.dim() != 1:
+        if cu_seqlens.dim() != 1 and not (cu_seqlens.dim() == 2 and cu_seqlens.size(0) == 1):
             raise ValueError(f"cu_seqlens must be 1-d [n+1] (or [1, n+1]), got shape "
                              f"{tuple(cu_seqlens.shape)}")
-        cu = tuple(int(x) for x in cu_seqlens.tolist())
+        cu = host_ints(cu_seqlens)  # once per tensor: every layer of a step passes the same
     else:
         try:
             cu = tuple(cu_seqlens)

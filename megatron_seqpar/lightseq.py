@@ -126,7 +126,7 @@ def lightseq_forward(setup, q, k, v, kpm_all):
     comm, r, s = setup.comm(), setup.rank, q.size(2)
     kw = dict(scale=setup.scale, causal=setup.causal, backend=setup.options.backend)
     runs = lambda i: setup.runs(i, s)  # noqa: E731
-    kpm = lambda i: None if kpm_all is None else kpm_all[i]  # noqa: E731
+    kpm = lambda i: setup.key_pad(kpm_all, i)  # noqa: E731
     tally = setup.traffic.add_block_steps if setup.traffic else (lambda n=1: None)
 
     steps = _steps(setup, s)
@@ -185,7 +185,7 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
     comm, r, s = setup.comm(), setup.rank, q.size(2)
     kw = dict(scale=setup.scale, causal=setup.causal, backend=setup.options.backend)
     runs = lambda i: setup.runs(i, s)  # noqa: E731
-    kpm = lambda i: None if kpm_all is None else kpm_all[i]  # noqa: E731
+    kpm = lambda i: setup.key_pad(kpm_all, i)  # noqa: E731
 
     steps = _steps(setup, s)
     kv_slot, n_kv = _slots(steps, "kv_from")

@@ -75,8 +75,8 @@ def lss_forward(setup, q, k, v, kpm_all):
     for j in range(setup.world_size):
         out, lse = attend(q, setup.runs(setup.rank, q.size(2)), *_segment(kv, j),
                           setup.runs(j, k.size(2)), scale=setup.scale, causal=setup.causal,
-                          kpm=None if kpm_all is None else kpm_all[j],
-                          backend=setup.options.backend, out=out, lse=lse)
+                          kpm=setup.key_pad(kpm_all, j), backend=setup.options.backend,
+                          out=out, lse=lse)
     if setup.traffic:
         setup.traffic.add_block_steps(1)
     return out, lse, () if setup.options.regather_kv else (kv,)
@@ -98,7 +98,7 @@ def lss_backward(setup, dout, q, k, v, out, lse, kpm_all, *saved):
         _, dk, dv = attend_backward(dout, q, setup.runs(setup.rank, q.size(2)), kj, vj,
                                     setup.runs(j, s), out, lse, scale=setup.scale,
                                     causal=setup.causal,
-                                    kpm=None if kpm_all is None else kpm_all[j],
+                                    kpm=setup.key_pad(kpm_all, j),
                                     backend=setup.options.backend, dq=dq, **acc)
         if recycle:
             kj.copy_(dk)

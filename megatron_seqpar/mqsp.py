@@ -132,7 +132,7 @@ def _micro_steps(setup, q, kpm_all):
     cd = acc_dtype(q.dtype)
     m = micro_chunks(setup.options, b=b, hq=hq, s=s, world_size=setup.world_size,
                      itemsize=torch.finfo(cd).bits // 8)
-    return m, s // m, cd, None if kpm_all is None else kpm_all[setup.rank]
+    return m, s // m, cd, setup.key_pad(kpm_all, setup.rank)
 
 
 def mqsp_forward(setup, q, k, v, kpm_all):

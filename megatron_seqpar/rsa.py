@@ -11,17 +11,18 @@ partial ``dK_j = dS_jᵀ·Q``. Partials go straight back to their owner ``j`` (o
 overlapped with the next block.
 
 Blocked math (what the method allows): only the blocks of the rows that some query needs are
-computed (``kernels.plan_blocks``: causal blocks above the diagonal and other packed
-sequences are skipped, diagonal blocks are cut in row tiles), always in place in the rows
-buffer. In the K ring each block is filled by tiles (one K/V head, 1 MiB of rows: they
-stay in cache) and each tile is reduced at once: its row max ``m``, ``exp(score - m)`` in
-place, its row sums. The rows thus hold ``exp(score - m)`` per block; the rescaling
-``exp(m - M) / sum`` (``M`` the row max over all blocks) is one factor per block row, applied
-to the ``[rows, D]`` products and operands (the context, dO, Q and dQ) instead of passes over
-the ``s x S`` rows. The K ring works in base 2 (``exp2``, as flash kernels do). The backward's
-``dO·V_jᵀ`` is computed by the same tiles, and its products with the rows are taken as
-``dOᵀ·P`` and ``Qᵀ·dS`` (the dV and dK partials travel transposed): the rows are then read in
-their own order, about 13% faster than through a transposed operand here.
+computed (``kernels.plan_blocks``: causal blocks above the diagonal and other packed sequences
+are skipped, diagonal blocks are cut in row tiles), always in place in the rows buffer. In the
+K ring each block is filled by tiles (on CPU one K/V head, 1 MiB of rows: they stay in cache;
+on CUDA the whole block, every head, in one batched call) and each tile is reduced at once: its
+row max ``m``, ``exp(score - m)`` in place, its row sums. The rows thus hold ``exp(score - m)``
+per block; the rescaling ``exp(m - M) / sum`` (``M`` the row max over all blocks) is one factor
+per block row, applied to the ``[rows, D]`` products and operands (the context, dO, Q and dQ)
+instead of passes over the ``s x S`` rows. The K ring works in base 2 (``exp2``, as flash
+kernels do). The backward's ``dO·V_jᵀ`` is computed by the same tiles (on CUDA by row slices of
+all heads, at most ``CUDA_TILE_ELEMS`` each: a bounded temporary), and its products with the
+rows are taken as ``dOᵀ·P`` and ``Qᵀ·dS`` (the dV and dK partials travel transposed): the rows
+are then read in their own order, about 13% faster than through a transposed operand here.
 
 Memory per rank: the score/probability rows ``b·hq·s·S`` in the accumulation dtype, kept for
 the backward (allocated whole, stored block by block: each needed block contiguous, in ring
@@ -48,7 +49,7 @@ import torch
 from megatron_seqpar.api import BaseOptions
 from megatron_seqpar.common import run_method
 from megatron_seqpar.hostmem import advise_huge_pages
-from megatron_seqpar.kernels import acc_dtype, block_mask, plan_blocks
+from megatron_seqpar.kernels import acc_dtype, block_mask, device_kind, plan_blocks
 
 # the K ring works in base 2 (scores times log2(e), then exp2: about 3x cheaper than exp on
 # CPU, the same trick as flash kernels); the log-sum-exp it returns is natural
@@ -162,12 +163,41 @@ def _row_tiles(blk, cols: int, row_elems: int, budget: int):
     return [slice(a, min(blk.q.stop, a + step)) for a in range(blk.q.start, blk.q.stop, step)]
 
 
-def _tiles(blk, b: int, g: int, hkv: int, cols: int):
-    """``(kv head, rows)`` tiles of a block: one K/V head's query group by row slices whose
-    ``b·g·rows·cols`` scores fit in a core's L2 cache (1 MiB fp32 here), at least 16 rows:
-    the scores are written, reduced and exponentiated there before the next tile."""
+CUDA_TILE_ELEMS = 1 << 26  # CUDA backward: dO·V_jᵀ temporaries up to 256 MiB (fp32)
+
+
+def _tiles(blk, b: int, g: int, hkv: int, cols: int, device_type: str = "cpu",
+           whole: bool = False):
+    """``(kv heads, rows)`` tiles of a block.
+
+    CPU: one K/V head's query group by row slices whose ``b·g·rows·cols`` scores fit in a
+    core's L2 cache (1 MiB fp32 here), at least 16 rows: the scores are written, reduced and
+    exponentiated there before the next tile. CUDA: every head at once, one batched call per
+    block (``whole``: the forward, which works in the rows themselves), or row slices of at
+    most ``CUDA_TILE_ELEMS`` (the backward's ``dO·V_jᵀ`` temporary): the CPU's cache tiles would
+    cost ~100K kernel launches per layer at S=32K, P=4 (``kernel_calls``)."""
+    if device_type == "cuda":
+        heads = slice(0, hkv)
+        if whole:
+            return [(heads, blk.q)]
+        return [(heads, rows) for rows in _row_tiles(blk, cols, b * g * hkv, CUDA_TILE_ELEMS)]
     budget = max(1 << 18, 16 * b * g * cols)
-    return [(h, rows) for h in range(hkv) for rows in _row_tiles(blk, cols, b * g, budget)]
+    return [(slice(h, h + 1), rows) for h in range(hkv)
+            for rows in _row_tiles(blk, cols, b * g, budget)]
+
+
+def kernel_calls(setup, s: int, b: int, hq: int, hkv: int, device_type: str) -> dict:
+    """Tiles (each a handful of kernel calls) of one RSA layer on this rank: ``forward``
+    (score tiles of the K ring) and ``backward`` (``dO·V_jᵀ`` tiles of the V ring), plus the
+    needed ``blocks`` (each one batched product per ring step on either device)."""
+    plans, g = _blocks(setup, s), hq // hkv
+    blocks = [blk for blocks in plans for blk in blocks]
+    cols = [blk.k.stop - blk.k.start for blk in blocks]
+    return dict(blocks=len(blocks),
+                forward=sum(len(_tiles(blk, b, g, hkv, n, device_type, whole=True))
+                            for blk, n in zip(blocks, cols)),
+                backward=sum(len(_tiles(blk, b, g, hkv, n, device_type))
+                             for blk, n in zip(blocks, cols)))
 
 
 def _stat_slices(plans):
@@ -218,6 +248,7 @@ def rsa_forward(setup, q, k, v, kpm_all):
     cd = acc_dtype(q.dtype)
     plans = _blocks(setup, s)
     stats, n_stat = _stat_slices(plans)
+    dev = device_kind(q)
     qs = (q.to(cd) * (setup.scale * _LOG2E)).reshape(b, hkv, g, s, d)  # scores in base 2
     probs = torch.empty(b * hkv * g * s * P * s, dtype=cd, device=q.device)  # the s x S rows
     if setup.options.huge_pages:
@@ -229,11 +260,10 @@ def rsa_forward(setup, q, k, v, kpm_all):
 
     def scores(j, k_j):
         kt = k_j.to(cd).unsqueeze(2).transpose(-1, -2)
-        kpm = None if kpm_all is None else kpm_all[j]
+        kpm = setup.key_pad(kpm_all, j)
         for blk, sb, blk_rows in zip(plans[j], stats[j], views[j]):
             mask = _block_bool_mask(blk, kpm, q.device)
-            for h, rows in _tiles(blk, b, g, hkv, blk.k.stop - blk.k.start):
-                hs = slice(h, h + 1)
+            for hs, rows in _tiles(blk, b, g, hkv, blk.k.stop - blk.k.start, dev, whole=True):
                 dst = blk_rows[:, hs, :, rows.start - blk.q.start:rows.stop - blk.q.start]
                 torch.matmul(qs[:, hs, :, rows], kt[:, hs, ..., blk.k], out=dst)
                 if mask is not None:
@@ -297,9 +327,10 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
     views = _block_views(probs, plans, b, hkv, g)
     do = dout.to(cd).reshape(b, hkv, g, s, d)
     delta = (do * out.to(cd).reshape_as(do)).sum(-1, keepdim=True)  # = rowsum(dP∘P)
-    tile = max((b * g * (r.stop - r.start) * (blk.k.stop - blk.k.start)
+    dev = device_kind(q)
+    tile = max(((hs.stop - hs.start) * b * g * (r.stop - r.start) * (blk.k.stop - blk.k.start)
                 for blocks in plans for blk in blocks
-                for _, r in _tiles(blk, b, g, hkv, blk.k.stop - blk.k.start)), default=1)
+                for hs, r in _tiles(blk, b, g, hkv, blk.k.stop - blk.k.start, dev)), default=1)
     tmp = [torch.empty(tile, dtype=cd, device=q.device)]  # one tile of dO·V_jᵀ, reused
     scratch = torch.empty_like(do)  # a block's [rows, D] operand or product, reused
 
@@ -309,10 +340,9 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
             dos = torch.mul(do[..., blk.q, :], fac[..., st, :], out=scratch[..., :p.size(-2), :])
             _add_product_t(dvt_j[..., blk.k], dos, p)
             n = blk.k.stop - blk.k.start
-            for h, rows in _tiles(blk, b, g, hkv, n):  # in cache, like the K ring's
-                hs = slice(h, h + 1)
-                dp = tmp[0][:b * g * (rows.stop - rows.start) * n].view(
-                    b, 1, g, rows.stop - rows.start, n)
+            for hs, rows in _tiles(blk, b, g, hkv, n, dev):  # in cache, like the K ring's
+                dp = tmp[0][:(hs.stop - hs.start) * b * g * (rows.stop - rows.start) * n].view(
+                    b, hs.stop - hs.start, g, rows.stop - rows.start, n)
                 torch.matmul(do[:, hs, :, rows], vt[:, hs, ..., blk.k], out=dp)
                 p[:, hs, :, rows.start - blk.q.start:rows.stop - blk.q.start].mul_(
                     dp.sub_(delta[:, hs, :, rows]))

@@ -112,16 +112,22 @@ def test_staging_is_explicit():
 
 # Host synchronisation: inside an attention call nothing may read a tensor's value on the host.
 # A CPU run cannot see a CUDA sync, so the sources of the attention path are checked instead
-# (tools/gpu_check.py runs the methods under torch.cuda.set_sync_debug_mode on a GPU).
-HOST_READS = {"item", "tolist", "cpu", "numpy", "synchronize", "nonzero"}
+# (tests/test_fake_cuda.py runs every method on fake CUDA tensors, where a host read raises;
+# tools/gpu_check.py runs them under torch.cuda.set_sync_debug_mode on a GPU).
+HOST_READS = {"item", "tolist", "cpu", "numpy", "synchronize", "nonzero", "equal"}
 ATTENTION_PATH = ("api.py", "common.py", "comm.py", "kernels.py", "kernels_cuda.py",
-                  "layouts.py", "rsa.py", "mqsp.py", "lss.py", "lightseq.py", "headpar.py")
+                  "layouts.py", "rsa.py", "mqsp.py", "lss.py", "lightseq.py", "headpar.py",
+                  "hostread.py", "megatron/core_attention.py", "megatron/thd.py",
+                  "megatron/checkpointing.py", "megatron/bert.py")
 # the only host reads allowed: api's cross-rank shape check (CPU tensors only: skipped for
-# CUDA), layouts' shard/gather helpers (outside an attention call), and reading a packed
-# batch's cu_seqlens once per call (only with cu_seqlens given; Megatron's THD path reads
-# them on the host too, and a list or tuple costs no sync)
+# CUDA), layouts' gather helper (outside an attention call), and the readers that run through
+# hostread.once, once per tensor (per step: every layer passes the same cu_seqlens and mask)
 ALLOWED = {("api.py", "_check_across_ranks"), ("layouts.py", "gather_sequence"),
-           ("layouts.py", "check_cu_seqlens")}
+           ("hostread.py", "_ints"), ("hostread.py", "_true_runs"),
+           ("megatron/core_attention.py", "_key_padding")}
+ONCE_ONLY = {("hostread.py", "_ints"), ("hostread.py", "_true_runs"),
+             ("megatron/core_attention.py", "_key_padding"),
+             ("megatron/core_attention.py", "_padded_ranges")}
 
 
 def _host_reads(path: pathlib.Path):
@@ -147,3 +153,46 @@ def test_no_host_reads_in_the_attention_path():
            for fn, attr, line in _host_reads(PKG / name)
            if (name, fn) not in ALLOWED]
     assert not bad, "\n".join(bad)
+
+
+def test_host_readers_run_only_through_once():
+    """The readers allowed above are called nowhere but as ``once(x, key, reader)``'s
+    ``fn`` (in a lambda or by name), so a layer never reads what an earlier layer read."""
+    for name, fn in ONCE_ONLY:
+        tree = ast.parse((PKG / name).read_text())
+        once_args = {id(n) for call in ast.walk(tree) if isinstance(call, ast.Call)
+                     and getattr(call.func, "id", None) == "once" and len(call.args) == 3
+                     for n in ast.walk(call.args[2])}
+        uses = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == fn]
+        assert uses and all(id(n) in once_args for n in uses), f"{name}: {fn} outside once()"
+
+
+def test_a_step_reads_its_masks_and_boundaries_once(monkeypatch):
+    """Megatron passes the same attention_mask / PackedSeqParams to every layer of a step:
+    the host reads (``torch.equal``, ``tolist``) happen for the first layer only, every layer
+    gets the same key-padding tensor, and an in-place change is seen."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_seqpar.megatron import core_attention, thd
+
+    reads = []
+    equal, tolist = torch.equal, torch.Tensor.tolist
+    monkeypatch.setattr(torch, "equal", lambda *a: reads.append("equal") or equal(*a))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda x: reads.append("tolist") or tolist(x))
+    pad = torch.zeros(2, 8, dtype=torch.bool)
+    pad[1, 6:] = True
+    mask = pad[:, None, None, :] | pad[:, None, :, None]  # [b, 1, sq, sk], padding structure
+    kw = dict(sq=8, b=2, cp_rank=0, cp_size=1)
+    first = [core_attention.key_padding_from_mask(mask, **kw) for _ in range(4)]
+    assert all(x is first[0] for x in first) and reads.count("equal") in (1, 2)
+    n = len(reads)
+    mask[0, 0, 0, 0] = True  # in place: read again, and now refused (not padding structure)
+    with pytest.raises(ValueError, match="key-padding masks"):
+        core_attention.key_padding_from_mask(mask, **kw)
+    assert len(reads) > n
+    cu = torch.tensor([0, 5, 8], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    reads.clear()
+    for _ in range(4):
+        assert thd.packed_attention_args(params, 8, 0, 1) == ((0, 5, 8), None)
+    assert reads == ["tolist"]

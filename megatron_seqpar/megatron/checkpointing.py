@@ -129,16 +129,11 @@ class Remat:
             raise ValueError(f"Remat built for {self.method!r} called for {method!r}")
         if not torch.is_grad_enabled():  # checkpoint's first pass: run once, keep out + lse
             _, setup = msp.api.prepare(q, k, v, method=method, **kw)
-            key, kpm = _fingerprint(q), kw.get("key_padding_mask")
-            if setup.head_parallel > 1:
-                q, k, v, kpm = common.to_outer(setup, q, k, v, kpm)
-            kpm_all = common.gather_kpm(setup.comm(), kpm)
-            qh, kh, vh = (common.to_bhsd(x) for x in (q, k, v))
-            o, lse, extra = self._fwd(setup, qh, kh, vh, kpm_all)
-            o = o.to(q.dtype)
-            self._queue.append(_Kept(key, setup, o, lse, kpm_all, tuple(extra)))
-            out = o.transpose(1, 2)
-            return common.out_to_inner(setup, out) if setup.head_parallel > 1 else out
+            key = _fingerprint(q)
+            setup, _, o, lse, kpm_all, extra = common.run_forward(
+                setup, self._fwd, q, k, v, kw.get("key_padding_mask"))
+            self._queue.append(_Kept(key, setup, o, lse, kpm_all, extra))
+            return common.public_out(setup, o)
         key = _fingerprint(q) if self._queue else None
         while self._queue and self._queue[0].key != key:
             self._queue.popleft()  # stale (e.g. an abandoned no-grad forward)

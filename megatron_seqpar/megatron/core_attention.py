@@ -48,6 +48,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention
 
+from megatron_seqpar.hostread import once, true_runs
 from megatron_seqpar.megatron.parallel_state import sequence_group, two_level_groups
 
 # Methods whose backward needs only (q, k, v, out, lse): keeping them across a recompute costs
@@ -94,6 +95,9 @@ def key_padding_from_mask(attention_mask: torch.Tensor | None, *, sq: int, b: in
     Accepts ``[b|1, 1, 1|sq, sq|P*sq]`` bool masks. A ``[.., sq, ..]`` mask must have padding
     structure (each entry = key padded, or query padded or key padded); anything else raises.
     A key axis of the full length is cut to this rank's zigzag chunks (r and 2P-1-r).
+    The structure check reads the mask on the host: it runs once per mask tensor
+    (``hostread.once``; every layer of a step passes the same one, so on CUDA one device
+    sync per step), and every layer gets the same key-padding tensor back.
     """
     if attention_mask is None:
         return None
@@ -110,12 +114,37 @@ def key_padding_from_mask(attention_mask: torch.Tensor | None, *, sq: int, b: in
             f"attention_mask key length {sk} is neither the local length {sq} nor the full "
             f"length {cp_size * sq}"
         )
+    return once(m, ("key_padding", sq, b, cp_rank, cp_size),
+                lambda x: _key_padding(x, sq, b, cp_rank, cp_size))
+
+
+def padded_key_ranges(attention_mask, *, sq: int, cp_size: int):
+    """Per CP rank, the local key ranges holding a padded key (``msp.attention``'s
+    ``key_padding_ranges``), from a mask whose key axis is the full sequence (as
+    ``get_batch_on_this_cp_rank`` leaves it): read once per mask tensor, so on CUDA the
+    blocks without padding run the flash kernel at no per-layer sync. None for a mask with
+    only this rank's keys (the other ranks' padding is not known on this rank's host)."""
+    if attention_mask is None or attention_mask.size(3) != cp_size * sq:
+        return None
+    return once(attention_mask, ("padded_ranges", sq, cp_size),
+                lambda m: _padded_ranges(m, sq, cp_size))
+
+
+def _padded_ranges(m, sq: int, cp_size: int):
+    keys = m[:, 0].all(dim=1)  # [b, S]
+    if cp_size == 1:
+        return (true_runs(keys),)
+    chunks = keys.view(keys.size(0), 2 * cp_size, -1)
+    return tuple(true_runs(torch.cat([chunks[:, r], chunks[:, 2 * cp_size - 1 - r]], 1))
+                 for r in range(cp_size))
+
+
+def _key_padding(m, sq: int, b: int, cp_rank: int, cp_size: int) -> torch.Tensor:
     rows = m[:, 0]  # [b, 1|sq, sk]
     kpm_keys = rows.all(dim=1)  # [b, sk]: exact for padding-structured masks
-    if sk != sq:  # full key axis -> this rank's zigzag chunks
+    if m.size(3) != sq:  # full key axis -> this rank's zigzag chunks
         chunks = kpm_keys.view(kpm_keys.size(0), 2 * cp_size, -1)
-        idx = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank], device=m.device)
-        kpm_local = chunks.index_select(1, idx).reshape(kpm_keys.size(0), sq)
+        kpm_local = torch.cat([chunks[:, cp_rank], chunks[:, 2 * cp_size - 1 - cp_rank]], 1)
     else:
         kpm_local = kpm_keys
     if rows.size(1) == sq:
@@ -148,7 +177,8 @@ def head_parallel_options(method: str, options, config):
     if opts.head_parallel not in (1, sizes[0]):
         raise ValueError(f"head_parallel={opts.head_parallel} disagrees with "
                          f"hierarchical_context_parallel_sizes={list(sizes)}; set one of them")
-    return dataclasses.replace(opts, head_parallel=int(sizes[0]))
+    inner, _ = sizes  # config ints, not tensors
+    return dataclasses.replace(opts, head_parallel=int(inner))
 
 
 class SeqParCoreAttention(MegatronModule):
@@ -251,12 +281,14 @@ class SeqParCoreAttention(MegatronModule):
             raise ValueError(f"self attention needs sk == sq, got sk={key.size(0)}, sq={sq}")
         cp_size = self.cp_group.size()
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
-        kpm = None
+        kpm = ranges = None
         if mask_type in (AttnMaskType.padding, AttnMaskType.padding_causal):
             kpm = key_padding_from_mask(attention_mask, sq=sq, b=b,
                                         cp_rank=self.cp_group.rank(), cp_size=cp_size)
+            ranges = padded_key_ranges(attention_mask, sq=sq, cp_size=cp_size)
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, hn]
-        out = self._attend(q, k, v, causal=causal, key_padding_mask=kpm)
+        out = self._attend(q, k, v, causal=causal, key_padding_mask=kpm,
+                           key_padding_ranges=ranges)
         return out.transpose(0, 1).reshape(sq, b, heads * head_dim)
 
     def _attend(self, q, k, v, **kw):
@@ -298,8 +330,8 @@ class SeqParCoreAttention(MegatronModule):
                              f"and {t}")
         cu, kpm = packed_attention_args(packed_seq_params, t, self.cp_group.rank(),
                                         self.cp_group.size())
-        if kpm is not None:
-            kpm = kpm.to(q.device)
+        if kpm is not None:  # a cached host tensor: copied to the device once, not per layer
+            kpm = once(kpm, ("to", q.device), lambda x: x.to(q.device))
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         out = self._attend(q[None], k[None], v[None], causal=causal, key_padding_mask=kpm,
                            cu_seqlens=cu)

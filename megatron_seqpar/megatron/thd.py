@@ -13,7 +13,8 @@ which ``megatron.core.utils.get_thd_batch_on_this_cp_rank`` calls and which asse
 installed when CP > 1). This module gives pure-torch replacements for both, and
 ``packed_attention_args``, which turns ``PackedSeqParams`` into ``msp.attention``'s
 ``cu_seqlens`` and key padding mask. Nothing here communicates or holds state (one small
-cache of masks keyed by the boundaries' values).
+cache of masks keyed by the boundaries' values; host reads memoised per tensor by
+``hostread``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from megatron_seqpar.hostread import host_ints
 from megatron_seqpar.layouts import documents, local_runs, positions
 
 
@@ -32,11 +34,9 @@ def _host_ints(x, name: str) -> tuple[int, ...]:
         if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor, got {x.dtype}; pass "
                              "torch.tensor([0, L1, L1+L2, ...], dtype=torch.int32)")
-        if x.dim() == 2 and x.size(0) == 1:
-            x = x[0]
-        if x.dim() != 1:
+        if x.dim() != 1 and not (x.dim() == 2 and x.size(0) == 1):
             raise ValueError(f"{name} must be 1-d [n+1], got shape {tuple(x.shape)}")
-        return tuple(int(v) for v in x.tolist())
+        return host_ints(x)  # once per tensor: every layer of a step passes the same one
     try:
         return tuple(int(v) for v in x)
     except (TypeError, ValueError):
@@ -94,7 +94,7 @@ def get_thd_batch_on_this_cp_rank(batch: dict[str, Any], cu_seqlens, cu_seqlens_
     from megatron.core import parallel_state
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    m = int(max_seqlen[0].item()) if isinstance(max_seqlen, torch.Tensor) else int(max_seqlen)
+    m = host_ints(max_seqlen)[0] if isinstance(max_seqlen, torch.Tensor) else int(max_seqlen)
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                              cu_seqlens_q_padded=cu_seqlens_padded,
                              cu_seqlens_kv_padded=cu_seqlens_padded,
@@ -135,8 +135,9 @@ def packed_attention_args(params, local_len: int, cp_rank: int, cp_size: int):
     lengths longer than the padded ones, boundaries that do not cover the ``CP * local_len``
     tokens or (under CP) padded lengths that are not multiples of ``2*CP``, and a
     ``max_seqlen_q``/``max_seqlen_kv`` below the longest padded sequence (RoPE's table would
-    not cover it). Reads the boundaries on the host (a device sync per tensor for CUDA
-    tensors; a kv tensor that IS the q tensor is not read twice), once per layer call.
+    not cover it). Reads the boundaries on the host once per tensor (``hostread``: for CUDA
+    tensors one device sync per step, the first layer's, not one per layer; a kv tensor that
+    IS the q tensor is not read twice).
     """
     fmt = getattr(params, "qkv_format", None)
     if fmt != "thd":
