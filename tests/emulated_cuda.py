@@ -76,6 +76,7 @@ def _flash_fwd(q, k, v, p, causal, debug, *, scale):
 
 
 def _flash_bwd(dout, q, k, v, out, lse, cq, ck, mq, mk, p, causal, seed, off, *, scale):
+    assert lse.is_contiguous()  # the kernel reads a dense [b, h, sq], ignoring strides
     dq, dk, dv = _emul(q, _expand(q, k), _expand(q, v), None, causal, scale, lse=lse,
                        dout=dout, out=out)
     g = q.size(1) // k.size(1)
@@ -91,8 +92,19 @@ def _cudnn_fwd(q, k, v, bias, lse_on, p, causal, debug, *, scale=None):
 
 def _cudnn_bwd(dout, q, k, v, out, lse, seed, off, bias, cq, ck, mq, mk, p, causal, *, scale):
     assert lse.shape == (*q.shape[:3], 1) and bias is None  # the forward's [b, h, sq, 1]
-    return _flash_bwd(dout, q, k, v, out, lse[..., 0], cq, ck, mq, mk, p, causal, seed, off,
-                      scale=scale)
+    return _flash_bwd(dout, q, k, v, out, lse[..., 0].contiguous(), cq, ck, mq, mk, p, causal,
+                      seed, off, scale=scale)
+
+
+def _cudnn_fwd_3d(*args, **kwargs):
+    """A cuDNN build whose lse is ``[b, h, sq]`` (the meta kernel still says 4 dims)."""
+    res = _cudnn_fwd(*args, **kwargs)
+    return (res[0], res[1][..., 0], *res[2:])
+
+
+def _cudnn_bwd_3d(dout, q, k, v, out, lse, *args, **kwargs):
+    assert lse.shape == q.shape[:3]  # what that forward returned
+    return _cudnn_bwd(dout, q, k, v, out, lse.unsqueeze(-1), *args, **kwargs)
 
 
 EMULATED = {"_efficient_attention_forward": _eff_fwd, "_efficient_attention_backward": _eff_bwd,

@@ -196,3 +196,32 @@ def test_a_step_reads_its_masks_and_boundaries_once(monkeypatch):
     for _ in range(4):
         assert thd.packed_attention_args(params, 8, 0, 1) == ((0, 5, 8), None)
     assert reads == ["tolist"]
+
+
+def _join_nccl_once(rank, world):
+    import torch.distributed as dist
+
+    from megatron_seqpar import comm as comm_mod
+
+    calls = []
+    real = dist.all_reduce
+    dist.all_reduce = lambda t, *a, **k: calls.append(t.numel()) or real(t, *a, **k)
+    try:
+        group = dist.new_group(list(range(world)))
+        for _ in range(3):  # every attention call asks; only the first runs the all-reduce
+            c = Comm(group)
+            c.nccl = True  # as on an NCCL group (gloo runs the all-reduce here)
+            c.join_nccl(torch.device("cpu"))
+        gloo = Comm(group)
+        gloo.join_nccl(torch.device("cpu"))  # gloo needs none
+        return calls, group in comm_mod._NCCL_JOINED
+    finally:
+        dist.all_reduce = real
+
+
+def test_an_nccl_group_is_joined_once_before_point_to_point():
+    """NCCL: a batch_isend_irecv that is a group's first operation must be joined by all of
+    its ranks, and a rank may have nothing to send at some step; so every attention call
+    first makes sure the group has run one (tiny) all-reduce, once per group."""
+    for calls, joined in run_on_ranks(_join_nccl_once, 2):
+        assert calls == [1] and joined

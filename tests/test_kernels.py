@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from emulated_cuda import EMULATED
+from emulated_cuda import EMULATED, _cudnn_bwd_3d, _cudnn_fwd_3d
 
 from megatron_seqpar import kernels_cuda
 from megatron_seqpar.kernels import (
@@ -312,3 +312,40 @@ def test_cuda_glue_with_emulated_kernels(monkeypatch, backend, kind):
     for a, r, x in zip(gg, gr, (q, k, v)):
         assert a.shape == x.shape and torch.isfinite(a).all()
         assert torch.allclose(a.double(), r, atol=1e-4, rtol=0)  # fp32 grads, s = 37 terms
+
+
+def test_flash_backward_hands_the_kernel_a_dense_lse(monkeypatch):
+    """The flash kernel reads lse as a dense ``[b, h, sq]``: a merged lse with other strides
+    (here ``[b, sq, h]`` storage) is made contiguous first (the emulation asserts it)."""
+    monkeypatch.setattr(kernels_cuda, "_op", EMULATED.__getitem__)
+    q, k, v, do = (rand(2, 9, h, 8, dtype=torch.float32, seed=i).transpose(1, 2)
+                   for i, h in enumerate((4, 2, 2, 4)))
+    out, lse = BACKENDS["cuda_flash"].forward(q, k, v, 0.3, True, None)
+    strided = lse.transpose(1, 2).contiguous().transpose(1, 2)  # same values, [b, sq, h] storage
+    assert not strided.is_contiguous()
+    want = BACKENDS["cuda_flash"].backward(do, q, k, v, out, lse, 0.3, True, None)
+    got = BACKENDS["cuda_flash"].backward(do, q, k, v, out, strided, 0.3, True, None)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_cudnn_backward_takes_the_lse_rank_its_forward_returned(monkeypatch):
+    """A build whose cuDNN forward returns a 3-d lse while its meta kernel says 4-d."""
+    ops = dict(EMULATED, _scaled_dot_product_cudnn_attention=_cudnn_fwd_3d,
+               _scaled_dot_product_cudnn_attention_backward=_cudnn_bwd_3d)
+    monkeypatch.setattr(kernels_cuda, "_op", ops.__getitem__)
+    monkeypatch.setattr(kernels_cuda, "_CUDNN_LSE_DIMS", {})
+    q, k, v, do = (rand(2, 9, h, 8, dtype=torch.float32, seed=i).transpose(1, 2)
+                   for i, h in enumerate((4, 2, 2, 4)))
+    out, lse = BACKENDS["cuda_cudnn"].forward(q, k, v, 0.3, True, None)
+    grads = BACKENDS["cuda_cudnn"].backward(do, q, k, v, out, lse, 0.3, True, None)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+def test_flash_and_cudnn_need_sm80():
+    """Pre-Ampere GPUs (V100: sm70, T4: sm75) fall back to the efficient kernel."""
+    for cap, want in (((7, 0), "cuda_efficient"), ((7, 5), "cuda_efficient"),
+                      ((8, 0), "cuda_flash"), ((9, 0), "cuda_flash"), (None, "cuda_flash")):
+        assert kernels_cuda.choose_backend("cuda", torch.bfloat16, False, True, 128, CUDA_OPS,
+                                           capability=cap) == want
+        assert kernels_cuda.supports("cuda_cudnn", "cuda", torch.bfloat16, False, True, 128,
+                                     capability=cap) == (want == "cuda_flash")

@@ -199,3 +199,26 @@ def test_frozen_axis():
     ax = SequenceAxis(group=None, rank=0, world_size=1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         ax.rank = 1
+
+
+def test_provider_padding_hint_matches_every_ranks_shard():
+    """``padded_key_ranges``: from a full-length Megatron mask, each CP rank's padded local key
+    ranges in the zigzag layout, the same on every rank (what ``key_padding_ranges`` must be);
+    None for a mask holding only this rank's keys."""
+    import torch
+
+    from megatron_seqpar.hostread import true_runs
+    from megatron_seqpar.megatron.core_attention import padded_key_ranges
+
+    P, S = 3, 36
+    pad = torch.zeros(2, S, dtype=torch.bool)
+    pad[0, 29:] = True
+    pad[1, 4:7] = True
+    mask = (pad[:, None, None, :]).expand(2, 1, S // P, S)  # [b, 1, sq, S]
+    got = padded_key_ranges(mask, sq=S // P, cp_size=P)
+    for r in range(P):
+        zig = torch.cat([c for i, c in enumerate(pad.chunk(2 * P, 1)) if i in (r, 2 * P - 1 - r)],
+                        1)
+        assert got[r] == true_runs(zig)
+    assert padded_key_ranges(mask[..., : S // P], sq=S // P, cp_size=P) is None
+    assert padded_key_ranges(mask[..., : S // P], sq=S // P, cp_size=1) == (true_runs(pad[:, :12]),)
