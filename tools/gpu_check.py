@@ -1,10 +1,12 @@
-"""One-shot device check of the CUDA path (issue 13): ONE command, under 8 minutes on one H200.
+"""One-shot device check of the CUDA path: ONE command, at most 360 s on one H100 or H200.
 
     python tools/gpu_check.py --out runs/gpu_check          # on the GPU machine
     python tools/gpu_check.py --dry-run --out /tmp/gpu_dry  # every section on CPU, tiny sizes
 
-Writes ``<out>.json`` (everything) and ``<out>.md`` (the tables). Sections, each in its own
-process with its own time budget (a failure or timeout is recorded and the next one runs):
+Writes ``<out>.json`` (everything) and ``<out>.md`` (the tables), rewritten after every
+section. Sections, each in its own process with its own time budget, start-up included (a
+failure or timeout is recorded and the next one runs); each case's row is sent to this
+process as soon as the case ends, so a section killed at its budget keeps its finished rows.
 
 a. kernels: every backend x block kind x dtype against the float64 reference on the device
    (max |error| / max |reference| of out, dq, dk, dv; empty rows must give out 0, lse -inf);
@@ -16,10 +18,12 @@ c. efficiency: one rank's LightSeq zigzag attention (rank 0 of P = 8: its own sh
    K/V of every other rank, merged; forward + backward, no communication) against ONE flash
    call with the same number of visible (query, key) pairs, bf16, head dim 128, local lengths
    4K-32K: TFLOP/s of each and the ratio (goal >= 0.9);
-d. a megatron-core GPT training step (8 layers, hidden 2048, 16 heads, S = 16K, bf16) at
-   CP = 1 with each method's core-attention spec against megatron-core's own (local) core
-   attention: tokens/s and peak-memory ratios (if the baseline cannot run at S, every variant
-   is rerun at the fallback length);
+d. a megatron-core GPT training step (8 layers, hidden 2048, 16 heads, bf16) at CP = 1 with
+   each method's core-attention spec against megatron-core's own (local) core attention:
+   tokens/s and peak-memory ratios. The length is the longest of 8K, 4K, 2K whose estimated
+   baseline memory fits in 60% of the free device memory (``torch.cuda.mem_get_info``; 8K on
+   an 80 GB H100); RSA is skipped, saying so, where its ``s x S`` score rows would not fit;
+   if the baseline still fails, every variant drops to the next length;
 e. ``examples/pretrain_gpt.py --device cuda`` for 50 steps: the loss must fall.
 """
 
@@ -41,8 +45,9 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-BUDGET_S = {"a": 45, "b": 120, "c": 70, "d": 105, "e": 75}  # 415 s, each incl. its start-up
-TOTAL_S = 465  # the whole command, kills included: under 8 minutes
+BUDGET_S = {"a": 40, "b": 90, "c": 50, "d": 90, "e": 60}  # 330 s, each incl. its start-up
+TOTAL_S = 360  # the whole command, kills included: a rerun fits in 15 minutes of device time
+MARGIN_S = 5  # what a section keeps back to report before its budget ends
 TOL = {"bfloat16": 3e-2, "float16": 5e-3, "float32": 1e-3}  # relative to max |reference|
 KINDS = ("full", "causal", "padded", "causal+padded", "mask")
 METHODS = ("rsa", "mqsp", "lss", "lightseq")
@@ -72,7 +77,8 @@ def _mask(kind, b, sq, sk, device):
 
 
 # ----------------------------------------------------------------------------- a: kernels
-def section_kernels(a) -> list[dict]:
+def section_kernels(a):
+    """Yields one row per backend x block kind x dtype."""
     from megatron_seqpar import kernels_cuda
     from megatron_seqpar.kernels import BACKENDS, block_attention, block_attention_backward
 
@@ -80,7 +86,7 @@ def section_kernels(a) -> list[dict]:
     backends = (["cpu_flash"] if dev == "cpu" else ["cuda_flash", "cuda_efficient", "cuda_cudnn"]
                 ) + ["auto"]
     b, hq, hkv, s, d = (2, 4, 2, 48, 16) if a.dry_run else (2, 8, 2, 1000, 128)
-    rows = []
+    cap = kernels_cuda.capability(torch.device(dev))  # None on CPU
     for dtype in ("bfloat16", "float16", "float32"):
         g = torch.Generator(device=dev).manual_seed(0)
         q, k, v, do = (torch.randn(b, s, h, d, generator=g, device=dev).to(_dtype(dtype))
@@ -94,11 +100,11 @@ def section_kernels(a) -> list[dict]:
                                             backend="reference")
             for name in backends:
                 row = dict(backend=name, kind=kind, dtype=dtype)
-                pick = kernels_cuda.choose_backend(dev, _dtype(dtype), mask is not None, causal,
-                                                   d) if name == "auto" else name
-                if not kernels_cuda.supports(pick, dev, _dtype(dtype), mask is not None, causal,
-                                             d):
-                    rows.append(dict(row, runs="n/a (dispatched elsewhere)"))
+                kind_args = (dev, _dtype(dtype), mask is not None, causal, d)
+                pick = kernels_cuda.choose_backend(*kind_args, capability=cap) \
+                    if name == "auto" else name
+                if not kernels_cuda.supports(pick, *kind_args, capability=cap):
+                    yield dict(row, runs="n/a (dispatched elsewhere)")
                     continue
                 try:
                     be = BACKENDS[pick]
@@ -107,12 +113,12 @@ def section_kernels(a) -> list[dict]:
                     errs = [_relerr(out, ref[0])] + [_relerr(x, r) for x, r in zip(grads, gref)]
                     empty_ok = bool(torch.equal(torch.isneginf(lse), torch.isinf(ref[1])))
                     finite = all(bool(torch.isfinite(x).all()) for x in (out, *grads))
-                    rows.append(dict(row, runs=pick, out=errs[0], dq=errs[1], dk=errs[2],
-                                     dv=errs[3], empty_rows_ok=empty_ok, finite=finite,
-                                     ok=empty_ok and finite and max(errs) < TOL[dtype]))
+                    row = dict(row, runs=pick, out=errs[0], dq=errs[1], dk=errs[2], dv=errs[3],
+                               empty_rows_ok=empty_ok, finite=finite,
+                               ok=empty_ok and finite and max(errs) < TOL[dtype])
                 except Exception as exc:  # noqa: BLE001 - recorded, the next case runs
-                    rows.append(dict(row, runs=pick, error=f"{type(exc).__name__}: {exc}"[:300]))
-    return rows
+                    row = dict(row, runs=pick, error=f"{type(exc).__name__}: {exc}"[:300])
+                yield row
 
 
 # ----------------------------------------------------------------------------- b: methods
@@ -131,9 +137,9 @@ def _method_rank(rank, world, port, a, queue):
     if dev == "cuda":
         torch.cuda.set_device(0)  # every rank on the one GPU
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=120))
+                            world_size=world,
+                            timeout=timedelta(seconds=max(10.0, a.deadline - time.time())))
     b, hq, hkv, d, S = (2, 4, 2, 16, 16 * world) if a.dry_run else (2, 8, 2, 128, 2048)
-    rows = []
     try:
         for mode in ("causal", "padded"):
             causal = mode == "causal"
@@ -176,40 +182,43 @@ def _method_rank(rank, world, port, a, queue):
                             syncs = sum("synchroniz" in str(w.message) for w in caught)
                         errs = [_relerr(x, shard(r)) for x, r in
                                 zip([out.detach()] + [m.grad for m in mine], refs)]
-                        rows.append(dict(row, out=errs[0], dq=errs[1], dk=errs[2], dv=errs[3],
-                                         host_syncs=syncs, ok=max(errs) < TOL["bfloat16"]))
+                        row = dict(row, out=errs[0], dq=errs[1], dk=errs[2], dv=errs[3],
+                                   host_syncs=syncs, ok=max(errs) < TOL["bfloat16"])
                     except Exception as exc:  # noqa: BLE001
-                        rows.append(dict(row, error=f"{type(exc).__name__}: {exc}"[:300]))
-        queue.put((rank, rows))
+                        row = dict(row, error=f"{type(exc).__name__}: {exc}"[:300])
+                    queue.put((rank, row))  # as soon as the case ends
+        queue.put((rank, None))  # this rank is done
     except Exception:  # noqa: BLE001
-        queue.put((rank, [{"P": world, "error": traceback.format_exc()[-600:]}]))
+        queue.put((rank, {"P": world, "error": traceback.format_exc()[-600:]}))
+        queue.put((rank, None))
     finally:
         dist.destroy_process_group()
 
 
-def _merge_ranks(per_rank: list[list[dict]]) -> list[dict]:
-    """One row per case: the worst error over ranks, host syncs summed."""
-    out = []
-    for rows in zip(*per_rank):
-        row = dict(rows[0])
-        for key in ("out", "dq", "dk", "dv"):
-            if all(key in r for r in rows):
-                row[key] = max(r[key] for r in rows)
-        if all("ok" in r for r in rows):
-            row["ok"] = all(r["ok"] for r in rows)
-            row["host_syncs"] = sum(r["host_syncs"] for r in rows)
-        errs = [r["error"] for r in rows if "error" in r]
-        if errs:
-            row["error"] = errs[0]
-        out.append(row)
-    return out
+def _merge(rows: list[dict]) -> dict:
+    """One case's row from every rank's: the worst error over ranks, host syncs summed."""
+    row = dict(rows[0])
+    for key in ("out", "dq", "dk", "dv"):
+        if all(key in r for r in rows):
+            row[key] = max(r[key] for r in rows)
+    if all("ok" in r for r in rows):
+        row["ok"] = all(r["ok"] for r in rows)
+        row["host_syncs"] = sum(r["host_syncs"] for r in rows)
+    errs = [r["error"] for r in rows if "error" in r]
+    if errs:
+        row["error"] = errs[0]
+    return row
 
 
-def section_methods(a) -> list[dict]:
+def section_methods(a):
+    """Yields each case's merged row as soon as every rank has reported it. Ranks that stop
+    answering before the section's budget ends are reported and killed, and the next world
+    runs if time is left."""
+    import queue as queue_mod
+
     from measure import free_port
 
     ctx = mp.get_context("spawn")
-    rows = []
     for world in (2, 4):
         queue = ctx.Queue()
         port = free_port()
@@ -217,18 +226,30 @@ def section_methods(a) -> list[dict]:
                  for r in range(world)]
         for p in procs:
             p.start()
-        got = {}
+        cases: list[dict] = []  # per case: {rank: row}
+        seen, done = [0] * world, 0
         try:
-            for _ in range(world):
-                r, res = queue.get(timeout=BUDGET_S["b"])
-                got[r] = res
+            while done < world:
+                left = a.deadline - time.time()
+                try:
+                    rank, row = queue.get(timeout=max(0.1, left))
+                except queue_mod.Empty:
+                    yield dict(P=world, error=f"ranks stopped answering at the section's "
+                               f"deadline (cases reported per rank: {seen})")
+                    break
+                if row is None:
+                    done += 1
+                    continue
+                i, seen[rank] = seen[rank], seen[rank] + 1
+                cases += [{} for _ in range(i + 1 - len(cases))]
+                cases[i][rank] = row
+                if len(cases[i]) == world:
+                    yield _merge([cases[i][r] for r in range(world)])
         finally:
             for p in procs:
-                p.join(timeout=10)
+                p.join(timeout=10 if done == world else 1)
                 if p.is_alive():
                     p.kill()
-        rows += _merge_ranks([got[r] for r in range(world)])
-    return rows
 
 
 # ----------------------------------------------------------------------------- c: efficiency
@@ -271,7 +292,7 @@ def _one_flash_call(flash, q, do, kb, vb, scale):
     flash.backward(do, q, kb, vb, out, lse, scale, False, None)
 
 
-def section_efficiency(a) -> list[dict]:
+def section_efficiency(a):
     from functools import partial
 
     from megatron_seqpar.kernels import BACKENDS, plan_blocks
@@ -283,7 +304,6 @@ def section_efficiency(a) -> list[dict]:
     lengths = (64, 128) if a.dry_run else (4096, 8192, 16384, 32768)
     flash = BACKENDS["cpu_flash" if dev == "cpu" else "cuda_flash"]
     flop = lambda n: 3.5 * 4 * n * d * h  # fwd 4·pairs·d·h, bwd 2.5x fwd  # noqa: E731
-    rows = []
     for s in lengths:
         g = torch.Generator(device=dev).manual_seed(2)
         mk = partial(torch.randn, generator=g, device=dev, dtype=dtype)
@@ -297,13 +317,12 @@ def section_efficiency(a) -> list[dict]:
         t_ours = _timed(partial(_our_rank_step, q, do, kv, runs, r, kw), dev, a.repeats)
         t_one = _timed(partial(_one_flash_call, flash, q, do, kb, vb, d**-0.5), dev, a.repeats)
         ours_tf, one_tf = flop(pairs) / t_ours / 1e12, flop(s * L) / t_one / 1e12
-        rows.append(dict(local_len=s, P=P, rank=r, pairs=pairs, flash_keys=L,
+        yield (dict(local_len=s, P=P, rank=r, pairs=pairs, flash_keys=L,
                          ours_s=t_ours, flash_s=t_one, ours_tflops=ours_tf,
                          flash_tflops=one_tf, ratio=ours_tf / one_tf))
         del q, do, kv, kb, vb
         if dev == "cuda":
             torch.cuda.empty_cache()
-    return rows
 
 
 # ----------------------------------------------------------------------------- d: GPT step
@@ -316,8 +335,9 @@ def _gpt_variant(a, method, seq):
 
     dev = a.device
     small = a.dry_run
-    cfg = TrainConfig(model="gpt", num_layers=2 if small else 8,
-                      hidden_size=64 if small else 2048, num_attention_heads=4 if small else 16,
+    cfg = TrainConfig(model="gpt", num_layers=2 if small else GPT_LAYERS,
+                      hidden_size=64 if small else 2048,
+                      num_attention_heads=4 if small else GPT_HEADS,
                       seq_length=seq, micro_batch_size=1, global_batch_size=1, world_size=1,
                       seqpar_method=method, device=dev, bf16=dev == "cuda", progress_bar=False,
                       plot=False)
@@ -349,7 +369,33 @@ def _gpt_variant(a, method, seq):
         ps.destroy_model_parallel()
 
 
-def section_gpt(a) -> list[dict]:
+GPT_LAYERS, GPT_HEADS = 8, 16
+
+
+def attention_bytes(method, seq: int, layers: int = GPT_LAYERS, heads: int = GPT_HEADS) -> int:
+    """Rough device bytes of section d's attention at CP=1, b=1 (what decides its length):
+    megatron-core's local attention keeps bf16 probabilities per layer and makes fp32 softmax
+    transients (~12 B per score); RSA keeps fp32 ``s x S`` score rows per layer; the others
+    keep no score matrix."""
+    scores = heads * seq * seq
+    if method is None:
+        return layers * scores * 2 + scores * 12
+    if method == "rsa":
+        return (layers + 1) * scores * 4
+    return 0
+
+
+def gpt_lengths(free_bytes: int | None, share: float = 0.6) -> tuple[int, ...]:
+    """The lengths section d tries, longest first: 8K, 4K, 2K whose baseline fits in
+    ``share`` of the free device memory (all three when it is unknown)."""
+    seqs = (8192, 4096, 2048)
+    if free_bytes is None:
+        return seqs
+    return tuple(s for s in seqs if attention_bytes(None, s) <= share * free_bytes) or (2048,)
+
+
+def section_gpt(a):
+    """Yields the baseline's row, then each method's, at the longest length that fits."""
     import torch.distributed as dist
     from measure import free_port
 
@@ -363,21 +409,27 @@ def section_gpt(a) -> list[dict]:
 
         shims = cpu_shims()
         shims.__enter__()
-    seqs = (128, 64) if a.dry_run else (16384, 8192)
-    failed = []
+    free = None if a.device == "cpu" else torch.cuda.mem_get_info()[0]
+    seqs = (128, 64) if a.dry_run else gpt_lengths(free)
     for i, seq in enumerate(seqs):  # the baseline first: where it cannot run, all drop a length
-        rows = [_gpt_row(a, None, seq)]
-        if "error" not in rows[0] or i == len(seqs) - 1:
-            rows += [_gpt_row(a, m, seq) for m in METHODS]
-            break
-        failed += rows
-    base = rows[0]
-    for row in rows:
-        if "error" not in row and "error" not in base:
-            row["tokens_ratio"] = row["tokens_per_s"] / base["tokens_per_s"]
-            row["peak_ratio"] = (row["peak_bytes"] / base["peak_bytes"]
-                                 if base["peak_bytes"] else None)
-    return failed + rows
+        base = _gpt_row(a, None, seq)
+        yield base
+        if "error" in base and i < len(seqs) - 1:
+            continue
+        for method in METHODS:
+            need = attention_bytes(method, seq)
+            if free is not None and need > 0.6 * free:
+                yield dict(variant=method, seq=seq,
+                           skipped=f"its score rows need ~{need / 2**30:.0f} GiB, over 60% of "
+                           f"the {free / 2**30:.0f} GiB free")
+                continue
+            row = _gpt_row(a, method, seq)
+            if "error" not in row and "error" not in base:
+                row["tokens_ratio"] = row["tokens_per_s"] / base["tokens_per_s"]
+                row["peak_ratio"] = (row["peak_bytes"] / base["peak_bytes"]
+                                     if base["peak_bytes"] else None)
+            yield row
+        return
 
 
 def _gpt_row(a, method, seq) -> dict:
@@ -392,7 +444,7 @@ def _gpt_row(a, method, seq) -> dict:
 
 
 # ----------------------------------------------------------------------------- e: pretrain
-def section_pretrain(a) -> list[dict]:
+def section_pretrain(a):
     from megatron_seqpar.training import report
 
     log_dir = os.path.join(a.work, "pretrain_gpt")
@@ -405,14 +457,14 @@ def section_pretrain(a) -> list[dict]:
            a.device, "--train-iters", str(steps), "--seqpar-method", "lightseq",
            "--no-progress-bar", "--no-plot", "--log-dir", log_dir,
            "--data-cache-path", os.path.join(a.work, "data_cache"), *size]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=BUDGET_S["e"] - 5,
-                         cwd=ROOT)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                         timeout=max(5.0, a.deadline - time.time()))
     if res.returncode:
         raise RuntimeError(f"exit {res.returncode}: {res.stderr[-600:]}")
     s = report.summary(os.path.join(log_dir, report.LOG_NAME), window=min(10, steps // 2))
-    return [dict(steps=s["steps"], first_loss=s["first_mean"], last_loss=s["last_mean"],
-                 drop=s["drop"], tokens_per_s=s["tokens_per_s"], ok=s["last_mean"] <
-                 s["first_mean"], command=" ".join(cmd[1:]))]
+    yield dict(steps=s["steps"], first_loss=s["first_mean"], last_loss=s["last_mean"],
+               drop=s["drop"], tokens_per_s=s["tokens_per_s"], ok=s["last_mean"] <
+               s["first_mean"], command=" ".join(cmd[1:]))
 
 
 SECTIONS = {"a": ("kernels vs float64", section_kernels),
@@ -423,7 +475,8 @@ SECTIONS = {"a": ("kernels vs float64", section_kernels),
 
 
 # ----------------------------------------------------------------------------- driver
-def _section_child(key, a, queue):
+def _section_child(key, a, queue, fn=None):
+    """Run a section (``fn``: a stand-in generator, for tests), sending each row as it comes."""
     os.setpgrp()  # its own process group: a timeout kills the section and its ranks
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import warnings
@@ -431,33 +484,50 @@ def _section_child(key, a, queue):
     warnings.filterwarnings("ignore", category=FutureWarning)
     t0 = time.perf_counter()
     try:
-        rows = SECTIONS[key][1](a)
-        queue.put(dict(status="ok", rows=rows, seconds=time.perf_counter() - t0))
+        for row in (fn or SECTIONS[key][1])(a):
+            queue.put(("row", row))
+        queue.put(("ok", None, time.perf_counter() - t0))
     except Exception:  # noqa: BLE001
-        queue.put(dict(status="error", error=traceback.format_exc()[-1500:],
-                       seconds=time.perf_counter() - t0))
+        queue.put(("error", traceback.format_exc()[-1500:], time.perf_counter() - t0))
 
 
-def run_section(key, a, left_s: float) -> dict:
+def run_section(key, a, left_s: float, fn=None) -> dict:
+    """Section ``key`` in a child process under its budget (or what the command has left):
+    ``{status, rows, seconds, ...}``, the rows received before a timeout kept."""
+    import copy
+    import queue as queue_mod
+
     budget = min(a.budget_scale * BUDGET_S[key], left_s)
+    title = SECTIONS[key][0]
     if budget < 5:
         return dict(status="skipped", error="the command's total time budget is spent",
-                    seconds=0.0, title=SECTIONS[key][0], budget_s=budget)
+                    rows=[], seconds=0.0, title=title, budget_s=budget)
+    a = copy.copy(a)
+    a.deadline = time.time() + budget - MARGIN_S  # what the section plans its waits by
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_section_child, args=(key, a, queue))
+    proc = ctx.Process(target=_section_child, args=(key, a, queue, fn))
+    t0 = time.monotonic()
     proc.start()
-    deadline, res = time.monotonic() + budget, None
+    deadline, rows, res = t0 + budget, [], None
     while res is None and time.monotonic() < deadline:
         try:
-            res = queue.get(timeout=1.0)
-        except Exception:  # noqa: BLE001 - queue.Empty
+            msg = queue.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+        except queue_mod.Empty:
             if not proc.is_alive() and queue.empty():
-                res = dict(status="error", seconds=budget - (deadline - time.monotonic()),
+                res = dict(status="error", seconds=time.monotonic() - t0,
                            error=f"section process died (exit code {proc.exitcode})")
+            continue
+        if msg[0] == "row":
+            rows.append(msg[1])
+        elif msg[0] == "ok":
+            res = dict(status="ok", seconds=msg[2])
+        else:
+            res = dict(status="error", error=msg[1], seconds=msg[2])
     if res is None:
-        res = dict(status="timeout", error=f"section {key} ran past its {budget:.0f} s budget",
-                   seconds=budget)
+        res = dict(status="timeout", seconds=budget,
+                   error=f"section {key} ran past its {budget:.0f} s budget; the {len(rows)} "
+                   "rows before it are kept")
     if res["status"] != "timeout":
         proc.join(timeout=10)
     if proc.is_alive() or res["status"] == "timeout":
@@ -466,7 +536,7 @@ def run_section(key, a, left_s: float) -> dict:
         except ProcessLookupError:
             pass
         proc.join(timeout=5)
-    return dict(res, title=SECTIONS[key][0], budget_s=budget)
+    return dict(res, rows=rows, title=title, budget_s=budget)
 
 
 def _fmt(x):
@@ -483,8 +553,9 @@ def markdown(results: dict, meta: dict) -> str:
                   f"{res['budget_s']:.0f})", ""]
         if res["status"] != "ok":
             lines += ["```", res.get("error", ""), "```", ""]
+        rows = res.get("rows") or []
+        if not rows:
             continue
-        rows = res["rows"]
         cols = []
         for row in rows:
             cols += [c for c in row if c not in cols and c != "command"]
@@ -516,16 +587,15 @@ def main(argv=None) -> dict:
                 started=time.strftime("%Y-%m-%d %H:%M:%S"))
     t0 = time.perf_counter()
     results = {}
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     for key in a.sections:
         results[key] = run_section(key, a, TOTAL_S - (time.perf_counter() - t0))
-        print(f"[gpu_check] {key} {results[key]['status']} "
-              f"({results[key]['seconds']:.0f} s)", flush=True)
-    meta["total_s"] = time.perf_counter() - t0
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out + ".json", "w") as f:
-        json.dump(dict(meta=meta, sections=results), f, indent=1, default=str)
-    with open(a.out + ".md", "w") as f:
-        f.write(markdown(results, meta))
+        meta["total_s"] = time.perf_counter() - t0
+        print(markdown({key: results[key]}, meta).split("\n", 2)[2], flush=True)
+        with open(a.out + ".json", "w") as f:  # after every section: a killed run keeps them
+            json.dump(dict(meta=meta, sections=results), f, indent=1, default=str)
+        with open(a.out + ".md", "w") as f:
+            f.write(markdown(results, meta))
     print(f"[gpu_check] {meta['total_s']:.0f} s; wrote {a.out}.json and {a.out}.md", flush=True)
     return results
 
