@@ -94,3 +94,33 @@ def test_every_model_build_goes_through_build_model():
     assert not bad, f"megatron-core models built outside build_model: {bad}"
     for tool in ("gpu_check.py", "bench_model.py"):
         assert "build_model(" in (ROOT / "tools" / tool).read_text()
+
+
+def _train_on_cuda(rank, world_size, log_dir):
+    import logging
+    import warnings
+
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+    from megatron_cpu import CudaToCpu, cpu_shims
+
+    from megatron_seqpar.training import driver
+    from megatron_seqpar.training.arguments import TrainConfig
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    # the tracker's fork warns that the CPU generator moved inside it: here the CUDA
+    # generator IS the CPU one
+    logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
+    cfg = TrainConfig(num_layers=1, hidden_size=32, num_attention_heads=2, seq_length=32,
+                      micro_batch_size=1, global_batch_size=1, world_size=1,
+                      seqpar_method="lightseq", device="cpu", train_iters=2,
+                      progress_bar=False, plot=False, log_dir=log_dir)
+    fork = CudaRNGStatesTracker.__dict__["fork"]
+    with cpu_shims(), real_rng_tracker(fork), CudaToCpu():
+        return driver.train(cfg, device="cuda", quiet=True)
+
+
+def test_the_driver_cuda_route_trains(tmp_path):
+    """``driver.train(device="cuda")``: model built on the device path, megatron-core's own
+    optimizer (``get_megatron_optimizer``), two steps; the losses are finite."""
+    losses = run_on_ranks(_train_on_cuda, 1, str(tmp_path))[0]
+    assert len(losses) == 2 and all(x == x and 0 < x < 20 for x in losses)
