@@ -1,12 +1,12 @@
 """The functional entry point ``attention()``: validation and dispatch by method name.
 
-Each method lives in the module of the same name (``megatron_seqpar/<method>.py``) and exposes
-a frozen ``Options`` dataclass and ``apply(q, k, v, key_padding_mask, setup) -> out``.
+Each method lives in the module of the same name (``megatron_seqpar/<method>.py``) and declares
+its ``METHOD`` (name, frozen ``Options``, forward, backward) once; ``megatron_seqpar.registry``
+lists them.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,29 +16,9 @@ import torch.distributed as dist
 from megatron_seqpar import headpar
 from megatron_seqpar.comm import Comm, Traffic, current_traffic, failure_hint, staging_enabled
 from megatron_seqpar.headpar import TwoLevelGroups, check_split, two_level_runs
-from megatron_seqpar.kernels import BACKEND_NAMES, key_pad
+from megatron_seqpar.kernels import key_pad
 from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, check_layout, local_runs
-
-METHODS = ("rsa", "mqsp", "lss", "lightseq")
-
-
-@dataclass(frozen=True)
-class BaseOptions:
-    """Options every method has. ``backend``: block-kernel backend (``auto`` picks).
-    ``head_parallel``: ``U``, the two-level split (``megatron_seqpar.headpar``): a head
-    all-to-all inside groups of ``U`` consecutive ranks and the method across the ``P/U``
-    groups; 1 (default) is the single-level method."""
-
-    backend: str = "auto"
-    head_parallel: int = 1
-
-    def __post_init__(self):
-        if self.backend not in BACKEND_NAMES:
-            raise ValueError(f"unknown kernel backend {self.backend!r}; use one of "
-                             f"{BACKEND_NAMES}")
-        if not isinstance(self.head_parallel, int) or self.head_parallel < 1:
-            raise ValueError(f"head_parallel must be a positive integer, got "
-                             f"{self.head_parallel!r}")
+from megatron_seqpar.registry import METHODS, get
 
 
 @dataclass(frozen=True)
@@ -79,15 +59,9 @@ class Setup:
                               self.head_parallel, local_len, self.cu_seqlens)
 
 
-def _module(method: str):
-    if method not in METHODS:
-        raise ValueError(f"unknown sequence-parallel method {method!r}; use one of {METHODS}")
-    return importlib.import_module(f"megatron_seqpar.{method}")
-
-
 def method_options(method: str) -> type:
     """The frozen options dataclass of ``method`` (all fields have defaults)."""
-    return _module(method).Options
+    return get(method).Options
 
 
 def _check_inputs(q, k, v, kpm) -> None:
@@ -168,25 +142,25 @@ def attention(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
     It must describe the mask (the Megatron provider derives it from the full-length mask once
     per step); for CPU tensors it is not needed and not used (the gathered mask is read).
     """
-    mod, setup = prepare(q, k, v, method=method, group=group, causal=causal,
+    entry, setup = prepare(q, k, v, method=method, group=group, causal=causal,
                          softmax_scale=softmax_scale, layout=layout,
                          key_padding_mask=key_padding_mask, options=options,
                          cu_seqlens=cu_seqlens, two_level_groups=two_level_groups,
                          key_padding_ranges=key_padding_ranges)
-    return mod.apply(q, k, v, key_padding_mask, setup)
+    return entry.apply(q, k, v, key_padding_mask, setup)
 
 
 def prepare(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
             layout="contiguous", key_padding_mask=None, options=None, cu_seqlens=None,
             two_level_groups=None, key_padding_ranges=None):
-    """Validate ``attention``'s arguments and build its ``Setup``: ``(method module, setup)``
+    """Validate ``attention``'s arguments and build its ``Setup``: ``(registry entry, setup)``
     (also used by ``megatron_seqpar.megatron.checkpointing``)."""
-    mod = _module(method)
+    entry = get(method)
     check_layout(layout)
     _check_inputs(q, k, v, key_padding_mask)
-    opts = mod.Options() if options is None else options
-    if not isinstance(opts, mod.Options):
-        raise ValueError(f"options for {method!r} must be a {mod.__name__}.Options, "
+    opts = entry.Options() if options is None else options
+    if not isinstance(opts, entry.Options):
+        raise ValueError(f"options for {method!r} must be a megatron_seqpar.{method}.Options, "
                          f"got {type(opts).__name__}")
     comm = Comm(group)
     if layout == "zigzag" and comm.world_size > 1 and q.shape[1] % 2:
@@ -218,7 +192,7 @@ def prepare(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
         co.join_nccl(q.device)
         rank, world = co.rank, co.world_size
     pads = _key_pads(key_padding_ranges, key_padding_mask, comm.world_size, U, q.shape[1])
-    return mod, Setup(outer, rank, world, bool(causal), scale, layout, opts, current_traffic(),
+    return entry, Setup(outer, rank, world, bool(causal), scale, layout, opts, current_traffic(),
                       staging_enabled(), cu, U, inner, pads)
 
 

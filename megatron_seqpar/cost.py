@@ -42,12 +42,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from megatron_seqpar.headpar import kv_heads, two_level_runs
-from megatron_seqpar.layouts import Run, check_cu_seqlens, local_runs
+from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, local_runs
+from megatron_seqpar.registry import METHODS
 
-METHODS = ("rsa", "mqsp", "lss", "lightseq")
 BASELINES = ("ulysses", "ring", "allgather", "nosp")
 ALL = METHODS + BASELINES
-LAYOUTS = ("contiguous", "zigzag")
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 
 

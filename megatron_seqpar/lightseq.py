@@ -33,9 +33,9 @@ from typing import NamedTuple
 
 import torch
 
-from megatron_seqpar.api import BaseOptions
-from megatron_seqpar.common import public, run_method
+from megatron_seqpar.common import public
 from megatron_seqpar.kernels import attend, attend_backward, count_blocks, merge_
+from megatron_seqpar.method import BaseOptions, Method
 
 
 @dataclass(frozen=True)
@@ -256,5 +256,4 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
     return dq, dk, dv
 
 
-def apply(q, k, v, key_padding_mask, setup):
-    return run_method(lightseq_forward, lightseq_backward, q, k, v, key_padding_mask, setup)
+METHOD = Method("lightseq", Options, lightseq_forward, lightseq_backward)

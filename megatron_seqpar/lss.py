@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_seqpar.api import BaseOptions
-from megatron_seqpar.common import run_method
 from megatron_seqpar.kernels import acc_dtype, attend, attend_backward, zeros_public
+from megatron_seqpar.method import BaseOptions, Method
 
 
 @dataclass(frozen=True)
@@ -109,5 +108,4 @@ def lss_backward(setup, dout, q, k, v, out, lse, kpm_all, *saved):
     return dq, dkv[0].transpose(1, 2), dkv[1].transpose(1, 2)
 
 
-def apply(q, k, v, key_padding_mask, setup):
-    return run_method(lss_forward, lss_backward, q, k, v, key_padding_mask, setup)
+METHOD = Method("lss", Options, lss_forward, lss_backward)

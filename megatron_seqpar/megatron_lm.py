@@ -35,6 +35,8 @@ import argparse
 import dataclasses
 import functools
 
+from megatron_seqpar import flag_rules
+
 GROUP_TITLE = "megatron-seqpar"
 BERT_MODEL = "megatron_seqpar.megatron.bert:SeqParBertModel"  # the CP-aware BertModel
 LSS_INSTALLED_LOG = "megatron-seqpar: LSS double gradient averaging installed"
@@ -68,7 +70,7 @@ def _field_kind(f: dataclasses.Field):
 def option_flags() -> list[tuple[str, str, str, dataclasses.Field]]:
     """``(flag, dest, method or "", field)`` for every options field; ``""`` = shared field."""
     from megatron_seqpar import method_options
-    from megatron_seqpar.api import BaseOptions
+    from megatron_seqpar.method import BaseOptions
 
     shared = {f.name for f in dataclasses.fields(BaseOptions)}
     rows = [(f"--seqpar-{f.name.replace('_', '-')}", f"seqpar_{f.name}", "", f)
@@ -164,107 +166,20 @@ def _has_module(name: str) -> bool:
 
 
 def seqpar_conflicts(args, *, model: str = "gpt") -> list[str]:
-    """Every reason the parsed Megatron-LM ``args`` cannot run ``--seqpar-method`` (fix named).
+    """Every reason the parsed Megatron-LM ``args`` cannot run ``--seqpar-method`` (fix named):
+    the rules of ``megatron_seqpar.flag_rules`` for this route, all of them.
 
-    Empty without ``--seqpar-method``. Reads Megatron-LM's attribute names with ``getattr``
-    defaults, so a namespace from another parser (our ``examples/``) works too.
+    Empty without ``--seqpar-method``. Missing attributes take Megatron-LM's defaults, so a
+    namespace from another parser (our ``examples/``) works too.
     """
-    method = getattr(args, "seqpar_method", None)
-    if method is None:
-        return []
-    g = functools.partial(getattr, args)
-    out = []
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            out.append(msg)
-
-    cp = g("context_parallel_size", 1)
-    need(cp > 1, f"--seqpar-method {method} shards the sequence over the context-parallel "
-         f"group, but --context-parallel-size is {cp}; set it to 2 or more, or drop "
-         "--seqpar-method")
-    comm = g("cp_comm_type", None)
-    hcp = g("hierarchical_context_parallel_sizes", None)
-    # a2a+p2p names TE's two-level attention; with the sizes given it is the same split, so
-    # a TE command line works with --seqpar-method added (our provider ignores cp_comm_type)
-    ok_comm = (None, "p2p", ["p2p"]) + (("a2a+p2p", ["a2a+p2p"]) if hcp else ())
-    need(comm in ok_comm,
-         f"--cp-comm-type {comm} selects Transformer Engine's context-parallel attention, "
-         f"which --seqpar-method {method} replaces; drop --cp-comm-type")
-    if hcp:  # two levels: heads over U inside groups of U consecutive CP ranks, method over R
-        heads = g("num_attention_heads", None)
-        heads_tp = heads // g("tensor_model_parallel_size", 1) if heads else None
-        need(len(hcp) == 2 and hcp[0] * hcp[1] == cp,
-             f"--hierarchical-context-parallel-sizes {' '.join(map(str, hcp))}: "
-             f"--seqpar-method {method} takes two levels U R with U*R = "
-             f"--context-parallel-size {cp}")
-        need(heads_tp is None or heads_tp % hcp[0] == 0,
-             f"--hierarchical-context-parallel-sizes: U={hcp[0]} does not divide the "
-             f"{heads_tp} query heads per tensor-parallel rank; choose U dividing them")
-        given = g("seqpar_head_parallel", None)
-        need(given in (None, hcp[0]), f"--seqpar-head-parallel {given} disagrees with "
-             f"--hierarchical-context-parallel-sizes {' '.join(map(str, hcp))}; give one")
-    need(not g("hybrid_context_parallel", False),
-         "--hybrid-context-parallel (packed THD batches) is not supported; drop it")
-    need(not g("sft", False), "--sft feeds packed THD sequences through Megatron-LM's SFT "
-         "batch path (Transformer Engine's partitioning), which the patched scripts do not "
-         "route to megatron_seqpar.megatron.thd yet; pretrain without --sft (packed documents: "
-         "--reset-attention-mask)")
-    if g("reset_attention_mask", False):  # documents reach attention as cu_seqlens (THD)
-        need(model == "gpt", "--reset-attention-mask is a GPT flag; drop it")
-        need(not g("create_attention_mask_in_dataloader", True),
-             f"--reset-attention-mask with --seqpar-method {method}: the documents reach "
-             "attention as cu_seqlens (a packed THD stream), so pass "
-             "--no-create-attention-mask-in-dataloader (no dense S x S mask is needed)")
-        need(method != "lss" or g("seqpar_lss_assemble_position_grads", None) is not False,
-             "--no-seqpar-lss-assemble-position-grads owns position rows per CP segment, but "
-             "packed documents put other positions in a segment; drop it")
-        need(not g("sequence_parallel", False), "--reset-attention-mask with --seqpar-method "
-             "and --sequence-parallel is not supported yet; drop --sequence-parallel")
-        need(g("pipeline_model_parallel_size", 1) == 1,
-             "--reset-attention-mask with --seqpar-method packs each micro-batch into a stream "
-             "whose length varies, which pipeline stages cannot exchange; use "
-             "--pipeline-model-parallel-size 1")
-    need(not g("spec", None), "--spec and --seqpar-method both choose the layer spec; keep "
-         f"--seqpar-method {method} and drop --spec (or keep --spec megatron_seqpar.specs "
-         f"{model}_{method} and drop --seqpar-method)")
-    need(not g("use_legacy_models", False), "--use-legacy-models has no layer specs; drop it")
-    need(not g("attention_dropout", 0.0), f"--attention-dropout {g('attention_dropout', 0.0)}: "
-         "the exact methods run without attention dropout; pass --attention-dropout 0")
-    need(not g("multi_latent_attention", False), "--multi-latent-attention is not supported")
-    need(not g("experimental_attention_variant", None),
-         "--experimental-attention-variant is not supported; drop it")
-    need(not g("heterogeneous_layers_config_path", None),
-         "--heterogeneous-layers-config-path is not supported; drop it")
-    need(not g("num_experts", None), "--num-experts (MoE) is not wired into the Megatron-LM "
-         "route yet; drop it or build the model with megatron_seqpar.specs yourself")
-    need(not g("mtp_num_layers", None), "--mtp-num-layers is not supported; drop it")
-    need(not g("window_size", None), "--window-size (sliding window) is not supported")
-    need(g("softmax_type", "vanilla") == "vanilla", "--softmax-type must be vanilla")
-    impl = g("transformer_impl", "local")
-    need(impl in ("local", "transformer_engine"),
-         f"--transformer-impl {impl} is not supported; use local or transformer_engine")
-    need(impl != "transformer_engine" or _has_module("transformer_engine"),
-         "--transformer-impl transformer_engine (Megatron-LM's default) needs "
-         "transformer_engine, which is not installed; pass --transformer-impl local")
-    need(impl != "local" or not g("gradient_accumulation_fusion", False)
-         or _has_module("fused_weight_gradient_mlp_cuda"),
-         "--transformer-impl local with gradient accumulation fusion needs APEX's "
-         "fused_weight_gradient_mlp_cuda; pass --no-gradient-accumulation-fusion")
-    need(impl != "local" or not g("persist_layer_norm", False) or _has_module("apex"),
-         "--transformer-impl local without APEX uses torch's LayerNorm, which has no "
-         "persistent kernel; pass --no-persist-layer-norm")
-    if method == "lss":
-        need(g("num_distributed_optimizer_instances", 1) == 1,
-             "--seqpar-method lss needs --num-distributed-optimizer-instances 1")
-        need(not g("use_distributed_optimizer", False),
-             "--seqpar-method lss re-points DDP's gradient reduction to the pure DP group, "
-             "but the distributed optimizer shards over DP x CP; drop "
-             "--use-distributed-optimizer")
-    if model == "bert":
-        need(g("position_embedding_type", "learned_absolute") == "learned_absolute",
-             "BERT supports --position-embedding-type learned_absolute only")
-    return out
+    given = {"head_parallel": getattr(args, "seqpar_head_parallel", None),
+             "assemble_position_grads": getattr(args, "seqpar_lss_assemble_position_grads",
+                                                None)}
+    installed = frozenset(m for m in ("transformer_engine", "apex",
+                                      "fused_weight_gradient_mlp_cuda") if _has_module(m))
+    return flag_rules.check_all(flag_rules.View(
+        flag_rules.MEGATRON_LM, model, args, {k: x for k, x in given.items() if x is not None},
+        installed))
 
 
 def validate_seqpar_args(args, *, model: str = "gpt"):

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_seqpar.api import BaseOptions
-from megatron_seqpar.common import public, run_method, to_bhsd
+from megatron_seqpar.common import public, to_bhsd
 from megatron_seqpar.kernels import acc_dtype, attend, attend_backward, zeros_public
 from megatron_seqpar.layouts import slice_runs
+from megatron_seqpar.method import BaseOptions, Method
 
 
 @dataclass(frozen=True)
@@ -242,5 +242,4 @@ def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
     return dq, dk, dv
 
 
-def apply(q, k, v, key_padding_mask, setup):
-    return run_method(mqsp_forward, mqsp_backward, q, k, v, key_padding_mask, setup)
+METHOD = Method("mqsp", Options, mqsp_forward, mqsp_backward)

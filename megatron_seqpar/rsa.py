@@ -46,10 +46,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_seqpar.api import BaseOptions
-from megatron_seqpar.common import run_method
 from megatron_seqpar.hostmem import advise_huge_pages
 from megatron_seqpar.kernels import acc_dtype, block_mask, device_kind, plan_blocks
+from megatron_seqpar.method import BaseOptions, Method
 
 # the K ring works in base 2 (scores times log2(e), then exp2: about 3x cheaper than exp on
 # CPU, the same trick as flash kernels); the log-sum-exp it returns is natural
@@ -371,5 +370,4 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
     return dq, dk, dv
 
 
-def apply(q, k, v, key_padding_mask, setup):
-    return run_method(rsa_forward, rsa_backward, q, k, v, key_padding_mask, setup)
+METHOD = Method("rsa", Options, rsa_forward, rsa_backward)

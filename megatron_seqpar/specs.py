@@ -22,8 +22,7 @@ import copy
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_seqpar.megatron.core_attention import SeqParCoreAttention
-
-_METHODS = ("rsa", "mqsp", "lss", "lightseq")
+from megatron_seqpar.registry import METHODS
 
 
 def core_attention_spec(method: str, options=None, remat: bool | None = None) -> ModuleSpec:
@@ -32,8 +31,8 @@ def core_attention_spec(method: str, options=None, remat: bool | None = None) ->
     ``options``: the method's frozen options (None = defaults). ``remat``: rematerialization-
     aware checkpointing (None = on exactly when Megatron recomputes attention).
     """
-    if method not in _METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {_METHODS}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     params = {"method": method, "options": options}
     if remat is not None:
         params["remat"] = remat
@@ -104,16 +103,12 @@ def get_bert_layer_spec(method: str, *, options=None, remat: bool | None = None,
     return with_core_attention(base, method, options, remat)
 
 
-gpt_rsa = get_gpt_layer_spec("rsa")
-gpt_mqsp = get_gpt_layer_spec("mqsp")
-gpt_lss = get_gpt_layer_spec("lss")
-gpt_lightseq = get_gpt_layer_spec("lightseq")
-bert_rsa = get_bert_layer_spec("rsa")
-bert_mqsp = get_bert_layer_spec("mqsp")
-bert_lss = get_bert_layer_spec("lss")
-bert_lightseq = get_bert_layer_spec("lightseq")
+# gpt_<method> / bert_<method>: local-module specs, one pair per registered method
+_LOCAL = {f"{model}_{m}": build(m) for m in METHODS
+          for model, build in (("gpt", get_gpt_layer_spec), ("bert", get_bert_layer_spec))}
+globals().update(_LOCAL)
 
-_TE_NAMES = {f"{model}_te_{m}": (model, m) for model in ("gpt", "bert") for m in _METHODS}
+_TE_NAMES = {f"{model}_te_{m}": (model, m) for model in ("gpt", "bert") for m in METHODS}
 
 
 def __getattr__(name: str):
@@ -131,17 +126,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "bert_lightseq",
-    "bert_lss",
-    "bert_mqsp",
-    "bert_rsa",
-    "core_attention_spec",
-    "get_bert_layer_spec",
-    "get_gpt_layer_spec",
-    "gpt_lightseq",
-    "gpt_lss",
-    "gpt_mqsp",
-    "gpt_rsa",
-    "with_core_attention",
-]
+__all__ = ["core_attention_spec", "get_bert_layer_spec", "get_gpt_layer_spec",
+           "with_core_attention", *sorted(_LOCAL)]

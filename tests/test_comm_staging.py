@@ -124,7 +124,9 @@ ATTENTION_PATH = ("api.py", "common.py", "comm.py", "kernels.py", "kernels_cuda.
 # hostread.once, once per tensor (per step: every layer passes the same cu_seqlens and mask)
 ALLOWED = {("api.py", "_check_across_ranks"), ("layouts.py", "gather_sequence"),
            ("hostread.py", "_ints"), ("hostread.py", "_true_runs"),
-           ("megatron/core_attention.py", "_key_padding")}
+           ("megatron/core_attention.py", "_key_padding"),
+           # remat's pairing checksum: one float per recomputed layer (recompute on only)
+           ("megatron/checkpointing.py", "_fingerprint")}
 ONCE_ONLY = {("hostread.py", "_ints"), ("hostread.py", "_true_runs"),
              ("megatron/core_attention.py", "_key_padding"),
              ("megatron/core_attention.py", "_padded_ranges")}
@@ -142,8 +144,8 @@ def _host_reads(path: pathlib.Path):
                 found.append((fn.name, node.func.attr, node.lineno))
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
                     node.func.id in ("float", "int", "bool") and node.args and \
-                    isinstance(node.args[0], ast.Subscript):
-                found.append((fn.name, node.func.id, node.lineno))  # float(t[0]) and kin
+                    isinstance(node.args[0], (ast.Subscript, ast.Call)):
+                found.append((fn.name, node.func.id, node.lineno))  # float(t[0]), int(t.sum())
     return found
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+import megatron_seqpar as msp
 from megatron_seqpar.cost import (
     ALL,
     AttnShape,
@@ -121,7 +122,7 @@ def test_flops_balance():
 def _cases():
     import torch
 
-    for method in ("rsa", "mqsp", "lss", "lightseq"):
+    for method in msp.METHODS:
         for layout in ("contiguous", "zigzag"):
             for causal in (True, False):
                 for dtype in (torch.float32, torch.bfloat16):
@@ -183,7 +184,7 @@ def test_model_bytes_equal_measured(world):
 
 
 # ----------------------------------------------------------------------------- gloo: memory
-MEM_CASES = [("rsa", "zigzag"), ("mqsp", "zigzag"), ("lss", "zigzag"), ("lightseq", "zigzag"),
+MEM_CASES = [*((m, "zigzag") for m in msp.METHODS),
              ("lightseq", "contiguous")]
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pytest
 
+import megatron_seqpar as msp
 from megatron_seqpar.cost import (
     AttnShape,
     attention_cost,
@@ -45,7 +46,7 @@ def _cu(lengths):
 
 
 def _cases(P: int):
-    for method in ("rsa", "mqsp", "lss", "lightseq"):
+    for method in msp.METHODS:
         for layout in ("contiguous", "zigzag"):
             for causal in (True, False):
                 for lengths in _packings(P, layout).values():
@@ -60,7 +61,7 @@ def _cases(P: int):
 
 def _two_level_cases(P: int):
     for U in (2, 4):
-        for method in ("rsa", "mqsp", "lss", "lightseq"):
+        for method in msp.METHODS:
             for layout in ("contiguous", "zigzag"):
                 for causal in (True, False):
                     for hkv in (2, 1):  # 1: repeated to lcm(1, U) = U heads
@@ -229,7 +230,7 @@ def test_planner_two_level_choices():
 
 
 # ----------------------------------------------------------------------------- memory
-MEM_CASES = [("rsa", 8), ("mqsp", 8), ("lss", 8), ("lightseq", 8), ("lightseq", 2), ("lss", 2)]
+MEM_CASES = [*((m, 8) for m in msp.METHODS), ("lightseq", 2), ("lss", 2)]
 
 
 def _measure_two_level_peak(rank, world, S, U):

@@ -63,7 +63,7 @@ def megatron_like(**over):
 
 class TestSeqparFlags:
     def test_every_options_field_has_a_flag(self):
-        from megatron_seqpar.api import BaseOptions
+        from megatron_seqpar.method import BaseOptions
 
         flags = {flag for flag, *_ in mlm.option_flags()}
         shared = {f.name for f in dataclasses.fields(BaseOptions)}

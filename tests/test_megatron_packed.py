@@ -28,6 +28,8 @@ import pytest
 import torch
 from distributed import run_on_ranks
 
+from megatron_seqpar import METHODS
+
 pytestmark = pytest.mark.megatron
 pytest.importorskip("megatron.core")
 
@@ -40,7 +42,6 @@ from test_megatron_parity import (  # noqa: E402
     make_config,
 )
 
-METHODS = ("rsa", "mqsp", "lss", "lightseq")
 V = 96  # vocabulary (test_megatron_parity.V)
 # (real, padded) per document: padding inside most documents, one document with none, one
 # shorter than a rank's shard (5 real tokens; a shard is 54 or 36 tokens), one of a single

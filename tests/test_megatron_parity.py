@@ -33,10 +33,12 @@ import pytest
 import torch
 from distributed import run_on_ranks
 
+from megatron_seqpar import METHODS
+
 pytestmark = pytest.mark.megatron
 pytest.importorskip("megatron.core")
 
-METHODS = ("rsa", "mqsp", "lss", "lightseq")
+
 MODELS = ("gpt-rope", "gpt-learned", "bert")
 B, S, V, H, HEADS, GROUPS = 2, 48, 96, 64, 4, 2
 BERT_LENGTHS = (48, 31, 40, 17)  # one per global sample (global batch <= 4)

@@ -11,10 +11,11 @@ import pytest
 import torch
 from distributed import run_on_ranks
 
+from megatron_seqpar import METHODS
+
 pytestmark = pytest.mark.megatron
 pytest.importorskip("megatron.core")
 
-METHODS = ("rsa", "mqsp", "lss", "lightseq")
 
 
 def _strip_core(spec):

@@ -34,12 +34,14 @@ import pytest
 import torch
 from distributed import run_on_ranks
 
+from megatron_seqpar import METHODS
+
 pytestmark = pytest.mark.megatron
 pytest.importorskip("megatron.core")
 pytest.importorskip("einops")  # megatron-core needs it for hierarchical CP groups
 
 CP, U, R = 4, 2, 2
-METHODS = ("rsa", "mqsp", "lss", "lightseq")
+
 MODELS = ("gpt-rope", "gpt-learned", "bert")
 TOL = 1e-9
 

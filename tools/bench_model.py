@@ -65,7 +65,8 @@ sys.path.insert(0, os.path.join(_ROOT, "tests"))  # megatron_cpu: CPU shims (tes
 
 from measure import count_comm, free_port, measure, time_call  # noqa: E402
 
-METHODS = ("rsa", "mqsp", "lss", "lightseq")
+from megatron_seqpar import METHODS  # noqa: E402
+
 BASELINES = ("nosp", "tp2sp", "tp2")
 NOSP, TPSP = "nosp/1thr", "megatron/tp2+sp"
 

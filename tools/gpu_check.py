@@ -45,12 +45,13 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from megatron_seqpar import METHODS  # noqa: E402
+
 BUDGET_S = {"a": 40, "b": 90, "c": 50, "d": 90, "e": 60}  # 330 s, each incl. its start-up
 TOTAL_S = 360  # the whole command, kills included: a rerun fits in 15 minutes of device time
 MARGIN_S = 5  # what a section keeps back to report before its budget ends
 TOL = {"bfloat16": 3e-2, "float16": 5e-3, "float32": 1e-3}  # relative to max |reference|
 KINDS = ("full", "causal", "padded", "causal+padded", "mask")
-METHODS = ("rsa", "mqsp", "lss", "lightseq")
 
 
 def _dtype(name):

@@ -35,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from baselines import BASELINES  # noqa: E402
 from measure import free_port, measure  # noqa: E402
 
+from megatron_seqpar import METHODS  # noqa: E402
+
 
 class Stack(torch.nn.Module):
     """``layers`` pre-norm transformer layers whose attention is ``attn(q, k, v)``."""
@@ -169,7 +171,7 @@ def plot(results: dict, base: int | None, path: str) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--methods", nargs="*", default=["rsa", "mqsp", "lss", "lightseq"])
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     p.add_argument("--peers", nargs="*", default=["ulysses", "ring", "allgather"])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)

@@ -359,7 +359,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--recompute", choices=RECOMPUTE, default="full")
     p.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak reached")
-    p.add_argument("--paper", choices=["rsa", "mqsp", "lss", "lightseq", "all"])
+    p.add_argument("--paper", choices=[*METHODS, "all"], help="a method's paper, or all")
     a = p.parse_args(argv)
     if a.paper:
         print(f"{'claim':<62} {'predicted':>28} {'reported':>12}")

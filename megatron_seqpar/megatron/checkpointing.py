@@ -39,13 +39,12 @@ communication). No collective of its own.
 
 from __future__ import annotations
 
-import importlib
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from megatron_seqpar import common
+from megatron_seqpar import common, registry
 
 
 @dataclass(frozen=True)
@@ -60,13 +59,6 @@ class _Kept:
 
 def _fingerprint(q: torch.Tensor) -> tuple:
     return (tuple(q.shape), q.dtype, float(q.detach().double().sum()))
-
-
-def _method_pair(method: str):
-    mod = importlib.import_module(f"megatron_seqpar.{method}")
-    fwd = getattr(mod, f"{method}_forward", None)
-    bwd = getattr(mod, f"{method}_backward", None)
-    return (fwd, bwd) if fwd is not None and bwd is not None else None
 
 
 class _FromKept(torch.autograd.Function):
@@ -108,11 +100,9 @@ class Remat:
     """
 
     def __init__(self, method: str):
-        pair = _method_pair(method)
-        if pair is None:
-            raise ValueError(f"method {method!r} exposes no {method}_forward/_backward pair")
+        entry = registry.get(method)
         self.method = method
-        self._fwd, self._bwd = pair
+        self._fwd, self._bwd = entry.forward, entry.backward
         self._queue: deque[_Kept] = deque()
 
     @property

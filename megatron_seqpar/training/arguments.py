@@ -34,16 +34,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from megatron_seqpar import flag_rules
 from megatron_seqpar.megatron_lm import (
     SeqParArgumentError,
     add_seqpar_args,
     option_flags,
     options_from_args,
 )
+from megatron_seqpar.registry import METHODS
 
-METHODS = ("rsa", "mqsp", "lss", "lightseq")  # == megatron_seqpar.METHODS (checked in tests)
 MODELS = ("gpt", "bert")
-VOCAB_SIZE = 256  # byte-level tokens
 
 
 class ConfigError(ValueError):
@@ -204,22 +204,11 @@ def validate(c: TrainConfig) -> None:
     need(not c.sequence_parallel or (c.seq_length // cp) % tp == 0,
          f"--sequence-parallel: the local sequence length {c.seq_length // cp} (seq length / CP) "
          f"is not divisible by --tensor-model-parallel-size {tp}")
-    need(cp == 1 or c.seqpar_method is not None,
-         "--context-parallel-size > 1 needs --seqpar-method (megatron-core's local attention "
-         "is CP=1 only)")
-    hcp = c.hierarchical_context_parallel_sizes
-    if hcp is not None:
-        need(c.seqpar_method is not None, "--hierarchical-context-parallel-sizes U R needs "
-             "--seqpar-method (two-level sequence parallelism: heads over U, the method over R)")
-        need(len(hcp) == 2 and all(x > 0 for x in hcp) and hcp[0] * hcp[1] == cp,
-             f"--hierarchical-context-parallel-sizes {' '.join(map(str, hcp))}: give two sizes "
-             f"U R with U*R = --context-parallel-size {cp}")
-        need((heads // tp) % hcp[0] == 0,
-             f"--hierarchical-context-parallel-sizes: U={hcp[0]} does not divide the "
-             f"{heads // tp} query heads per TP rank; choose U dividing them")
-        given = dict(c.seqpar_options).get("head_parallel")
-        need(given in (None, hcp[0]), f"--seqpar-head-parallel {given} disagrees with "
-             f"--hierarchical-context-parallel-sizes {' '.join(map(str, hcp))}; give one of them")
+    try:  # the --seqpar-* rules shared with the Megatron-LM route
+        flag_rules.check_first(flag_rules.View(flag_rules.DRIVER, c.model, c,
+                                               dict(c.seqpar_options)))
+    except flag_rules.FlagError as e:
+        raise ConfigError(str(e)) from None
     need(c.max_position_embeddings is None or c.max_position_embeddings >= c.seq_length,
          "--max-position-embeddings must be at least --seq-length")
     dp = c.world_size // (tp * cp)
@@ -246,8 +235,6 @@ def validate(c: TrainConfig) -> None:
          "--bf16 needs a CUDA device (the CPU path uses torch.optim in fp32); drop --bf16")
     need(c.resolved_backend() != "nccl" or c.resolved_device() == "cuda",
          "--distributed-backend nccl needs a CUDA device")
-    need(c.model != "bert" or c.position_embedding_type == "learned_absolute",
-         "BERT supports --position-embedding-type learned_absolute only")
     need(0 < c.mask_prob < 1, "--mask-prob must be in (0, 1)")
     need(c.save_interval is None or c.save_interval > 0, "--save-interval must be positive")
     need(c.save_interval is None or c.save, "--save-interval needs --save DIR")
@@ -266,13 +253,8 @@ def document_unit(c: TrainConfig) -> int:
 
 
 def _validate_documents(c: TrainConfig, need) -> None:
-    docs = c.reset_attention_mask or c.reset_position_ids or c.eod_mask_loss
-    need(not docs or c.model == "gpt", "--reset-attention-mask, --reset-position-ids and "
-         "--eod-mask-loss are GPT flags (documents end at EOD); drop them for BERT")
-    need(not c.reset_attention_mask or c.seqpar_method is not None,
-         "--reset-attention-mask packs documents into cu_seqlens, which megatron-core's local "
-         "attention cannot take without a dense mask; add --seqpar-method (any method, CP=1 "
-         "too)")
+    """The driver's own document flag (``--document-pad-multiple``); the rest of the document
+    rules are shared with the Megatron-LM route (``flag_rules``)."""
     need(c.document_pad_multiple is None or c.reset_attention_mask,
          "--document-pad-multiple needs --reset-attention-mask")
     cp = c.context_parallel_size
@@ -281,14 +263,6 @@ def _validate_documents(c: TrainConfig, need) -> None:
              == 0),
          f"--document-pad-multiple {c.document_pad_multiple} is not a positive multiple of "
          f"2*CP = {2 * cp} (zigzag cuts every document in 2*CP chunks)")
-    need(not (c.seqpar_method == "lss" and (c.reset_attention_mask or c.reset_position_ids)
-              and dict(c.seqpar_options).get("assemble_position_grads") is False),
-         "--no-seqpar-lss-assemble-position-grads owns position rows per CP segment, but with "
-         "--reset-attention-mask / --reset-position-ids a segment's positions are not its "
-         "own rows; drop --no-seqpar-lss-assemble-position-grads")
-    need(not (c.reset_attention_mask and c.sequence_parallel),
-         "--reset-attention-mask with --sequence-parallel: the packed stream's length varies "
-         "by step and need not divide by TP; drop --sequence-parallel")
 
 
 def build_parser(model: str = "gpt") -> argparse.ArgumentParser:

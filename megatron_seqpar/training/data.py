@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 
 PAD, CLS, SEP, EOD, MASK = 0, 1, 2, 3, 4
-_CONTROL = bytes(range(9))  # never in the corpus: reserved ids and NUL-like bytes
 
 
 class ByteTokenizer:
