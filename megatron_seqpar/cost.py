@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 
 from megatron_seqpar.headpar import kv_heads, two_level_runs
 from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, local_runs
+from megatron_seqpar.mqsp import pick_micro_chunks
 from megatron_seqpar.registry import METHODS
 
 BASELINES = ("ulysses", "ring", "allgather", "nosp")
@@ -296,7 +297,6 @@ def mqsp_chunks(sh: AttnShape) -> int:
     ``megatron_seqpar.mqsp.pick_micro_chunks`` for ``mqsp_budget_mb``."""
     if sh.mqsp_chunks is not None:
         return sh.mqsp_chunks
-    from megatron_seqpar.mqsp import pick_micro_chunks
 
     return pick_micro_chunks(s=sh.s, world_size=sh.P, row_bytes=sh.s * sh.b * sh.hq * sh.acc,
                              budget_bytes=sh.mqsp_budget_mb * 2**20)

@@ -25,91 +25,38 @@ step), and for BERT ``bert_model_class``, ``bert_batch_on_this_cp_rank``, ``bert
 packed into a THD stream with cu_seqlens instead of a dense mask).
 ``validate_seqpar_args(args)`` runs after Megatron's own ``validate_args`` (the patched model
 builders call it) and raises ``SeqParArgumentError`` naming the fix. Nothing here runs a
-collective or changes Megatron at import time; importing this module imports only argparse,
-dataclasses and (lazily) megatron_seqpar.
+collective or changes Megatron at import time; the flags themselves are defined in
+``megatron_seqpar.flags`` and their rules in ``megatron_seqpar.flag_rules``.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
+import importlib
+import importlib.util
+import os
+
+import torch
+import torch.distributed as dist
 
 from megatron_seqpar import flag_rules
+from megatron_seqpar.flags import (  # noqa: F401  (the patched scripts' names, re-exported)
+    GROUP_TITLE,
+    SeqParArgumentError,
+    add_seqpar_args,
+    option_flags,
+    options_from_args,
+)
+from megatron_seqpar.layouts import shard_sequence
+from megatron_seqpar.megatron.lss_grad import install_lss_grad_averaging as install
+from megatron_seqpar.megatron.parallel_state import sequence_group
+from megatron_seqpar.specs import get_bert_layer_spec, get_gpt_layer_spec
+from megatron_seqpar.training.data import pack_documents
 
-GROUP_TITLE = "megatron-seqpar"
 BERT_MODEL = "megatron_seqpar.megatron.bert:SeqParBertModel"  # the CP-aware BertModel
 LSS_INSTALLED_LOG = "megatron-seqpar: LSS double gradient averaging installed"
 CHECKPOINT_LOG = "megatron-seqpar: checkpoint"
 TWO_LEVEL_LOG = "megatron-seqpar: two levels"
-
-
-class SeqParArgumentError(ValueError):
-    """A ``--seqpar-*`` flag conflicts with the rest of the command line; names the fix."""
-
-
-def _methods() -> tuple[str, ...]:
-    from megatron_seqpar import METHODS
-
-    return METHODS
-
-
-def _field_kind(f: dataclasses.Field):
-    """``bool``/``int``/``float``/``str`` of an options field (annotations may be strings)."""
-    if isinstance(f.default, bool):
-        return bool
-    if isinstance(f.default, (int, float, str)):
-        return type(f.default)
-    text = str(f.type)
-    for kind in (bool, int, float):
-        if kind.__name__ in text:
-            return kind
-    return str
-
-
-def option_flags() -> list[tuple[str, str, str, dataclasses.Field]]:
-    """``(flag, dest, method or "", field)`` for every options field; ``""`` = shared field."""
-    from megatron_seqpar import method_options
-    from megatron_seqpar.method import BaseOptions
-
-    shared = {f.name for f in dataclasses.fields(BaseOptions)}
-    rows = [(f"--seqpar-{f.name.replace('_', '-')}", f"seqpar_{f.name}", "", f)
-            for f in dataclasses.fields(BaseOptions)]
-    for m in _methods():
-        for f in dataclasses.fields(method_options(m)):
-            if f.name not in shared:
-                rows.append((f"--seqpar-{m}-{f.name.replace('_', '-')}",
-                             f"seqpar_{m}_{f.name}", m, f))
-    return rows
-
-
-def add_seqpar_args(parser):
-    """Add ``--seqpar-method`` and every method option to ``parser`` (or an argument group).
-
-    Given an ``ArgumentParser`` the flags go into a group titled ``megatron-seqpar``; given a
-    group they go into it. Option flags default to ``None`` (= the dataclass default), so
-    ``options_from_args`` can tell a flag that was given from one left out. Returns ``parser``.
-    """
-    from megatron_seqpar.kernels import BACKEND_NAMES
-
-    group = parser
-    if isinstance(parser, argparse.ArgumentParser):
-        group = parser.add_argument_group(title=GROUP_TITLE)
-    group.add_argument("--seqpar-method", choices=_methods(), default=None,
-                       help="exact sequence-parallel attention on the context-parallel axis "
-                       "(needs --context-parallel-size > 1)")
-    for flag, dest, method, f in option_flags():
-        kind = _field_kind(f)
-        where = f"--seqpar-method {method}" if method else "every --seqpar-method"
-        text = f"{where}: Options.{f.name} (default {f.default!r})"
-        if kind is bool:
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
-                               default=None, help=text)
-        elif f.name == "backend":
-            group.add_argument(flag, dest=dest, choices=BACKEND_NAMES, default=None, help=text)
-        else:
-            group.add_argument(flag, dest=dest, type=kind, default=None, help=text)
-    return parser
 
 
 def extra_args_provider(parser):
@@ -129,39 +76,7 @@ def chain_args_providers(*providers):
     return provider
 
 
-def options_from_args(args):
-    """The chosen method's frozen ``Options`` from the parsed flags, or None without a method.
-
-    Raises ``SeqParArgumentError`` for an option flag of another method (or without a method)
-    and when the dataclass rejects a value.
-    """
-    method = getattr(args, "seqpar_method", None)
-    given, stray = {}, []
-    for flag, dest, owner, f in option_flags():
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
-        if method is None or (owner and owner != method):
-            stray.append(flag)
-        else:
-            given[f.name] = value
-    if stray:
-        need = "--seqpar-method" if method is None else f"the method they belong to (not {method})"
-        raise SeqParArgumentError(f"{', '.join(stray)} given without {need}; drop them or "
-                                  "choose that method")
-    if method is None:
-        return None
-    from megatron_seqpar import method_options
-
-    try:
-        return method_options(method)(**given)
-    except (TypeError, ValueError) as e:
-        raise SeqParArgumentError(f"--seqpar-method {method}: {e}") from None
-
-
 def _has_module(name: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(name) is not None
 
 
@@ -203,7 +118,6 @@ def gpt_layer_spec_from_args(args, config=None):
     ``--transformer-impl transformer_engine`` starts from megatron-core's TE layer spec,
     ``local`` from the local one (honouring ``--normalization``, ``--qk-layernorm``).
     """
-    from megatron_seqpar.specs import get_gpt_layer_spec
 
     options = validate_seqpar_args(args, model="gpt")
     _note_two_level(args)
@@ -218,7 +132,6 @@ def gpt_layer_spec_from_args(args, config=None):
 
 def bert_layer_spec_from_args(args):
     """Our BERT layer spec for Megatron-LM ``args`` (validated first)."""
-    from megatron_seqpar.specs import get_bert_layer_spec
 
     options = validate_seqpar_args(args, model="bert")
     _note_two_level(args)
@@ -240,7 +153,6 @@ def _note_two_level(args) -> None:
 def bert_model_class(args):
     """megatron-core ``BertModel``, or with ``--seqpar-method`` the CP-aware subclass (global
     position ids, padding mask of the whole sequence)."""
-    import importlib
 
     if getattr(args, "seqpar_method", None) is None:
         from megatron.core.models.bert.bert_model import BertModel
@@ -271,7 +183,6 @@ def install_lss_grad_averaging(model_chunks, *, assemble_position_grads: bool = 
     from megatron.core import parallel_state
     from megatron.core.utils import get_model_config
 
-    from megatron_seqpar.megatron.lss_grad import install_lss_grad_averaging as install
 
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     install(chunks, assemble_position_grads=assemble_position_grads)
@@ -286,8 +197,6 @@ def install_lss_grad_averaging(model_chunks, *, assemble_position_grads: bool = 
 
 
 def _print_rank_0(text: str) -> None:
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(text, flush=True)
 
@@ -298,7 +207,6 @@ def loaded_checkpoint_note(args) -> str | None:
     other's checkpoint). None without ``--load`` or a checkpoint there. Reads the tracker file
     and the ``torch_dist`` checkpoint's ``common.pt`` (its saved ``args``); no collective.
     """
-    import os
 
     load = getattr(args, "load", None)
     tracker = os.path.join(load or "", "latest_checkpointed_iteration.txt")
@@ -312,8 +220,6 @@ def loaded_checkpoint_note(args) -> str | None:
     saved = None
     common = os.path.join(load, name, "common.pt")
     if os.path.isfile(common):
-        import torch
-
         old = torch.load(common, map_location="cpu", weights_only=False).get("args")
         if old is not None:
             saved = (getattr(old, "seqpar_method", None), getattr(old, "context_parallel_size", 1))
@@ -385,8 +291,6 @@ def document_batch_on_this_cp_rank(batch: dict, eod: int | None = None):
     from megatron.core import parallel_state
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from megatron_seqpar.layouts import shard_sequence
-    from megatron_seqpar.training.data import pack_documents
 
     if set(batch) != set(DOCUMENT_KEYS):
         raise ValueError(f"--reset-attention-mask with --seqpar-method packs a GPT batch of "
@@ -436,10 +340,7 @@ def bert_lm_loss(lm_loss_, loss_mask):
     Megatron multiplies a 2-tuple loss by the CP size and DDP averages over DP x CP, so this
     gives the single-process gradient. Collective: one all-reduce of 2 floats over CP.
     """
-    import torch
-    import torch.distributed as dist
 
-    from megatron_seqpar.megatron.parallel_state import sequence_group
 
     local = torch.sum(lm_loss_.view(-1) * loss_mask.reshape(-1).to(lm_loss_.dtype))
     group = sequence_group()
@@ -458,9 +359,7 @@ def bert_binary_loss(sop_loss):
     rank 0), so each of the P ranks adds the same loss; weighting its gradient by ``1/P``
     keeps the sum equal to the single-process gradient. No collective.
     """
-    import torch.distributed as dist
 
-    from megatron_seqpar.megatron.parallel_state import sequence_group
 
     p = dist.get_world_size(sequence_group())
     if p == 1:

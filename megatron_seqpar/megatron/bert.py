@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.models.bert.bert_model import BertModel
 
-from megatron_seqpar.megatron.parallel_state import sequence_group
+from megatron_seqpar.megatron.core_attention import SeqParCoreAttention
+from megatron_seqpar.megatron.parallel_state import sequence_group, two_level_groups
 
 
 class _BroadcastFromFirst(torch.autograd.Function):
@@ -65,8 +66,6 @@ def zigzag_positions(local_len: int, cp_rank: int, cp_size: int,
 
 
 def _is_ours(layer_spec) -> bool:
-    from megatron_seqpar.megatron.core_attention import SeqParCoreAttention
-
     core = layer_spec.submodules.self_attention.submodules.core_attention
     return getattr(core, "module", core) is SeqParCoreAttention
 
@@ -87,9 +86,6 @@ class SeqParBertModel(BertModel):
             self.pooler.register_forward_pre_hook(self._first_token_from_cp_rank0)
 
     def _use_groups_of(self, pg_collection) -> None:
-        from megatron_seqpar.megatron.core_attention import SeqParCoreAttention
-        from megatron_seqpar.megatron.parallel_state import two_level_groups
-
         for m in self.modules():
             if isinstance(m, SeqParCoreAttention):
                 m.cp_group = self.cp_group

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+import megatron_seqpar as msp
 from megatron_seqpar import common, registry
 
 
@@ -113,8 +114,6 @@ class Remat:
         self._queue.clear()
 
     def __call__(self, q, k, v, *, method, **kw):
-        import megatron_seqpar as msp
-
         if method != self.method:
             raise ValueError(f"Remat built for {self.method!r} called for {method!r}")
         if not torch.is_grad_enabled():  # checkpoint's first pass: run once, keep out + lse
@@ -130,29 +129,3 @@ class Remat:
         if self._queue:
             return _FromKept.apply(q, k, v, self._queue.popleft(), self._bwd)
         return msp.attention(q, k, v, method=method, **kw)
-
-
-def enable_remat(model: torch.nn.Module, methods=None) -> int:
-    """Attach a ``Remat`` to every ``SeqParCoreAttention`` in ``model``; returns how many.
-
-    Only effective with activation recompute on (``recompute_granularity`` "full", or
-    "selective" with ``core_attn``); without it nothing is ever kept. ``methods``: restrict
-    to these method names (None = every method exposing a forward/backward pair).
-    """
-    from megatron_seqpar.megatron.core_attention import SeqParCoreAttention
-
-    n = 0
-    for m in model.modules():
-        if isinstance(m, SeqParCoreAttention) and (methods is None or m.method in methods):
-            m.remat = Remat(m.method)
-            n += 1
-    return n
-
-
-def disable_remat(model: torch.nn.Module) -> None:
-    """Detach every ``Remat`` (the attention then re-runs in the recompute pass)."""
-    from megatron_seqpar.megatron.core_attention import SeqParCoreAttention
-
-    for m in model.modules():
-        if isinstance(m, SeqParCoreAttention):
-            m.remat = None

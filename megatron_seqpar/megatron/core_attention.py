@@ -40,6 +40,7 @@ sliding windows, non-vanilla softmax (off-by-one / learnable), attention dropout
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -48,8 +49,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention
 
+import megatron_seqpar as msp
 from megatron_seqpar.hostread import once, true_runs
+from megatron_seqpar.megatron.checkpointing import Remat
 from megatron_seqpar.megatron.parallel_state import sequence_group, two_level_groups
+from megatron_seqpar.megatron.thd import packed_attention_args
 
 # Methods whose backward needs only (q, k, v, out, lse): keeping them across a recompute costs
 # out + lse. RSA would also keep its s x S score rows and LSS its gathered K/V (remat=True).
@@ -163,9 +167,7 @@ def head_parallel_options(method: str, options, config):
     ``hierarchical_context_parallel_sizes = [U, R]`` when set (two-level sequence parallelism:
     ``--hierarchical-context-parallel-sizes U R``). A different explicit ``head_parallel``
     raises ``ValueError``."""
-    import dataclasses
 
-    import megatron_seqpar as msp
 
     sizes = getattr(config, "hierarchical_context_parallel_sizes", None)
     if not sizes:
@@ -212,7 +214,6 @@ class SeqParCoreAttention(MegatronModule):
         **kwargs,
     ):
         super().__init__(config=config)
-        import megatron_seqpar as msp
 
         if method not in msp.METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {msp.METHODS}")
@@ -252,8 +253,6 @@ class SeqParCoreAttention(MegatronModule):
             )
         self.remat = None
         if remat:
-            from megatron_seqpar.megatron.checkpointing import Remat
-
             self.remat = Remat(method)
 
     def forward(
@@ -293,7 +292,6 @@ class SeqParCoreAttention(MegatronModule):
 
     def _attend(self, q, k, v, **kw):
         """``msp.attention`` (or its remat twin) on the CP group, public ``[b, s, h, d]``."""
-        import megatron_seqpar as msp
 
         kwargs = dict(method=self.method, group=self.cp_group,
                       softmax_scale=self.softmax_scale,
@@ -310,7 +308,6 @@ class SeqParCoreAttention(MegatronModule):
         inside each sequence of ``cu_seqlens_q_padded`` (causal inside it for causal mask
         types); the tokens past each sequence's real length (``cu_seqlens_q``) are masked
         keys. ``attention_mask`` must be None: the packing describes the mask."""
-        from megatron_seqpar.megatron.thd import packed_attention_args
 
         if attention_mask is not None:
             raise ValueError("packed (THD) sequences take attention_mask=None: the document and "

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from megatron_seqpar.headpar import TwoLevelGroups
+
 
 @dataclass(frozen=True)
 class SequenceAxis:
@@ -114,7 +116,6 @@ def two_level_groups(pg_collection=None, head_parallel: int = 1):
     = CP. Raises ``ValueError`` naming the fix when ``U`` does not divide the CP size or the
     groups disagree with ``U``. No collective, no group created.
     """
-    from megatron_seqpar.headpar import TwoLevelGroups
 
     cp_group = sequence_group(pg_collection)
     cp = cp_group.size()

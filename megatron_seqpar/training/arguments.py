@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_seqpar import flag_rules
-from megatron_seqpar.megatron_lm import (
+from megatron_seqpar.api import method_options
+from megatron_seqpar.flags import (
     SeqParArgumentError,
     add_seqpar_args,
     option_flags,
@@ -157,7 +158,6 @@ class TrainConfig:
         """The method's frozen ``Options`` from the ``--seqpar-*`` option flags (or None)."""
         if self.seqpar_method is None:
             return None
-        from megatron_seqpar.api import method_options
 
         try:
             return method_options(self.seqpar_method)(**dict(self.seqpar_options))

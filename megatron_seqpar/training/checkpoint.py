@@ -41,22 +41,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-TRACKER = "latest_checkpointed_iteration.txt"
+from megatron_seqpar.training.preflight import TRACKER, checkpoint_step, iter_dir
 
 
 class CheckpointError(ValueError):
     """A checkpoint file cannot be used (damaged, or not plain data); names the file."""
 
 
-def iter_dir(root: str, step: int) -> str:
-    return os.path.join(root, f"iter_{step:07d}")
-
-
 def latest_step(root: str) -> int | None:
     """The last complete checkpoint's step under ``root`` (None if there is none); a damaged
     tracker raises ``preflight.InputError`` naming it (one reader for both)."""
-    from megatron_seqpar.training.preflight import checkpoint_step
-
     return checkpoint_step(root)
 
 

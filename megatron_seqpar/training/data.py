@@ -29,6 +29,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_seqpar import shard_sequence
+from megatron_seqpar.training import preflight
+from megatron_seqpar.training.arguments import document_unit
+
 PAD, CLS, SEP, EOD, MASK = 0, 1, 2, 3, 4
 
 
@@ -130,7 +134,6 @@ def prepare_data_prefix(cfg) -> str:
     """The dataset prefix to train on. Text (the default corpus, or ``--data-path`` text files)
     is built into the indexed format on global rank 0 on first use and cached
     (``preflight.text_prefix``); an indexed ``--data-path`` is used as it is."""
-    from megatron_seqpar.training import preflight
 
     if cfg.data_path:
         kind, found = preflight.data_kind(cfg.data_path)
@@ -234,8 +237,6 @@ class BatchSource:
         else:
             out["position_ids"] = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
         if self.cfg.reset_attention_mask:
-            from megatron_seqpar.training.arguments import document_unit
-
             out = pack_documents(out, eod=EOD, unit=document_unit(self.cfg))
         return out
 
@@ -243,8 +244,6 @@ class BatchSource:
         out = self.full(step, micro)
         cu = out.get("cu_seqlens_padded")
         if self.cp_group is not None and self.cp_group.size() > 1:
-            from megatron_seqpar import shard_sequence
-
             out = {k: v if k in PACKING_KEYS else shard_sequence(
                 v, dim=1, group=self.cp_group, layout="zigzag", cu_seqlens=cu)
                 for k, v in out.items()}

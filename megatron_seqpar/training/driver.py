@@ -40,20 +40,31 @@ from __future__ import annotations
 import math
 import os
 import resource
+import socket
 import sys
 import time
+import warnings
 from contextlib import nullcontext
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from megatron_seqpar.comm import count_traffic
+from megatron_seqpar.megatron.lss_grad import (
+    assemble_owned_rows,
+    position_embedding_params,
+    sync_position_embeddings,
+)
 from megatron_seqpar.training import checkpoint, preflight, report
+from megatron_seqpar.training import data as data_mod
 from megatron_seqpar.training.arguments import (
     ConfigError,
     TrainConfig,
     document_unit,
     parse_args,
 )
+from megatron_seqpar.training.model import build_model, unwrap
 
 # What a CPU run uses instead of megatron-core's CUDA-only pieces (recorded in the run's log).
 SUBSTITUTIONS = (
@@ -228,9 +239,6 @@ def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -
     """
     from megatron.core import parallel_state as ps
 
-    from megatron_seqpar.comm import count_traffic
-    from megatron_seqpar.training import data as data_mod
-    from megatron_seqpar.training.model import build_model, unwrap
 
     device = device or cfg.resolved_device()
     if dist.get_world_size() != cfg.world_size:
@@ -254,8 +262,6 @@ def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -
         else:
             split = ()
             if _lss_owned_rows(cfg, cp_group):
-                from megatron_seqpar.megatron.lss_grad import position_embedding_params
-
                 split = position_embedding_params(module)
             opt = _CpuOptimizer(cfg, model, ps.get_tensor_model_parallel_group(), split,
                                 cp_group)
@@ -383,12 +389,6 @@ def _lss_owned_rows(cfg, cp_group) -> bool:
 def _save(cfg, step, model, module, opt, cp_group) -> None:
     spread = None
     if _lss_owned_rows(cfg, cp_group):
-        from megatron_seqpar.megatron.lss_grad import (
-            assemble_owned_rows,
-            position_embedding_params,
-            sync_position_embeddings,
-        )
-
         sync_position_embeddings(module, cp_group, cfg.seq_length)
         spread = (position_embedding_params(module),
                   lambda t: assemble_owned_rows(t, cp_group, cfg.seq_length))
@@ -432,8 +432,6 @@ def _peer_failure(text: str, minutes: float) -> str | None:
 
 
 def _init_process_group(cfg: TrainConfig, device: str) -> None:
-    from datetime import timedelta
-
     backend = cfg.resolved_backend()
     if "MASTER_ADDR" not in os.environ:  # plain `python pretrain_gpt.py`: a group of one
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
@@ -456,8 +454,6 @@ def _init_process_group(cfg: TrainConfig, device: str) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -470,7 +466,6 @@ def main(argv=None, model: str = "gpt", cpu_shims=None) -> int:
     scripts pass ``tests/megatron_cpu.py``'s ``cpu_shims``); the library itself patches
     nothing, so a CPU run without it stops with a message saying so.
     """
-    import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     try:

@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import torch
 
+from megatron_seqpar import specs
+from megatron_seqpar.megatron.bert import SeqParBertModel
+from megatron_seqpar.megatron.lss_grad import lss_ddp, lss_finalize_model_grads
+
 
 def transformer_config(cfg, device: str):
     """megatron-core ``TransformerConfig`` for ``cfg``."""
@@ -48,8 +52,6 @@ def transformer_config(cfg, device: str):
 def layer_spec(cfg):
     """The transformer-layer ``ModuleSpec``: ours for ``--seqpar-method``, else Megatron's."""
     if cfg.seqpar_method is not None:
-        from megatron_seqpar import specs
-
         build = specs.get_gpt_layer_spec if cfg.model == "gpt" else specs.get_bert_layer_spec
         return build(cfg.seqpar_method, options=cfg.method_options())
     if cfg.model == "gpt":
@@ -67,8 +69,6 @@ def _bert_class(cfg):
 
         return BertModel
     try:
-        from megatron_seqpar.megatron.bert import SeqParBertModel
-
         return SeqParBertModel
     except ImportError:
         return _zigzag_bert_model()
@@ -150,7 +150,6 @@ def build_model(cfg, device: str):
     if cfg.seqpar_method == "lss" and cfg.context_parallel_size > 1:
         from megatron.core import parallel_state
 
-        from megatron_seqpar.megatron.lss_grad import lss_ddp, lss_finalize_model_grads
 
         model = lss_ddp(config, ddp_config, module)
         finalize = lss_finalize_model_grads(

@@ -107,10 +107,16 @@ def text_prefix(cfg, files: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------- checkpoints
+TRACKER = "latest_checkpointed_iteration.txt"  # Megatron-LM's name for the last step's file
+
+
+def iter_dir(root: str, step: int) -> str:
+    """Step ``step``'s directory under ``root`` (Megatron-LM's ``iter_XXXXXXX``)."""
+    return os.path.join(root, f"iter_{step:07d}")
+
+
 def checkpoint_step(root: str) -> int | None:
     """The step ``root``'s tracker names (None: no checkpoint there); ``InputError`` if damaged."""
-    from megatron_seqpar.training.checkpoint import TRACKER, iter_dir
-
     tracker = os.path.join(root, TRACKER)
     if not os.path.exists(tracker):
         return None
@@ -130,8 +136,6 @@ def checkpoint_step(root: str) -> int | None:
 
 
 def check_model_matches(root: str, step: int, cfg) -> None:
-    from megatron_seqpar.training.checkpoint import iter_dir
-
     path = os.path.join(iter_dir(root, step), MODEL_JSON)
     if not os.path.exists(path):
         return  # saved before model.json existed: dist_checkpointing still checks shapes
