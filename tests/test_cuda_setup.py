@@ -27,7 +27,8 @@ def real_rng_tracker(fork):
     """Inside ``cpu_shims()``: megatron-core's own ``fork`` (taken before the shims) again,
     with the CUDA generator calls it makes answered by the CPU generator."""
     from megatron.core.tensor_parallel import random as tp_random
-    from megatron_cpu import _setattr
+
+    from megatron_seqpar.cpu_workarounds import _setattr
 
     with contextlib.ExitStack() as stack:
         for obj, name, value in (
@@ -48,8 +49,8 @@ def _build_on_cuda(rank, world_size, model):
 
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
-    from megatron_cpu import CudaToCpu, cpu_shims
 
+    from megatron_seqpar.cpu_workarounds import CudaToCpu, cpu_shims
     from megatron_seqpar.training.arguments import TrainConfig
     from megatron_seqpar.training.model import build_model
 
@@ -101,8 +102,8 @@ def _train_on_cuda(rank, world_size, log_dir):
     import warnings
 
     from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
-    from megatron_cpu import CudaToCpu, cpu_shims
 
+    from megatron_seqpar.cpu_workarounds import CudaToCpu, cpu_shims
     from megatron_seqpar.training import driver
     from megatron_seqpar.training.arguments import TrainConfig
 

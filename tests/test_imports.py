@@ -100,3 +100,20 @@ def test_importing_the_package_loads_no_megatron_and_no_cpu_workaround():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_only_cpu_entry_points_import_the_cpu_workarounds():
+    """In the package, ``cpu_workarounds`` is imported in one place: the driver's ``main``,
+    inside its CPU branch. Nothing edits ``sys.path`` to reach ``tests/``."""
+    sites = []
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and \
+                    "cpu_workarounds" in (node.module + str([a.name for a in node.names])):
+                sites.append((path.name, node.lineno))
+    assert [name for name, _ in sites] == ["driver.py"]
+    line = (PKG / "training" / "driver.py").read_text().split("\n")[sites[0][1] - 2]
+    assert 'device == "cpu"' in line
+    root = PKG.parent
+    for path in [*root.glob("examples/*.py"), *root.glob("tools/*.py"), *PKG.rglob("*.py")]:
+        assert '"tests"' not in path.read_text(), f"{path} reaches into tests/"

@@ -353,7 +353,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
 from megatron.training.global_vars import set_args
-import megatron_cpu
+from megatron_seqpar import cpu_workarounds
 import pretrain_gpt
 from megatron_seqpar import megatron_lm as seqpar
 
@@ -367,7 +367,7 @@ for argv in json.loads(os.environ["SEQPAR_ARGVS"]):
     set_args(args)
     ps.initialize_model_parallel(context_parallel_size=args.context_parallel_size,
                                  create_gloo_process_groups=False)
-    with megatron_cpu.cpu_shims():
+    with cpu_workarounds.cpu_shims():
         model = pretrain_gpt.model_provider(pretrain_gpt.gpt_builder, True, True)
         core = model.decoder.layers[0].self_attention.core_attention
         config = get_model_config(model)

@@ -91,13 +91,14 @@ def _loss(logits, labels, loss_mask):
 # ----------------------------------------------------------------------------- oracle
 def _oracle_worker(rank, world_size, kinds):
     """CP=1, every document alone (BSHD, megatron's local spec); stream logits + grads."""
-    import megatron_cpu
     from megatron.core import parallel_state as ps
+
+    from megatron_seqpar import cpu_workarounds
 
     full = packed_batch()
     _, cu_pad, _ = packing()
     out = {}
-    with megatron_cpu.cpu_shims():
+    with cpu_workarounds.cpu_shims():
         init_parallel()
         try:
             for kind in kinds:
@@ -290,11 +291,12 @@ def check_bidirectional(cp):
 
 
 def _worker(rank, world_size, tp, cp, cases, bad):
-    import megatron_cpu
     from megatron.core import parallel_state as ps
 
+    from megatron_seqpar import cpu_workarounds
+
     out = {}
-    with megatron_cpu.cpu_shims():
+    with cpu_workarounds.cpu_shims():
         init_parallel(tp=tp, cp=cp)
         try:
             for kind, method, variant in cases:
@@ -470,17 +472,17 @@ def test_thd_batch_matches_megatron(monkeypatch):
 def test_thd_rope_restarts_per_sequence():
     """megatron-core's THD RoPE on this rank's tokens (our partitioning, CP 1-3, on CPU) equals
     RoPE at positions 0, 1, ... of each sequence alone: positions restart per sequence."""
-    import megatron_cpu
     from megatron.core.models.common.embeddings.rope_utils import (
         _apply_rotary_pos_emb_bshd,
         _apply_rotary_pos_emb_thd,
     )
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
+    from megatron_seqpar import cpu_workarounds
     from megatron_seqpar.megatron.thd import thd_get_partitioned_indices
 
     cu = [0, 12, 24, 60, 72]
-    with megatron_cpu.cpu_shims():  # shim 1: get_emb moves inv_freq to current_device()
+    with cpu_workarounds.cpu_shims():  # shim 1: get_emb moves inv_freq to current_device()
         rope = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, use_cpu_initialization=True)
         freqs = rope.get_emb(36).double()  # max padded length: Megatron's rotary_seq_len
     x = torch.randn(72, 3, 16, dtype=torch.float64)

@@ -231,12 +231,13 @@ def run_case(kind, method, *, tp, cp, dp, b=B, lss_double=False):
 
 # ----------------------------------------------------------------------------- workers
 def _worker(rank, world_size, tp, cp, cases):
-    import megatron_cpu
     from megatron.core import parallel_state as ps
+
+    from megatron_seqpar import cpu_workarounds
 
     dp = world_size // (tp * cp)
     out = {}
-    with megatron_cpu.cpu_shims():
+    with cpu_workarounds.cpu_shims():
         init_parallel(tp=tp, cp=cp)
         try:
             for kind, method, lss_double in cases:
@@ -262,11 +263,12 @@ def oracle():
 
 
 def _worker_oracle(rank, world_size, n_dp, cases):
-    import megatron_cpu
     from megatron.core import parallel_state as ps
 
+    from megatron_seqpar import cpu_workarounds
+
     out = {}
-    with megatron_cpu.cpu_shims():
+    with cpu_workarounds.cpu_shims():
         init_parallel()
         try:
             for kind, _, _ in cases:  # one rank holds the whole global batch of B*n_dp
@@ -402,15 +404,15 @@ def test_negative_controls_cp2(oracle):
 
 
 def _lss_level1(rank, world_size, assemble):
-    import megatron_cpu
     from megatron.core import parallel_state as ps
 
+    from megatron_seqpar import cpu_workarounds
     from megatron_seqpar.megatron.lss_grad import (
         average_over_sequence_group,
         position_embedding_params,
     )
 
-    with megatron_cpu.cpu_shims():
+    with cpu_workarounds.cpu_shims():
         init_parallel(cp=2)
         try:
             config = make_config(cp=2)

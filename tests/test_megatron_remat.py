@@ -53,11 +53,12 @@ def _step(method, recompute, remat):
 
 
 def _worker(rank, world_size, method):
-    import megatron_cpu
     from megatron.core import parallel_state as ps
     from test_megatron_parity import init_parallel
 
-    with megatron_cpu.cpu_shims():
+    from megatron_seqpar import cpu_workarounds
+
+    with cpu_workarounds.cpu_shims():
         init_parallel(cp=2)
         try:
             return {name: _step(method, *flags) for name, flags in

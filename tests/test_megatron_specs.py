@@ -121,12 +121,12 @@ def test_owned_rows_and_positions():
 
 
 def _provider_errors(rank, world_size):
-    import megatron_cpu
     from megatron.core import parallel_state as ps
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
     from test_megatron_parity import init_parallel, make_config
 
+    from megatron_seqpar import cpu_workarounds
     from megatron_seqpar.megatron.core_attention import SeqParCoreAttention
     from megatron_seqpar.megatron.parallel_state import (
         data_parallel_group,
@@ -144,7 +144,7 @@ def _provider_errors(rank, world_size):
         else:
             errors[name] = None
 
-    with megatron_cpu.cpu_shims():
+    with cpu_workarounds.cpu_shims():
         try:
             expect("uninitialised", lambda: sequence_world_size())
             init_parallel()

@@ -160,11 +160,12 @@ def _case(kind, method, lss_double, pg_collection, recompute):
 
 
 def _worker(rank, world_size, route, cases):
-    import megatron_cpu
     from megatron.core import parallel_state as ps
 
+    from megatron_seqpar import cpu_workarounds
+
     out = {}
-    with megatron_cpu.cpu_shims():
+    with cpu_workarounds.cpu_shims():
         pg = _init(route)
         try:
             for kind, method, lss_double, recompute in cases:
@@ -257,14 +258,14 @@ def test_two_level_remat(oracle):
 
 
 def _bad_split(rank, world_size):
-    import megatron_cpu
     from megatron.core import parallel_state as ps
     from test_megatron_parity import make_config
 
+    from megatron_seqpar import cpu_workarounds
     from megatron_seqpar.megatron.parallel_state import two_level_groups
 
     errors = []
-    with megatron_cpu.cpu_shims():
+    with cpu_workarounds.cpu_shims():
         ps._HIERARCHICAL_CONTEXT_PARALLEL_GROUPS = None  # see _init
         ps.initialize_model_parallel(context_parallel_size=CP, create_gloo_process_groups=False)
         try:
@@ -313,9 +314,8 @@ DRIVER = dict(model="gpt", num_layers=2, hidden_size=64, num_attention_heads=4,
 def _train(rank, world_size, kwargs):
     import warnings
 
-    from megatron_cpu import cpu_shims
-
     from megatron_seqpar.comm import count_traffic
+    from megatron_seqpar.cpu_workarounds import cpu_shims
     from megatron_seqpar.training import driver
     from megatron_seqpar.training.arguments import TrainConfig
 

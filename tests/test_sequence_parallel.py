@@ -4,7 +4,7 @@ With ``sequence_parallel=True`` megatron-core keeps the norms, dropout and resid
 each TP rank on 1/TP of the tokens and swaps the TP all-reduces for all-gather /
 reduce-scatter pairs; the loss and every gradient after ``finalize_model_grads`` (which sums
 the norms' partial gradients over the TP group) must equal the TP run without SP. On CPU it
-needs shim 6 of ``tests/megatron_cpu.py`` (megatron-core's torch norm refuses SP).
+needs shim 6 of ``megatron_seqpar/cpu_workarounds.py`` (megatron-core's torch norm refuses SP).
 
 Tolerance: float64; the runs differ only in the order of a few sums (the norm gradients are
 two half-sums all-reduced instead of one sum; the output layer's gradient is reduce-scattered
@@ -28,8 +28,8 @@ def _step(rank, world_size, sequence_parallel, position_embedding_type):
 
     import torch
     from megatron.core import parallel_state as ps
-    from megatron_cpu import cpu_shims
 
+    from megatron_seqpar.cpu_workarounds import cpu_shims
     from megatron_seqpar.training.driver import _forward
     from megatron_seqpar.training.model import build_model, unwrap
 

@@ -123,20 +123,21 @@ def test_preprocess_tool_round_trips_bytes(tmp_path):
 
 def test_cpu_shims_are_scoped():
     """The CPU workarounds exist only inside ``cpu_shims()`` (test workers are reused)."""
-    import megatron_cpu
     import torch
     from megatron.core.models.common.embeddings import rotary_pos_embedding as rope
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+    from megatron_seqpar import cpu_workarounds
+
     tracker = get_cuda_rng_tracker()
     before = (torch.cuda.current_device, torch.cuda.synchronize, rope.get_pos_emb_on_this_cp_rank,
               mrandom._get_cuda_rng_state, mrandom._set_cuda_rng_state,
               vars(WrappedTorchNorm)["__new__"])
-    with megatron_cpu.cpu_shims():
+    with cpu_workarounds.cpu_shims():
         assert torch.cuda.current_device() == torch.device("cpu")
-        assert rope.get_pos_emb_on_this_cp_rank is megatron_cpu.pos_emb_on_this_cp_rank
+        assert rope.get_pos_emb_on_this_cp_rank is cpu_workarounds.pos_emb_on_this_cp_rank
         with tracker.fork():
             pass
     after = (torch.cuda.current_device, torch.cuda.synchronize, rope.get_pos_emb_on_this_cp_rank,

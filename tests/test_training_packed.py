@@ -121,8 +121,8 @@ def _packed_vs_dense(rank, world_size, corpus_path, cache):
     import warnings
 
     from megatron.core import parallel_state as ps
-    from megatron_cpu import cpu_shims
 
+    from megatron_seqpar.cpu_workarounds import cpu_shims
     from megatron_seqpar.training import driver
     from megatron_seqpar.training.model import build_model, unwrap
 
@@ -183,8 +183,7 @@ def test_packed_step_equals_megatron_dense_document_mask(corpus, tmp_path):
 def _train(rank, world_size, kwargs):
     import warnings
 
-    from megatron_cpu import cpu_shims
-
+    from megatron_seqpar.cpu_workarounds import cpu_shims
     from megatron_seqpar.training import driver
 
     warnings.filterwarnings("ignore", category=UserWarning)

@@ -41,8 +41,7 @@ TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_group
 def _train(rank, world_size, kwargs):
     import warnings
 
-    from megatron_cpu import cpu_shims
-
+    from megatron_seqpar.cpu_workarounds import cpu_shims
     from megatron_seqpar.training import driver
 
     warnings.filterwarnings("ignore", category=UserWarning)

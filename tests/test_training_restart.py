@@ -137,7 +137,7 @@ def test_two_agents_as_two_nodes(tmp_path, uninterrupted):
 STALL = r"""
 import os, sys, time
 sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
-from megatron_cpu import cpu_shims
+from megatron_seqpar.cpu_workarounds import cpu_shims
 from megatron_seqpar.training import driver
 forward, calls = driver._forward, []
 def stalling_forward(cfg, model, batch):

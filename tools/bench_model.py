@@ -61,7 +61,6 @@ import torch.multiprocessing as mp
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
-sys.path.insert(0, os.path.join(_ROOT, "tests"))  # megatron_cpu: CPU shims (test support)
 
 from measure import count_comm, free_port, measure, time_call  # noqa: E402
 
@@ -195,7 +194,7 @@ def _worker(rank, world, port, a, todo, queue):
 
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)  # reduce_scatter_tensor's name
-    from megatron_cpu import cpu_shims
+    from megatron_seqpar.cpu_workarounds import cpu_shims
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

@@ -12,5 +12,5 @@ Modules (importing any of them has no side effects: no process group, no patchin
 - ``report``: JSON-lines log, tqdm progress bar fields and the matplotlib loss/throughput plot.
 - ``driver``: ``main(argv, model="gpt"|"bert", cpu_shims=None)``, the loop
   ``examples/pretrain_*.py`` call. On CPU they pass megatron-core's CPU workarounds, which live
-  in one test-support module (``tests/megatron_cpu.py``): the library patches nothing.
+  in one module (``megatron_seqpar.cpu_workarounds``) that only CPU entry points import.
 """

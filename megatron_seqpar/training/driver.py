@@ -234,8 +234,8 @@ def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -
     """Run ``cfg`` inside an initialised default process group; returns this run's losses.
 
     Builds and tears down megatron-core's parallel state (also on error). On CPU the caller
-    applies megatron-core's CPU workarounds (``tests/megatron_cpu.py``; ``main`` takes them as
-    ``cpu_shims``).
+    applies megatron-core's CPU workarounds (``megatron_seqpar.cpu_workarounds``; ``main`` does
+    on CPU).
     """
     from megatron.core import parallel_state as ps
 
@@ -460,11 +460,12 @@ def _free_port() -> int:
 
 
 def main(argv=None, model: str = "gpt", cpu_shims=None) -> int:
-    """Entry point of ``examples/pretrain_{gpt,bert}.py``: parse, validate, init, train.
+    """Entry point of ``examples/pretrain_{gpt,bert}.py`` and ``python -m megatron_seqpar.gpt``
+    / ``.bert``: parse, validate, init, train.
 
-    ``cpu_shims``: a context-manager factory that makes megatron-core run on CPU (the example
-    scripts pass ``tests/megatron_cpu.py``'s ``cpu_shims``); the library itself patches
-    nothing, so a CPU run without it stops with a message saying so.
+    ``cpu_shims``: a context-manager factory that makes megatron-core run on CPU; by default,
+    and only when the device is the CPU, ``megatron_seqpar.cpu_workarounds.cpu_shims`` (a
+    CUDA run never imports that module).
     """
 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
@@ -474,11 +475,8 @@ def main(argv=None, model: str = "gpt", cpu_shims=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = cfg.resolved_device()
-    if device == "cpu" and cpu_shims is None:
-        print("error: megatron-core needs a few CUDA workarounds to run on CPU; launch through "
-              "examples/pretrain_gpt.py or examples/pretrain_bert.py, which apply "
-              "tests/megatron_cpu.py, or pass main(..., cpu_shims=...)", file=sys.stderr)
-        return 2
+    if device == "cpu" and cpu_shims is None:  # imported here: never on a CUDA run
+        from megatron_seqpar.cpu_workarounds import cpu_shims
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         note = preflight.check_inputs(cfg)  # files only: every rank reaches the same verdict

@@ -1,12 +1,15 @@
 """Every CPU workaround megatron-core 0.16.1 and Megatron-LM's ``megatron.training`` need, in
-one place: test support, not library.
+one place, for CPU runs only.
 
-megatron-core assumes CUDA in a few spots that a CPU/gloo run reaches. The library never
-patches Megatron (DESIGN §5, §7.10). The tests, and the example entry points when they run on
-CPU (``examples/pretrain_*.py`` pass ``cpu_shims`` to the driver), install these shims around
-a model's lifetime with
+megatron-core assumes CUDA in a few spots that a CPU/gloo run reaches. The attention, the
+specs and the training code never patch Megatron (docs/design.md). Only the CPU entry points
+import this module, explicitly: the driver when its device is the CPU
+(``training.driver.main``), the Megatron-LM launcher (``tools/megatron_lm_cpu.py``) and the
+tests. ``import megatron_seqpar`` never imports it, nor does a CUDA run
+(``tests/test_imports.py`` checks both). They install these shims around a model's lifetime
+with
 
-    with megatron_cpu.cpu_shims():
+    with cpu_workarounds.cpu_shims():
         ...build, run forward/backward, DDP, save a checkpoint...
 
 and every patch is undone on exit (workers of ``tests/distributed.py`` are reused across
