@@ -44,7 +44,7 @@ def main():
     q, k, v = (torch.randn(1, S, n, d, generator=gen) for n in (h, hkv, hkv))
     dout = torch.randn(1, S, h, d, generator=gen)
     cu = documents(S, args.documents, 2 * world, gen) if args.documents > 1 else None
-    shard = lambda x: msp.shard_sequence(x, dim=1, layout=args.layout, cu_seqlens=cu)  # noqa: E731
+    shard = lambda x: msp.shard_sequence(x, dim=1, layout=args.layout, cu_seqlens=cu)
     ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
     opts = msp.method_options(args.method)(head_parallel=args.head_parallel)
 

@@ -37,6 +37,7 @@ an all-to-all of an ``N``-byte buffer ``(P-1)/P·N``. Received bytes are counted
 from __future__ import annotations
 
 import contextvars
+import socket
 import weakref
 from collections import Counter
 from contextlib import contextmanager
@@ -53,7 +54,10 @@ class Traffic:
     sent_bytes: int = 0
     recv_bytes: int = 0
     calls: Counter = field(default_factory=Counter)
-    block_steps: int = 0  # (query chunk, key chunk) pairs this rank computed, forward only
+    # (query shard, key shard) pairs of ranks whose attention this rank computed in the
+    # forward, only pairs with a visible (query, key): summed over the ranks, every non-empty
+    # pair of the whole attention once, in every method (tests/test_attention_options.py)
+    block_steps: int = 0
     parent: Traffic | None = None
     sent_by_kind: Counter = field(default_factory=Counter)  # e.g. "all_to_all": two levels' inner
 
@@ -184,6 +188,13 @@ _reduce_scatter_single = (getattr(dist, "reduce_scatter_single", None)
 # NCCL groups on which every rank has run an operation (so their communicator exists): a
 # cache of facts about live groups, held weakly (gone with the group), not behaviour
 _NCCL_JOINED: weakref.WeakSet = weakref.WeakSet()
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a single-node rendezvous (the driver, tools, tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Comm:

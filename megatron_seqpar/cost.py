@@ -308,7 +308,7 @@ def _mqsp(sh: AttnShape, r: int):
     c = sh.s // m
     qc = sh.b * sh.hq * c * sh.D  # elements of one rank's micro-chunk of Q
     stat = sh.b * sh.hq * P * c * a  # one micro-step's row statistics
-    rs = lambda n: (P - 1) * n // P  # noqa: E731
+    rs = lambda n: (P - 1) * n // P
     fwd = m * ((P - 1) * qc * e + (P - 1) * stat + rs(P * qc * a))  # Q, lse gathers; ctx RS
     bwd = m * ((P - 1) * 2 * (qc + sh.b * sh.hq * c) * a + rs(P * qc * a))  # packed gather, dQ
     # the backward's micro-step holds the gathered [q, dO, lse, δ] rows of every rank and
@@ -349,7 +349,7 @@ def _lightseq(sh: AttnShape, r: int):
               "q_from": Q * a // e}
     b_recv = {"kv_from": 2 * KV, "q_from": 3 * Q + L, "kv_to": 2 * KV * a // e,
               "q_to": Q * a // e}
-    tot = lambda table: sum(table.get(k, 0) for st in steps for k in st)  # noqa: E731
+    tot = lambda table: sum(table.get(k, 0) for st in steps for k in st)
     n_kv = min(2, sum("kv_from" in st for st in steps))  # K/V receive slots
     n_q = min(2, sum("q_from" in st for st in steps))  # shipped [q, dO, O, lse] slots
     # the op works on views of q, k, v, dO (no copies); during the backward it holds out and
@@ -366,7 +366,7 @@ def _lightseq(sh: AttnShape, r: int):
     # (a shipped query block also needs its own dQ accumulator)
     act = (_wrapper(sh) + n_kv * 2 * KV + (Q + 2 * KV) * a // e * (n_kv + n_q > 0)
            + n_q * (3 * Q + L) + Q * a // e * (n_q > 0) + ret + _kernel_scratch(sh, sh.s))
-    pr = lambda i, j: _pairs(sh, _positions(sh, i), _positions(sh, j))  # noqa: E731
+    pr = lambda i, j: _pairs(sh, _positions(sh, i), _positions(sh, j))
     pairs = pr(r, r) + sum((pr(r, st["kv_from"]) if "kv_from" in st else 0)
                            + (pr(st["q_from"], r) if "q_from" in st else 0) for st in steps)
     return tot(f_send), tot(b_send), tot(f_recv), tot(b_recv), act, pairs
@@ -386,7 +386,7 @@ def lightseq_steps(sh: AttnShape, r: int) -> list[dict[str, int]]:
     """
     P = sh.P
     runs = [_positions(sh, j) for j in range(P)]
-    need = lambda i, j: _pairs(sh, runs[i], runs[j]) > 0  # noqa: E731 - queries i, keys j
+    need = lambda i, j: _pairs(sh, runs[i], runs[j]) > 0  # queries i, keys j
     ordered = sh.causal and sh.layout == "contiguous"
     steps = []
     if not (ordered and sh.balance):
@@ -419,7 +419,7 @@ def lightseq_steps(sh: AttnShape, r: int) -> list[dict[str, int]]:
 
 def _ulysses(sh: AttnShape, r: int):
     P, Q, KV = sh.P, sh.q_bytes, sh.kv_bytes
-    a2a = lambda n: (P - 1) * n // P  # noqa: E731
+    a2a = lambda n: (P - 1) * n // P
     fwd = a2a(Q) + 2 * a2a(KV) + a2a(Q)  # q, k, v in; out back
     bwd = a2a(Q) + a2a(Q) + 2 * a2a(KV)  # dout in; dq, dk, dv back
     # whole sequence for hq/P heads (the same bytes as a shard): q, k, v, out and lse kept,
@@ -490,7 +490,7 @@ def inner_bytes(sh: AttnShape) -> tuple[int, int]:
         return 0, 0
     qkv = sh.b * sh.s * (sh.hq + 2 * kv_heads(sh.hq, sh.hkv, U)) * sh.D
     o = sh.b * sh.s * sh.hq * sh.D
-    a2a = lambda n: (U - 1) * n // U  # noqa: E731
+    a2a = lambda n: (U - 1) * n // U
     return a2a(qkv * e) + a2a(o * e), a2a(o * e) + a2a(qkv * a)
 
 
@@ -523,7 +523,7 @@ def two_level_cost(method: str, sh: AttnShape) -> AttentionCost:
     out = attention_cost(method, outer_shape(sh))
     fwd, bwd = inner_bytes(sh)
     j = [c // U for c in range(sh.P)]
-    pick = lambda xs, add=0: tuple(xs[i] + add for i in j)  # noqa: E731
+    pick = lambda xs, add=0: tuple(xs[i] + add for i in j)
     act = tuple(_two_level_act(sh, out.act_bytes[i], method) for i in j)
     return AttentionCost(method, sh, pick(out.sent_fwd, fwd), pick(out.sent_bwd, bwd),
                          pick(out.recv_fwd, fwd), pick(out.recv_bwd, bwd), act, pick(out.pairs),

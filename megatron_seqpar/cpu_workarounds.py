@@ -154,7 +154,7 @@ def cpu_shims():
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     with contextlib.ExitStack() as stack:
-        patch = lambda obj, name, value: stack.enter_context(_setattr(obj, name, value))  # noqa: E731
+        patch = lambda obj, name, value: stack.enter_context(_setattr(obj, name, value))
         patch(torch.cuda, "current_device", _cpu_device)
         patch(rope_utils, "get_pos_emb_on_this_cp_rank", pos_emb_on_this_cp_rank)
         patch(rotary_pos_embedding, "get_pos_emb_on_this_cp_rank", pos_emb_on_this_cp_rank)
@@ -259,7 +259,7 @@ def training_cpu_shims():
     from megatron.legacy import fused_kernels
 
     with contextlib.ExitStack() as stack:
-        patch = lambda obj, name, value: stack.enter_context(_setattr(obj, name, value))  # noqa: E731
+        patch = lambda obj, name, value: stack.enter_context(_setattr(obj, name, value))
         init = training.initialize_megatron  # 7
         patch(training, "initialize_megatron",
               lambda *a, **k: init(*a, **dict(k, allow_no_cuda=True)))

@@ -93,7 +93,7 @@ def _steps(setup, s):
     needed = None
     if setup.cu_seqlens is not None or setup.head_parallel > 1:
         runs = [setup.runs(j, s) for j in range(setup.world_size)]
-        needed = lambda i, j: count_blocks(runs[i], runs[j], setup.causal) > 0  # noqa: E731
+        needed = lambda i, j: count_blocks(runs[i], runs[j], setup.causal) > 0
     return schedule(setup.world_size, setup.rank, causal=setup.causal, layout=setup.layout,
                     balance=setup.options.balance, needed=needed)
 
@@ -125,8 +125,8 @@ def lightseq_forward(setup, q, k, v, kpm_all):
     """
     comm, r, s = setup.comm(), setup.rank, q.size(2)
     kw = dict(scale=setup.scale, causal=setup.causal, backend=setup.options.backend)
-    runs = lambda i: setup.runs(i, s)  # noqa: E731
-    kpm = lambda i: setup.key_pad(kpm_all, i)  # noqa: E731
+    runs = lambda i: setup.runs(i, s)
+    kpm = lambda i: setup.key_pad(kpm_all, i)
     tally = setup.traffic.add_block_steps if setup.traffic else (lambda n=1: None)
 
     steps = _steps(setup, s)
@@ -154,7 +154,7 @@ def lightseq_forward(setup, q, k, v, kpm_all):
 
     pending = post(0) if steps else None  # in flight while the local block computes
     out, lse = attend(q, runs(r), k, v, runs(r), kpm=kpm(r), **kw)
-    tally()
+    tally(count_blocks(runs(r), runs(r), setup.causal) > 0)
     returns = None  # (Pending, recv buffers or None, tensors kept alive) of the last step
     for t, st in enumerate(steps):
         nxt = post(t + 1) if t + 1 < len(steps) else None
@@ -169,7 +169,7 @@ def lightseq_forward(setup, q, k, v, kpm_all):
             qa = q_buf[q_slot[t]].transpose(1, 2)
             o, lb = attend(qa, runs(st.q_from), k, v, runs(r), kpm=kpm(r), **kw)
             sends += [(public(o), st.q_from), (lb, st.q_from)]
-            tally()
+            tally(count_blocks(runs(st.q_from), runs(r), setup.causal) > 0)
         if st.q_to is not None:
             ret_buf = ret_buf or [torch.empty_like(public(out)), torch.empty_like(lse)]
             recvs += [(ret_buf[0], st.q_to), (ret_buf[1], st.q_to)]
@@ -184,8 +184,8 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
     """Backward mirroring the forward schedule: ``(dq, dk, dv)`` in the accumulation dtype."""
     comm, r, s = setup.comm(), setup.rank, q.size(2)
     kw = dict(scale=setup.scale, causal=setup.causal, backend=setup.options.backend)
-    runs = lambda i: setup.runs(i, s)  # noqa: E731
-    kpm = lambda i: setup.key_pad(kpm_all, i)  # noqa: E731
+    runs = lambda i: setup.runs(i, s)
+    kpm = lambda i: setup.key_pad(kpm_all, i)
 
     steps = _steps(setup, s)
     kv_slot, n_kv = _slots(steps, "kv_from")

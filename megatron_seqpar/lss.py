@@ -30,7 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_seqpar.kernels import acc_dtype, attend, attend_backward, zeros_public
+from megatron_seqpar.kernels import (
+    acc_dtype,
+    attend,
+    attend_backward,
+    count_blocks,
+    zeros_public,
+)
 from megatron_seqpar.method import BaseOptions, Method
 
 
@@ -77,7 +83,10 @@ def lss_forward(setup, q, k, v, kpm_all):
                           kpm=setup.key_pad(kpm_all, j), backend=setup.options.backend,
                           out=out, lse=lse)
     if setup.traffic:
-        setup.traffic.add_block_steps(1)
+        r, s = setup.rank, q.size(2)
+        setup.traffic.add_block_steps(sum(
+            count_blocks(setup.runs(r, s), setup.runs(j, s), setup.causal) > 0
+            for j in range(setup.world_size)))
     return out, lse, () if setup.options.regather_kv else (kv,)
 
 

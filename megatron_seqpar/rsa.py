@@ -59,13 +59,18 @@ _LOG2E, _LN2 = math.log2(math.e), math.log(2.0)
 class Options(BaseOptions):
     """``colossalai_compat``: scale gradients by 1/P like ColossalAI's original RSA.
     ``huge_pages``: on CPU (Linux), back the score rows with transparent huge pages
-    (``megatron_seqpar.hostmem``; no effect on values)."""
+    (``megatron_seqpar.hostmem``; no effect on values). ``backend`` stays ``auto``: RSA
+    materialises its score rows and runs no block kernel, so another value is refused."""
 
     colossalai_compat: bool = False
     huge_pages: bool = True
 
     def __post_init__(self):
         super().__post_init__()
+        if self.backend != "auto":
+            raise ValueError(f"rsa runs no block kernel (it materialises its score rows), so "
+                             f"backend={self.backend!r} would be ignored; leave it 'auto' (drop "
+                             "--seqpar-backend)")
         for name in ("colossalai_compat", "huge_pages"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"rsa Options.{name} must be True or False, got "
@@ -306,7 +311,7 @@ def rsa_forward(setup, q, k, v, kpm_all):
         for blk, st in zip(plans[j], stats[j]):
             fac[..., st, :].mul_(inv[..., blk.q, :])
     if setup.traffic:
-        setup.traffic.add_block_steps(setup.world_size)
+        setup.traffic.add_block_steps(sum(1 for blocks in plans if blocks))
     return out.view(b, hq, s, d), lse.view(b, hq, s), (probs, fac)
 
 

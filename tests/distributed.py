@@ -33,7 +33,6 @@ import contextlib
 import os
 import pickle
 import queue
-import socket
 import sys
 import time
 import traceback
@@ -42,6 +41,8 @@ from datetime import timedelta
 
 import torch.multiprocessing as mp
 
+from megatron_seqpar.comm import free_port
+
 _CTX = mp.get_context("spawn")
 DEFAULT_TIMEOUT = 180.0
 GROUP_TIMEOUT = timedelta(seconds=90)  # what every collective of the suite waits at most
@@ -49,12 +50,6 @@ GROUP_TIMEOUT = timedelta(seconds=90)  # what every collective of the suite wait
 
 class DistributedTestError(AssertionError):
     """A rank raised, or the call timed out; the message carries the child's traceback."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
@@ -119,7 +114,7 @@ def _release_groups(before: set) -> None:
 class _Pool:
     def __init__(self, world_size: int):
         self.world_size = world_size
-        port = _free_port()
+        port = free_port()
         self.outbox = _CTX.Queue()
         self.inboxes = [_CTX.Queue() for _ in range(world_size)]
         self.procs = [

@@ -59,7 +59,7 @@ def _eff_bwd(dout, q, k, v, bias, out, cu_q, cu_k, mq, mk, lse, p, seed, off, ma
              bias_grad, *, scale):
     assert lse.size(2) % 32 == 0 and lse.size(2) >= q.size(1) and out.is_contiguous()
     assert q.size(2) == k.size(2) and not bias_grad
-    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    t = lambda x: x.transpose(1, 2)
     g = _emul(t(q), t(k), t(v), bias, mask_type == 1, scale, lse=lse[:, :, :q.size(1)],
               dout=t(dout), out=t(out))
     return (*(t(x).to(q.dtype) for x in g), None)

@@ -42,6 +42,7 @@ def test_bad_input_single_process(change, match):
 @pytest.mark.parametrize("make, match", [
     (lambda: msp.method_options("lightseq")(backend="triton"), "unknown kernel backend"),
     (lambda: msp.method_options("mqsp")(micro_q=0), "micro_q must be a positive"),
+    (lambda: msp.method_options("rsa")(backend="cpu_flash"), "rsa runs no block kernel"),
     (lambda: msp.method_options("mqsp")(memory_budget_mb=-1), "memory_budget_mb"),
     (lambda: msp.method_options("nope"), "unknown sequence-parallel method"),
     (lambda: msp.shard_sequence(torch.zeros(1, 10), layout="zigzag"), None),

@@ -19,7 +19,7 @@ def run_case(method, layout, causal, hq, hkv, d, pad, dtype, seed, options=None,
              S_per_rank=12, group=None):
     """Returns max relative errors (out, dq, dk, dv) of this rank's shard."""
     S = S_per_rank * torch.distributed.get_world_size(group)
-    shard = lambda x: msp.shard_sequence(x, dim=1, group=group, layout=layout)  # noqa: E731
+    shard = lambda x: msp.shard_sequence(x, dim=1, group=group, layout=layout)
 
     def call(q, k, v, kpm):
         return msp.attention(q, k, v, method=method, group=group, causal=causal, layout=layout,

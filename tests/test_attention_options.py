@@ -93,21 +93,37 @@ def test_low_precision(method, dtype):
             assert max(errs) < TOLERANCES[dtype], errs
 
 
-def block_steps(rank, world, balance):
-    opts = msp.method_options("lightseq")(balance=balance)
+def block_steps(rank, world, method, causal, layout, options=None):
     q = torch.randn(1, 8, 2, 4, dtype=torch.float64)
     with count_traffic() as t:
-        msp.attention(q, q, q, method="lightseq", causal=True, options=opts)
+        msp.attention(q, q, q, method=method, causal=causal, layout=layout, options=options)
     return t.block_steps
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_lightseq_balanced_critical_path(world):
-    balanced = run_on_ranks(block_steps, world, True)
-    unbalanced = run_on_ranks(block_steps, world, False)
+    lightseq = msp.method_options("lightseq")
+    balanced = run_on_ranks(block_steps, world, "lightseq", True, "contiguous", lightseq())
+    unbalanced = run_on_ranks(block_steps, world, "lightseq", True, "contiguous",
+                              lightseq(balance=False))
     assert max(balanced) <= world // 2 + 1, balanced
     assert unbalanced == list(range(1, world + 1)), unbalanced  # rank r computes r+1 blocks
     assert sum(balanced) == sum(unbalanced)  # every needed block exactly once
+
+
+@pytest.mark.parametrize("method", msp.METHODS)
+def test_block_steps_mean_the_same_in_every_method(method):
+    """``Traffic.block_steps``: the (query shard, key shard) pairs of ranks with a visible
+    (query, key) that a rank computed; over the ranks, each non-empty pair once. Causal and
+    contiguous over 3 ranks: 6 pairs (j <= i); zigzag and bidirectional: all 9."""
+    for causal, layout, total in ((True, "contiguous", 6), (True, "zigzag", 9),
+                                  (False, "contiguous", 9)):
+        got = run_on_ranks(block_steps, 3, method, causal, layout)
+        assert sum(got) == total, (causal, layout, got)
+        if method in ("rsa", "lss") and layout == "contiguous" and causal:
+            assert got == [1, 2, 3]  # rank r's queries see ranks 0..r
+        if method == "mqsp" and layout == "contiguous" and causal:
+            assert got == [3, 2, 1]  # rank r's keys are seen by ranks r..P-1
 
 
 @pytest.mark.parametrize("P", range(1, 9))

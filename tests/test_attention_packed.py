@@ -52,7 +52,7 @@ def run_case(method, layout, causal, hq, hkv, d, pad, cu, seed, options=None, b=
     """Relative errors (out, dq, dk, dv, and the gathered output) of this rank."""
     S = S_PER_RANK * torch.distributed.get_world_size()
     cu_t = torch.tensor(cu, dtype=torch.int32)
-    shard = lambda x: msp.shard_sequence(x, dim=1, layout=layout, cu_seqlens=cu_t)  # noqa: E731
+    shard = lambda x: msp.shard_sequence(x, dim=1, layout=layout, cu_seqlens=cu_t)
 
     def call(q, k, v, kpm):
         return msp.attention(q, k, v, method=method, causal=causal, layout=layout,

@@ -20,7 +20,7 @@ RTOL = 1e-10  # float64: round-off of a few thousand fused multiply-adds stays n
 
 def run_case(method, layout, U, causal, hq, hkv, d, pad, seed, cu=None, b=3, s=12):
     S = s * torch.distributed.get_world_size()
-    shard = lambda x: msp.shard_sequence(x, dim=1, layout=layout, cu_seqlens=cu)  # noqa: E731
+    shard = lambda x: msp.shard_sequence(x, dim=1, layout=layout, cu_seqlens=cu)
     opts = msp.method_options(method)(head_parallel=U)
 
     def call(q, k, v, kpm):

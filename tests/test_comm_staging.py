@@ -27,7 +27,7 @@ def _run(method, layout, causal, pad, staged, seed=0):
     kpm = torch.zeros(b, s * world, dtype=torch.bool)
     kpm[0, -5:] = True
     kpm[1, :3] = True
-    shard = lambda x: msp.shard_sequence(x, dim=1, layout=layout)  # noqa: E731
+    shard = lambda x: msp.shard_sequence(x, dim=1, layout=layout)
     mine = [shard(x).requires_grad_() for x in (q, k, v)]
     with count_traffic() as t:
         if staged:

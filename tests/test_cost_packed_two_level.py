@@ -214,7 +214,7 @@ def test_planner_two_level_choices():
     assert short["ulysses"] is None and plan.ulysses_only(m, cl, 131072, P=32) is not None
     assert short["winner"].fits and short["winner"].head_parallel > 1
     # at 1M the attention compute hides most of the outer transfers: U buys less
-    gain = lambda r, k: r["methods"][k][0].step_s / r["methods"][k][1].step_s  # noqa: E731
+    gain = lambda r, k: r["methods"][k][0].step_s / r["methods"][k][1].step_s
     assert gain(long_, "lightseq") < gain(short, "lightseq")
     assert plan.head_splits(m, 64) == [1, 2, 4, 8, 16, 32]
     assert "--hierarchical-context-parallel-sizes 8 8" in plan.flags("lightseq", 64, 1, 8)

@@ -177,7 +177,7 @@ def _cuda_plan_matrix(rank, world, method):
                 kpm = torch.zeros(2, S, dtype=torch.bool)
                 kpm[0, S - S // 8:] = True
                 kpm[1, S - 2:] = True
-            shard = lambda x: msp.shard_sequence(x, dim=1, layout=layout)  # noqa: B023,E731
+            shard = lambda x: msp.shard_sequence(x, dim=1, layout=layout)  # noqa: B023
 
             def call(q, k, v, kpm_local):
                 return msp.attention(q, k, v, method=method, causal=causal,  # noqa: B023

@@ -152,7 +152,7 @@ def _provider_errors(rank, world_size):
             assert (axis.rank, axis.world_size) == (0, 1)
             assert data_parallel_group().size() == 1
             cfg = make_config()
-            mk = lambda config=cfg, **kw: SeqParCoreAttention(  # noqa: E731
+            mk = lambda config=cfg, **kw: SeqParCoreAttention(
                 config=config, layer_number=kw.pop("layer_number", 1),
                 attn_mask_type=kw.pop("mask", AttnMaskType.causal),
                 attention_type=kw.pop("attention_type", "self"), method=kw.pop("method", "rsa"),

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 from distributed import kill_process_tree
+
+from megatron_seqpar.comm import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "pretrain_gpt.py")
@@ -43,12 +44,6 @@ def _losses(log_dir):
         return []
     with open(path) as f:
         return [r["loss"] for r in map(json.loads, f) if "loss" in r]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +105,7 @@ def test_killed_rank_restarts_and_resumes(tmp_path, uninterrupted):
 
 
 def test_two_agents_as_two_nodes(tmp_path, uninterrupted):
-    port = _free_port()
+    port = free_port()
     agents = []
     for node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",

@@ -195,12 +195,12 @@ def _call(v: Variant, group, S: int, cu=None):
         if v.method == "lightseq":
             kw["balance"] = v.balance
         opts = msp.method_options(v.method)(**kw)
-        fn = lambda q, k, vv: msp.attention(q, k, vv, method=v.method, group=group,  # noqa: E731
+        fn = lambda q, k, vv: msp.attention(q, k, vv, method=v.method, group=group,
                                             causal=True, layout=v.layout, options=opts,
                                             cu_seqlens=cu)
         return contextlib.nullcontext(), fn
     b = BASELINES[v.kind]
-    fn = lambda q, k, vv: b.fn(q, k, vv, group=group, causal=True)  # noqa: E731
+    fn = lambda q, k, vv: b.fn(q, k, vv, group=group, causal=True)
     return b.context(group, seq_len=S, causal=True), fn
 
 
@@ -357,7 +357,7 @@ def compare(records: list[dict]) -> list[dict]:
     for (S, label), r in by.items():
         if label.endswith("+packed") and (S, label[:-7]) in by:
             u = by[(S, label[:-7])]
-            pairs = lambda rec: max(rec["model"].get("flops", [0]))  # noqa: E731
+            pairs = lambda rec: max(rec["model"].get("flops", [0]))
             t = r["time_s"] / u["time_s"]
             pred = r["model"].get("flop_ratio")
             cpu = r["cpu_s"] / u["cpu_s"] if "cpu_s" in r and "cpu_s" in u else None

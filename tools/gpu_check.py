@@ -153,7 +153,7 @@ def _method_rank(rank, world, port, a, queue):
                 kpm[0, S - S // 3:] = True
                 kpm[-1] = True
             mask = None if kpm is None else kpm.view(b, 1, 1, S)
-            t = lambda x: x.double().transpose(1, 2)  # noqa: E731
+            t = lambda x: x.double().transpose(1, 2)
             ref = block_attention(t(q), t(k), t(v), scale=d**-0.5, causal=causal, mask=mask,
                                   backend="reference")
             gref = block_attention_backward(t(do), t(q), t(k), t(v), *ref, scale=d**-0.5,
@@ -161,7 +161,7 @@ def _method_rank(rank, world, port, a, queue):
             refs = [ref[0].transpose(1, 2)] + [x.transpose(1, 2) for x in gref]
             del ref, gref
             for layout in ("contiguous", "zigzag"):
-                shard = lambda x: msp.shard_sequence(x, dim=1, layout=layout)  # noqa: E731,B023
+                shard = lambda x: msp.shard_sequence(x, dim=1, layout=layout)  # noqa: B023
                 for method in METHODS:
                     row = dict(P=world, method=method, layout=layout, mode=mode)
                     try:
@@ -304,7 +304,7 @@ def section_efficiency(a):
     h, d = (2, 16) if a.dry_run else (16, 128)
     lengths = (64, 128) if a.dry_run else (4096, 8192, 16384, 32768)
     flash = BACKENDS["cpu_flash" if dev == "cpu" else "cuda_flash"]
-    flop = lambda n: 3.5 * 4 * n * d * h  # fwd 4·pairs·d·h, bwd 2.5x fwd  # noqa: E731
+    flop = lambda n: 3.5 * 4 * n * d * h  # fwd 4·pairs·d·h, bwd 2.5x fwd
     for s in lengths:
         g = torch.Generator(device=dev).manual_seed(2)
         mk = partial(torch.randn, generator=g, device=dev, dtype=dtype)

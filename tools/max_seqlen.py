@@ -99,7 +99,7 @@ def _probe(rank, world, name, S, a, model) -> int:
 def search(rank, world, name, a, model) -> int:
     granule = 2 * world * a.granule
     budget = a.budget_mb * 2**20
-    fits = lambda S: 0 <= _probe(rank, world, name, S, a, model) <= budget  # noqa: E731
+    fits = lambda S: 0 <= _probe(rank, world, name, S, a, model) <= budget
     if not fits(granule):
         return 0
     lo, hi = 1, 2

@@ -27,7 +27,6 @@ Timing is taken separately (``time_call``), without the profiler.
 from __future__ import annotations
 
 import re
-import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +35,8 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_seqpar.comm import free_port  # noqa: F401  (the tools import it from here)
 
 _ELEM = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "long int": 8, "int": 4,
          "unsigned char": 1, "bool": 1, "signed char": 1, "short int": 2}
@@ -215,13 +216,6 @@ class count_comm(TorchDispatchMode):  # noqa: N801 - used like a function: with 
         if func.namespace == "c10d":
             self._count(func._schema.name.split("::")[-1], args)
         return func(*args, **(kwargs or {}))
-
-
-def free_port() -> int:
-    """A free TCP port on localhost for a process group's rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(worker, ranks: int, *args) -> list:

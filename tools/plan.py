@@ -127,7 +127,7 @@ def predict(model: ModelConfig, cl: Cluster, *, method: str, S: int, P: int, tp:
 def max_seqlen(model, cl, *, method, P, tp, step=None, **kw) -> int:
     """Longest S (a multiple of ``step``) whose predicted memory fits 90% of the GPU."""
     step = step or 2 * P * 64
-    fits = lambda S: predict(model, cl, method=method, S=S, P=P, tp=tp, **kw).fits  # noqa: E731
+    fits = lambda S: predict(model, cl, method=method, S=S, P=P, tp=tp, **kw).fits
     if not fits(step):
         return 0
     lo, hi = 1, 2

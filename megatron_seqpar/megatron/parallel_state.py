@@ -65,11 +65,6 @@ def sequence_world_size(pg_collection=None) -> int:
     return sequence_group(pg_collection).size()
 
 
-def sequence_rank(pg_collection=None) -> int:
-    """This rank's index in the sequence group (Megatron's CP rank)."""
-    return sequence_group(pg_collection).rank()
-
-
 def data_parallel_group(pg_collection=None) -> dist.ProcessGroup:
     """Megatron's pure data-parallel group (without the CP ranks): ``pg_collection.dp``."""
     if pg_collection is not None:
@@ -77,15 +72,6 @@ def data_parallel_group(pg_collection=None) -> dist.ProcessGroup:
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_group(with_context_parallel=False)
-
-
-def data_and_sequence_group(pg_collection=None) -> dist.ProcessGroup:
-    """Megatron's combined DP x CP group, the one stock DDP reduces gradients over."""
-    if pg_collection is not None:
-        return _from_collection(pg_collection, "dp_cp")
-    from megatron.core import parallel_state
-
-    return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
 def _mpu_hierarchical_groups(cp_group):

@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import socket
 import sys
 import time
 import warnings
@@ -50,7 +49,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from megatron_seqpar.comm import count_traffic
+from megatron_seqpar.comm import count_traffic, free_port
 from megatron_seqpar.megatron.lss_grad import (
     assemble_owned_rows,
     position_embedding_params,
@@ -434,7 +433,7 @@ def _peer_failure(text: str, minutes: float) -> str | None:
 def _init_process_group(cfg: TrainConfig, device: str) -> None:
     backend = cfg.resolved_backend()
     if "MASTER_ADDR" not in os.environ:  # plain `python pretrain_gpt.py`: a group of one
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                           WORLD_SIZE="1", LOCAL_RANK="0")
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -451,12 +450,6 @@ def _init_process_group(cfg: TrainConfig, device: str) -> None:
     store, rank, world = next(rendezvous("env://", timeout=timeout))
     dist.init_process_group(backend, store=dist.PrefixStore(f"seqpar/attempt_{attempt}", store),
                             rank=rank, world_size=world, timeout=timeout)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None, model: str = "gpt", cpu_shims=None) -> int:
