@@ -7,9 +7,10 @@ from datetime import timedelta
 
 import pytest
 import torch
-from distributed import _free_port, run_on_ranks
+from distributed import run_on_ranks
 
 import megatron_seqpar as msp
+from megatron_seqpar.comm import free_port
 
 
 def qkv(b=1, s=8, hq=4, hkv=2, d=8, dtype=torch.float32):
@@ -113,7 +114,7 @@ def _dead_peer_child(rank, port, result):
 @pytest.mark.own_world
 def test_dead_peer_raises_instead_of_hanging():
     ctx = multiprocessing.get_context("spawn")
-    result, port = ctx.Queue(), _free_port()
+    result, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_dead_peer_child, args=(r, port, result), daemon=True)
              for r in range(2)]
     for p in procs:
