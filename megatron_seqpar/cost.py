@@ -1,4 +1,5 @@
-"""Analytic cost model: bytes sent, attention memory and FLOPs, per rank, per attention layer.
+"""Analytic cost model: bytes sent, attention memory and FLOPs, per rank, per attention layer
+(a whole model's layers, for the planner: ``megatron_seqpar.model_cost``).
 
 ``attention_cost(method, shape)`` returns an ``AttentionCost`` for one attention layer's forward
 and backward on every rank of the sequence group. Methods: the four of the package (``rsa``,
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field, replace
 
 from megatron_seqpar.headpar import kv_heads, two_level_runs
 from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, local_runs
+from megatron_seqpar.lightseq import schedule
 from megatron_seqpar.mqsp import pick_micro_chunks
 from megatron_seqpar.registry import METHODS
 
@@ -373,48 +375,15 @@ def _lightseq(sh: AttnShape, r: int):
 
 
 def lightseq_steps(sh: AttnShape, r: int) -> list[dict[str, int]]:
-    """Rank ``r``'s steps after the local block, each ``{role: peer}`` for the roles it plays:
-    ``kv_to`` (sends its K/V), ``kv_from`` (receives K/V), ``q_to`` (ships its Q, gets out and
-    lse back), ``q_from`` (attends a peer's Q, returns out and lse).
-
-    Balanced (contiguous causal, ``balance``): at step ``t`` in ``1..P//2`` rank ``r`` pairs
-    with ``(r+t) % P``: K/V go there when ``r+t < P``, else Q goes there; at ``t = P/2`` (even
-    P) only ranks ``r < P/2`` send K/V and nobody ships Q. Unbalanced contiguous causal: K/V go
-    to ``r+t`` only where needed (``r+t < P``). Zigzag or bidirectional: own K/V to
-    ``(r+t) % P`` for ``t = 1..P-1``. A role whose block computes no pair (packed sequences
-    that do not reach across, the outer level's runs) is left out on both sides.
-    """
-    P = sh.P
-    runs = [_positions(sh, j) for j in range(P)]
-    need = lambda i, j: _pairs(sh, runs[i], runs[j]) > 0  # queries i, keys j
-    ordered = sh.causal and sh.layout == "contiguous"
-    steps = []
-    if not (ordered and sh.balance):
-        for t in range(1, P):
-            to, frm = (r + t) % P, (r - t) % P
-            roles = {}
-            if (not ordered or r + t < P) and need(to, r):
-                roles["kv_to"] = to
-            if (not ordered or r - t >= 0) and need(r, frm):
-                roles["kv_from"] = frm
-            steps.append(roles)
-        return steps
-    for t in range(1, P // 2 + 1):
-        half = 2 * t == P
-        to, frm = (r + t) % P, (r - t) % P
-        roles = {}
-        if r + t < P:
-            if need(to, r):
-                roles["kv_to"] = to
-        elif not half and need(r, to):
-            roles["q_to"] = to
-        if r - t >= 0:
-            if need(r, frm):
-                roles["kv_from"] = frm
-        elif not half and need(frm, r):
-            roles["q_from"] = frm
-        steps.append(roles)
-    return steps
+    """Rank ``r``'s steps after the local block, each ``{role: peer}`` for the roles it plays
+    (``kv_to``, ``kv_from``, ``q_to``, ``q_from``): ``lightseq.schedule`` itself, with the
+    blocks a role would compute taken from the shape's runs (a role whose block is empty is
+    left out on both sides, as the op leaves out its transfer)."""
+    runs = [_positions(sh, j) for j in range(sh.P)]
+    steps = schedule(sh.P, r, causal=sh.causal, layout=sh.layout, balance=sh.balance,
+                     needed=lambda i, j: _pairs(sh, runs[i], runs[j]) > 0)
+    return [{role: peer for role, peer in st._asdict().items() if peer is not None}
+            for st in steps]
 
 
 def _ulysses(sh: AttnShape, r: int):
@@ -547,116 +516,3 @@ def packed_flop_ratio(lengths, causal: bool = True) -> float:
     if not causal:
         return sum(n * n for n in lengths) / S**2
     return sum(n * (n + 1) for n in lengths) / (S * (S + 1))
-
-
-# ----------------------------------------------------------------------------- model level
-@dataclass(frozen=True)
-class ModelConfig:
-    """A transformer stack: ``layers`` of attention (``heads`` query, ``kv_heads`` key/value
-    heads) and an MLP of width ``ffn`` (``gated``: SwiGLU's three matrices)."""
-
-    name: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int | None = None
-    ffn: int | None = None
-    vocab: int = 32000
-    gated: bool = False
-    causal: bool = True
-
-    def __post_init__(self):
-        if self.kv_heads is None:
-            object.__setattr__(self, "kv_heads", self.heads)
-        if self.ffn is None:
-            object.__setattr__(self, "ffn", 4 * self.hidden)
-        for name in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.hidden % self.heads or self.heads % self.kv_heads:
-            raise ValueError("hidden must divide into heads, heads into kv_heads groups")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def layer_params(self) -> int:
-        h, d = self.hidden, self.head_dim
-        attn = h * self.heads * d * 2 + 2 * h * self.kv_heads * d
-        return attn + (3 if self.gated else 2) * h * self.ffn
-
-    @property
-    def params(self) -> int:
-        return self.layers * self.layer_params + self.vocab * self.hidden
-
-
-RECOMPUTE = ("none", "selective", "full")
-
-
-@dataclass(frozen=True)
-class LayerCost:
-    """One transformer layer on one rank (forward + backward): bytes on the sequence axis and
-    on the tensor-parallel axis, activation memory kept for the backward, and FLOPs."""
-
-    attention: AttentionCost
-    sp_bytes: int  # sequence-parallel attention traffic, the busiest rank
-    tp_bytes: int  # Megatron TP (+ its sequence parallelism) traffic
-    act_bytes: int  # activations this layer keeps until its backward
-    peak_extra_bytes: int  # transient working set of the layer being (re)computed
-    attn_flops: int  # busiest rank, forward + backward (+ recompute)
-    linear_flops: int
-    sp_inner_bytes: int = 0  # two levels: the head all-to-alls' share of sp_bytes
-
-
-def layer_cost(model: ModelConfig, *, S: int, P: int, method: str, tp: int = 1, b: int = 1,
-               dtype: str = "bf16", recompute: str = "none", layout: str | None = None,
-               mqsp_budget_mb: float = 1024.0, flash: bool = True,
-               head_parallel: int = 1) -> LayerCost:
-    """Per-rank cost of one layer with sequence parallelism ``P`` and tensor parallelism ``tp``.
-
-    Activations follow Korthikanti et al. (TP with sequence parallelism, flash attention so no
-    ``s x s`` term): ``34·s·b·h/tp`` bytes for 16-bit (scaled by the element size), plus what the
-    method holds beyond a local fused attention. ``full`` recompute keeps only the layer input
-    (``2·s·b·h/tp``) and re-runs the forward; LightSeq's rematerialization-aware checkpoint keeps
-    the attention output, so its recompute skips the distributed attention forward.
-    ``selective`` recomputes the core attention only (free for fused kernels; for RSA it drops
-    the kept score rows at the price of one more attention forward). ``flash=False`` models a
-    pre-FlashAttention single-rank baseline (``P = 1``) that keeps its ``5·a·s²·b`` bytes of
-    scores, softmax and dropout mask (Korthikanti et al.), as the 2021-2023 papers' TP
-    baselines did unless they recompute attention selectively. ``head_parallel``: two levels
-    (``two_level_cost``); ``sp_inner_bytes`` is then the head all-to-alls' share.
-    """
-    if recompute not in RECOMPUTE:
-        raise ValueError(f"unknown recompute {recompute!r}; use one of {RECOMPUTE}")
-    if model.heads % tp:
-        raise ValueError(f"tp={tp} must divide heads={model.heads}")
-    hq, hkv = model.heads // tp, max(1, model.kv_heads // tp)
-    layout = layout or ("zigzag" if method not in ("ulysses", "allgather") else "contiguous")
-    sh = AttnShape(S=S, P=P, b=b, hq=hq, hkv=hkv, D=model.head_dim, dtype=dtype,
-                   causal=model.causal, layout=layout, mqsp_budget_mb=mqsp_budget_mb,
-                   head_parallel=head_parallel)
-    att = attention_cost("nosp" if P == 1 else method, sh)
-    local = attention_cost("nosp", AttnShape(S=sh.s, P=1, b=b, hq=hq, hkv=hkv, D=sh.D,
-                                             dtype=dtype, causal=model.causal))
-    e, s, h = sh.e, sh.s, model.hidden
-    base = 34 * s * b * h * e // 2 // tp
-    extra = max(0, att.max_act_bytes - local.max_act_bytes)
-    if not flash and P == 1 and recompute != "selective":
-        extra += 5 * hq * S * S * b * e // 2
-    attn_fwd = max(att.flops_fwd)
-    attn = max(att.flops)
-    linear = 3 * 2 * b * s * model.layer_params // tp
-    if recompute == "full":
-        act, peak = 2 * s * b * h * e // tp, base + extra
-        linear += linear // 3
-        attn += 0 if method == "lightseq" else attn_fwd
-    elif recompute == "selective" and method == "rsa":
-        act, peak = base, extra
-        attn += attn_fwd
-    else:
-        act, peak = base + extra, 0
-    tp_bytes = 8 * (tp - 1) * s * b * h * e // tp
-    busiest = max(range(P), key=lambda r: att.sent[r])
-    return LayerCost(att, att.sent[busiest], tp_bytes, act, peak, attn, linear,
-                     att.inner_sent[busiest])

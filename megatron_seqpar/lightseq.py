@@ -256,4 +256,4 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
     return dq, dk, dv
 
 
-METHOD = Method("lightseq", Options, lightseq_forward, lightseq_backward)
+METHOD = Method("lightseq", Options, lightseq_forward, lightseq_backward, remat=True)

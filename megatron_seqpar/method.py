@@ -42,12 +42,16 @@ class BaseOptions:
 @dataclass(frozen=True)
 class Method:
     """One method's declaration. ``name`` is the file name, the registry key, the CLI choice
-    and the pytest id; ``Options`` its frozen options dataclass (a ``BaseOptions``)."""
+    and the pytest id; ``Options`` its frozen options dataclass (a ``BaseOptions``).
+    ``remat``: its backward needs only (q, k, v, out, lse), so under Megatron's activation
+    recompute the provider keeps out + lse and never re-runs the distributed forward
+    (``megatron.checkpointing``; on by default there, and the cost model counts it)."""
 
     name: str
     Options: type
     forward: Callable
     backward: Callable
+    remat: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.Options, type) and issubclass(self.Options, BaseOptions)):

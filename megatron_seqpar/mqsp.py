@@ -251,4 +251,4 @@ def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
     return dq, dk, dv
 
 
-METHOD = Method("mqsp", Options, mqsp_forward, mqsp_backward)
+METHOD = Method("mqsp", Options, mqsp_forward, mqsp_backward, remat=True)

@@ -243,7 +243,7 @@ def test_layer_cost_and_planner():
     import os
     import sys
 
-    from megatron_seqpar.cost import ModelConfig, layer_cost
+    from megatron_seqpar.model_cost import ModelConfig, layer_cost
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
     import plan
@@ -267,3 +267,18 @@ def test_layer_cost_and_planner():
     assert rows and rows[0][0].fits
     assert "--seqpar-method" in plan.flags("lightseq", 8, 2)
     assert "--context-parallel-size 8" in plan.flags("lightseq", 8, 2)
+
+
+@pytest.mark.parametrize("method", msp.METHODS)
+def test_full_recompute_reruns_attention_only_without_remat(method):
+    """Under full recompute a method whose registry entry keeps out + lse (``remat``: LightSeq,
+    MQSP) costs no second attention forward; the others re-run it."""
+    from megatron_seqpar.model_cost import ModelConfig, layer_cost
+    from megatron_seqpar.registry import REGISTRY
+
+    m = ModelConfig("tiny", 2, 256, 4)
+    none = layer_cost(m, S=4096, P=4, method=method)
+    full = layer_cost(m, S=4096, P=4, method=method, recompute="full")
+    fwd = max(full.attention.flops_fwd)
+    assert full.attn_flops - none.attn_flops == (0 if REGISTRY[method].remat else fwd)
+    assert REGISTRY["lightseq"].remat and REGISTRY["mqsp"].remat

@@ -31,7 +31,8 @@ from dataclasses import dataclass, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_seqpar.cost import METHODS, RECOMPUTE, ModelConfig, layer_cost  # noqa: E402
+from megatron_seqpar import METHODS  # noqa: E402
+from megatron_seqpar.model_cost import RECOMPUTE, ModelConfig, layer_cost  # noqa: E402
 
 MODELS = {
     "bert-base": ModelConfig("bert-base", 12, 768, 12, vocab=30522, causal=False),

@@ -50,14 +50,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention
 
 import megatron_seqpar as msp
+from megatron_seqpar import registry
 from megatron_seqpar.hostread import once, true_runs
 from megatron_seqpar.megatron.checkpointing import Remat
 from megatron_seqpar.megatron.parallel_state import sequence_group, two_level_groups
 from megatron_seqpar.megatron.thd import packed_attention_args
-
-# Methods whose backward needs only (q, k, v, out, lse): keeping them across a recompute costs
-# out + lse. RSA would also keep its s x S score rows and LSS its gathered K/V (remat=True).
-REMAT_BY_DEFAULT = ("lightseq", "mqsp")
 
 _SUPPORTED_MASKS = (
     AttnMaskType.causal,
@@ -191,10 +188,11 @@ class SeqParCoreAttention(MegatronModule):
     pg_collection``) plus ``method``, ``options`` (the method's frozen options dataclass,
     None = defaults) and ``remat`` (rematerialization-aware checkpointing, see
     ``megatron_seqpar.megatron.checkpointing``; None = on when Megatron recomputes this
-    attention and the method is in ``REMAT_BY_DEFAULT``; True forces it, e.g. for RSA/LSS,
-    which then also keep their score rows / gathered K,V until backward), which a
-    ``ModuleSpec``'s ``params`` supplies. ``cp_comm_type`` and unknown
-    keywords of other megatron-core versions are accepted and ignored.
+    attention and the method's registry entry says ``remat``, its backward needing only q, k,
+    v, out, lse; True forces it, e.g. for RSA/LSS, which then also keep their score rows /
+    gathered K,V until backward), which a ``ModuleSpec``'s ``params`` supplies.
+    ``cp_comm_type`` and unknown keywords of other megatron-core versions are accepted and
+    ignored.
     """
 
     def __init__(
@@ -246,7 +244,7 @@ class SeqParCoreAttention(MegatronModule):
         if self.options is not None and self.options.head_parallel > 1:
             self.two_level_groups = two_level_groups(pg_collection, self.options.head_parallel)
         if remat is None:  # on when Megatron recomputes and keeping costs only out + lse
-            remat = method in REMAT_BY_DEFAULT and (
+            remat = registry.get(method).remat and (
                 config.recompute_granularity == "full"
                 or (config.recompute_granularity == "selective"
                     and "core_attn" in (config.recompute_modules or ()))
