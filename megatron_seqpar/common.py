@@ -84,15 +84,33 @@ def run_forward(setup, fwd, q, k, v, kpm):
 
     Returns ``(setup, (qh, kh, vh), out, lse, kpm_all, extra)``: the setup the backward must
     get, the ``[b, h, s, d]`` views, ``out`` ``[b, h, s, d]`` in q's dtype."""
-    if setup.head_parallel > 1:
-        q, k, v, kpm = to_outer(setup, q, k, v, kpm)
-    qkv = to_bhsd(q), to_bhsd(k), to_bhsd(v)
+    qkv, kpm = method_views(setup, q, k, v, kpm)
     kpm_all = gather_kpm(setup.comm(), kpm)
     if kpm_all is not None and kpm_all.device.type == "cpu":
         pads = tuple(true_runs(kpm_all[j]) for j in range(kpm_all.size(0)))
         setup = dataclasses.replace(setup, key_pads=pads)
     out, lse, extra = fwd(setup, *qkv, kpm_all)
     return setup, qkv, out.to(q.dtype), lse, kpm_all, tuple(extra)
+
+
+def method_views(setup, q, k, v, kpm=None):
+    """The caller's ``[b, s, h, d]`` shards as the method's ``[b, h, s, d]`` views (two levels:
+    after the head all-to-all), and the key padding that goes with them."""
+    if setup.head_parallel > 1:
+        q, k, v, kpm = to_outer(setup, q, k, v, kpm)
+    return (to_bhsd(q), to_bhsd(k), to_bhsd(v)), kpm
+
+
+def run_backward(setup, bwd, dout, qkv, out, lse, kpm_all, extra, dtypes, hkv):
+    """The backward steps every call shares, plain and under recompute: dO to the method's
+    layout, the method's backward, the gradients back to the caller's layout and dtypes."""
+    if setup.head_parallel > 1:
+        dout = dout_to_outer(setup, dout)
+    dq, dk, dv = bwd(setup, to_bhsd(dout), *qkv, out, lse, kpm_all, *extra)
+    grads = [g.transpose(1, 2) for g in (dq, dk, dv)]
+    if setup.head_parallel > 1:
+        grads = from_outer(setup, *grads, hkv)
+    return [g.to(t) for g, t in zip(grads, dtypes)]
 
 
 def public_out(setup, out):
@@ -113,15 +131,8 @@ class _SeqParFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         qh, kh, vh, out, lse, kpm_all, *extra = ctx.saved_tensors
-        setup = ctx.setup
-        two = setup.head_parallel > 1
-        if two:
-            dout = dout_to_outer(setup, dout)
-        dq, dk, dv = ctx.bwd(setup, to_bhsd(dout), qh, kh, vh, out, lse, kpm_all, *extra)
-        grads = [g.transpose(1, 2) for g in (dq, dk, dv)]
-        if two:
-            grads = from_outer(setup, *grads, ctx.hkv)
-        grads = [g.to(t) for g, t in zip(grads, ctx.dtypes)]
+        grads = run_backward(ctx.setup, ctx.bwd, dout, (qh, kh, vh), out, lse, kpm_all, extra,
+                             ctx.dtypes, ctx.hkv)
         return (*grads, None, None, None, None)
 
 

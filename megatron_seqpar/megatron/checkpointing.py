@@ -71,26 +71,16 @@ class _FromKept(torch.autograd.Function):
         ctx.kept, ctx.bwd = kept, bwd
         ctx.dtypes, ctx.hkv = (q.dtype, k.dtype, v.dtype), k.size(2)
         ctx.save_for_backward(q, k, v)
-        out = kept.out.to(q.dtype).transpose(1, 2)
-        if kept.setup.head_parallel > 1:
-            out = common.out_to_inner(kept.setup, out)
-        return out
+        return common.public_out(kept.setup, kept.out.to(q.dtype))
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v = ctx.saved_tensors
         kept = ctx.kept
-        two = kept.setup.head_parallel > 1
-        if two:
-            q, k, v, _ = common.to_outer(kept.setup, q, k, v, None)
-            dout = common.dout_to_outer(kept.setup, dout)
-        qh, kh, vh = (common.to_bhsd(x) for x in (q, k, v))
-        dq, dk, dv = ctx.bwd(kept.setup, common.to_bhsd(dout), qh, kh, vh,
-                             kept.out.to(q.dtype), kept.lse, kept.kpm_all, *kept.extra)
-        grads = [g.transpose(1, 2) for g in (dq, dk, dv)]
-        if two:
-            grads = common.from_outer(kept.setup, *grads, ctx.hkv)
-        return (*[g.to(t) for g, t in zip(grads, ctx.dtypes)], None, None)
+        qkv, _ = common.method_views(kept.setup, q, k, v)  # the recomputed q, k, v
+        grads = common.run_backward(kept.setup, ctx.bwd, dout, qkv, kept.out.to(q.dtype),
+                                    kept.lse, kept.kpm_all, kept.extra, ctx.dtypes, ctx.hkv)
+        return (*grads, None, None)
 
 
 class Remat:
