@@ -50,8 +50,8 @@ class Options(BaseOptions):
     other gradient, so each CP rank holds the full single-process gradient of every row and
     the tables stay identical across CP ranks; an unmodified optimizer's clipping and
     checkpoints (Megatron-LM's) are then exact. Default True because exactness of the default
-    mode is never traded away (DESIGN). False: the paper's rows *owned per segment* (E fewer
-    elements sent per step), exact with our driver, but on Megatron-LM's route only with
+    mode is never traded away (docs/design.md §5). False: the paper's rows *owned per segment*
+    (E fewer elements sent per step), exact with our driver, but on Megatron-LM's route only with
     ``--clip-grad 0`` and without resuming its checkpoints
     (``megatron_seqpar.megatron.lss_grad``)."""
 

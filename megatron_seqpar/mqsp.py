@@ -6,7 +6,7 @@ Each rank cuts its local queries into ``m`` micro-chunks of ``c = s/m`` tokens. 
 1. all-gather chunk ``i`` of every rank's Q: ``S/m`` queries, positions known from the layout;
 2. attend them to the LOCAL K/V only (causal mask by global position, key padding): a
    ``[S/m, s]`` score block, the column block of the distributed softmax, as ``(o, lse)``;
-3. distributed softmax in one exchange (the "one lse merge" of DESIGN.md): an all-gather of
+3. distributed softmax in one exchange (docs/design.md §4): an all-gather of
    every rank's column-block ``lse`` of the ``S/m`` rows, merged locally by log-sum-exp into
    the global ``lse`` (one synchronisation instead of the max and sum all-reduces; bytes
    ``(P-1)·S/m·b·hq``: equal to theirs at P=4, less below, at most ``P/D`` of the Q gather

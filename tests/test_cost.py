@@ -35,7 +35,8 @@ def test_shape_validation():
 
 
 def test_design_table_forward_volumes():
-    """DESIGN §6, forward: RSA / LSS / LightSeq (unbalanced) send 2(P-1)·s·b·hkv·D elements."""
+    """docs/design.md §4, forward: RSA / LSS / LightSeq (unbalanced) send 2(P-1)·s·b·hkv·D
+    elements."""
     sh = AttnShape(S=4096, P=4, hq=8, hkv=2, D=64, causal=False)
     kv = 2 * (sh.P - 1) * sh.s * sh.b * sh.hkv * sh.D * sh.e
     for m in ("rsa", "lss", "lightseq", "ring", "allgather"):

@@ -117,3 +117,14 @@ def test_only_cpu_entry_points_import_the_cpu_workarounds():
     root = PKG.parent
     for path in [*root.glob("examples/*.py"), *root.glob("tools/*.py"), *PKG.rglob("*.py")]:
         assert '"tests"' not in path.read_text(), f"{path} reaches into tests/"
+
+
+def test_design_notes_cited_are_in_the_repository():
+    """Every docstring that points to a design note points to docs/design.md, which exists."""
+    root = PKG.parent
+    assert (root / "docs" / "design.md").is_file()
+    for path in [*PKG.rglob("*.py"), *root.glob("tools/*.py"), *root.glob("tests/*.py")]:
+        if path.name == "test_imports.py":  # names the words it looks for
+            continue
+        for word in ("DESIGN", "../shared"):
+            assert word not in path.read_text(), f"{path} cites {word}"

@@ -11,8 +11,8 @@ that ``megatron.core.utils.get_batch_on_this_cp_rank`` and RoPE's
 provider calls ``msp.attention(..., group=cp_group, layout="zigzag")``.
 
 Collectives and memory are those of the chosen method (``msp.attention`` docstrings and
-DESIGN §6), run on the CP group of this TP rank; the provider itself adds none. With CP=1 the
-method runs on a group of one and degenerates to local attention.
+docs/design.md §4), run on the CP group of this TP rank; the provider itself adds none. With
+CP=1 the method runs on a group of one and degenerates to local attention.
 
 Megatron semantics kept:
   * ``softmax_scale`` defaults to ``1/sqrt(hn)`` (or ``config.softmax_scale``);

@@ -1,9 +1,9 @@
 """LSS double gradient averaging on megatron-core ``DistributedDataParallel`` grad buffers.
 
 Stock Megatron reduces every gradient once, over the combined DP x CP group. LSS averages in
-two levels (DESIGN §4): first over the *sequence* group (Megatron's CP group: the segments of
-one sequence, adjacent ranks, so intra-node first in Megatron's rank order), then over the
-*pure data-parallel* group (the same segment of different sequences).
+two levels (docs/design.md §5): first over the *sequence* group (Megatron's CP group: the
+segments of one sequence, adjacent ranks, so intra-node first in Megatron's rank order), then
+over the *pure data-parallel* group (the same segment of different sequences).
 
 Learned absolute position embeddings: rank r only reads and writes the rows of its own (zigzag)
 positions, so before level 1 its gradient of such a table is nonzero only on those rows.

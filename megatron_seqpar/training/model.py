@@ -6,7 +6,7 @@ spec (``get_gpt_layer_local_spec()`` / ``bert_layer_local_spec``; CP=1 only).
 
 Gradient reduction: megatron-core ``DistributedDataParallel`` over the data x context group
 (``finalize_model_grads``), or for LSS ``lss_ddp`` + ``lss_finalize_model_grads`` (double
-gradient averaging: sequence group, then data-parallel group; DESIGN §4; position-embedding
+gradient averaging: sequence group, then data-parallel group; docs/design.md §5; position-embedding
 gradients assembled over CP unless ``assemble_position_grads`` is off).
 
 BERT under CP: megatron-core's ``BertModel`` derives position ids as ``arange(local length)``;
