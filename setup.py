@@ -1,4 +1,10 @@
-"""Installable as a Megatron plugin: ``pip install -e .`` (extras: te, apex, bench, dev)."""
+"""Installable as a Megatron plugin: ``pip install .`` (extras: bench, dev).
+
+The dependency ranges are the ones the test suite runs on (torch 2.13, megatron-core 0.16.1).
+Transformer Engine and NVIDIA's apex are optional and imported lazily; neither is published on
+PyPI under a name that pip could resolve to the right package for every CUDA setup, so install
+them as their own documentation says (README, "On GPUs").
+"""
 
 from setuptools import find_packages, setup
 
@@ -8,13 +14,16 @@ setup(
     description="Sequence-parallel attention (RSA, MQSP, LSS, LightSeq) for NVIDIA Megatron",
     packages=find_packages(include=["megatron_seqpar", "megatron_seqpar.*"]),
     python_requires=">=3.10",
-    # einops: megatron-core builds hierarchical CP groups (two levels) with it, undeclared
-    install_requires=["torch>=2.4", "megatron-core>=0.13", "psutil>=5.9", "einops>=0.6",
-                      "tqdm>=4.60"],
+    # einops: megatron-core builds hierarchical CP groups (two levels) with it, undeclared;
+    # psutil: megatron-core's dist_checkpointing needs it on CPU, undeclared
+    install_requires=["torch>=2.13,<2.14", "megatron-core>=0.16.1,<0.17", "psutil>=5.9",
+                      "einops>=0.6", "tqdm>=4.60", "numpy>=1.24", "matplotlib>=3.7"],
     extras_require={
-        "te": ["transformer-engine>=1.9"],
-        "apex": ["apex"],
-        "bench": ["deepspeed>=0.14", "matplotlib>=3.7"],  # make bench-deps: DS_BUILD_OPS=0,
-        "dev": ["pytest>=8", "ruff>=0.5", "matplotlib>=3.7"],
+        "bench": ["deepspeed>=0.14"],  # make bench-deps: DS_BUILD_OPS=0
+        "dev": ["pytest>=8", "ruff>=0.5"],
     },
+    entry_points={"console_scripts": [
+        "megatron-seqpar-pretrain-gpt = megatron_seqpar.pretrain_gpt:cli",
+        "megatron-seqpar-pretrain-bert = megatron_seqpar.pretrain_bert:cli",
+    ]},
 )

@@ -9,7 +9,7 @@ Thin wrapper over ``megatron_seqpar.training.driver.main``; flags are Megatron-L
 
 import sys
 
-from megatron_seqpar.training.driver import main
+from megatron_seqpar.pretrain_gpt import cli
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], model="gpt"))
+    sys.exit(cli())
