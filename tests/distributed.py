@@ -29,6 +29,7 @@ there: nothing can be killed.
 from __future__ import annotations
 
 import atexit
+import gc
 import contextlib
 import os
 import pickle
@@ -109,6 +110,8 @@ def _release_groups(before: set) -> None:
     dist.barrier()
     for pg in new:
         dist.destroy_process_group(pg)
+    del new
+    gc.collect()  # models and megatron-core's group collections hold the last references
 
 
 class _Pool:
