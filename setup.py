@@ -23,7 +23,7 @@ setup(
         "dev": ["pytest>=8", "ruff>=0.5"],
     },
     entry_points={"console_scripts": [
-        "megatron-seqpar-pretrain-gpt = megatron_seqpar.pretrain_gpt:cli",
-        "megatron-seqpar-pretrain-bert = megatron_seqpar.pretrain_bert:cli",
+        "megatron-seqpar-pretrain-gpt = megatron_seqpar.training.driver:main_gpt",
+        "megatron-seqpar-pretrain-bert = megatron_seqpar.training.driver:main_bert",
     ]},
 )

@@ -9,7 +9,7 @@ Thin wrapper over ``megatron_seqpar.training.driver.main``; flags are Megatron-L
 
 import sys
 
-from megatron_seqpar.pretrain_gpt import cli
+from megatron_seqpar.training.driver import main_gpt
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main_gpt())

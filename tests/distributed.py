@@ -29,8 +29,8 @@ there: nothing can be killed.
 from __future__ import annotations
 
 import atexit
-import gc
 import contextlib
+import gc
 import os
 import pickle
 import queue

@@ -500,3 +500,13 @@ def main(argv=None, model: str = "gpt", cpu_shims=None) -> int:
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def main_gpt() -> int:
+    """``python -m megatron_seqpar.pretrain_gpt`` / ``megatron-seqpar-pretrain-gpt``."""
+    return main(sys.argv[1:], model="gpt")
+
+
+def main_bert() -> int:
+    """``python -m megatron_seqpar.pretrain_bert`` / ``megatron-seqpar-pretrain-bert``."""
+    return main(sys.argv[1:], model="bert")
