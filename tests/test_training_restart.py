@@ -131,8 +131,6 @@ def test_two_agents_as_two_nodes(tmp_path, uninterrupted):
 
 STALL = r"""
 import os, sys, time
-sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
-from megatron_seqpar.cpu_workarounds import cpu_shims
 from megatron_seqpar.training import driver
 forward, calls = driver._forward, []
 def stalling_forward(cfg, model, batch):
@@ -141,7 +139,7 @@ def stalling_forward(cfg, model, batch):
         time.sleep(3600)  # a hung peer: never answers the next collective
     return forward(cfg, model, batch)
 driver._forward = stalling_forward
-sys.exit(driver.main(sys.argv[2:], model="gpt", cpu_shims=cpu_shims))
+sys.exit(driver.main(sys.argv[2:], model="gpt"))
 """
 
 
