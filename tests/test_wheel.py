@@ -67,3 +67,4 @@ def test_the_wheel_installs_and_pretrains(tmp_path):
         with open(logs / "train_log.jsonl") as f:
             losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
         assert len(losses) == 2 and all(0 < x < 10 for x in losses), losses
+        print(f"{' '.join(cmd[-1:])}: losses {losses}")
