@@ -31,6 +31,13 @@ def qkv(b=1, s=8, hq=4, hkv=2, d=8, dtype=torch.float32):
     (dict(key_padding_mask=torch.zeros(1, 8)), "key_padding_mask must be a bool"),
     (dict(key_padding_mask=torch.zeros(1, 7, dtype=torch.bool)), "key_padding_mask must be"),
     (dict(options=msp.method_options("rsa")()), "options for 'lightseq' must be"),
+    (dict(key_padding_ranges=((),)), "pass both or neither"),
+    (dict(key_padding_mask=torch.zeros(1, 8, dtype=torch.bool), key_padding_ranges=((), ())),
+     "one tuple of"),
+    (dict(key_padding_mask=torch.zeros(1, 8, dtype=torch.bool), key_padding_ranges=(((4, 9),),)),
+     "0 <= lo < hi <= 8"),
+    (dict(key_padding_mask=torch.zeros(1, 8, dtype=torch.bool), key_padding_ranges=((1, 2),)),
+     "tuple of \\(lo, hi\\) int"),
 ])
 def test_bad_input_single_process(change, match):
     q, k, v = qkv()
