@@ -31,6 +31,8 @@ collective or changes Megatron at import time; the flags themselves are defined 
 
 from __future__ import annotations
 
+import argparse
+import enum
 import functools
 import importlib
 import importlib.util
@@ -201,11 +203,34 @@ def _print_rank_0(text: str) -> None:
         print(text, flush=True)
 
 
+def _args_globals(path: str) -> list:
+    """What a safe load of a checkpoint's ``common.pt`` may construct besides plain data:
+    ``argparse.Namespace`` (Megatron-LM's saved ``args``) and the ``Enum`` classes of
+    ``megatron.*`` it names (``args.attention_backend`` and kin; an enum is rebuilt from its
+    value, which runs no code). The names are read from the file without unpickling it; one of
+    another module is never imported (``weights_only`` then refuses the file)."""
+    allowed = [argparse.Namespace]
+    for name in torch.serialization.get_unsafe_globals_in_checkpoint(path):
+        module, _, attr = name.rpartition(".")
+        if not module.startswith("megatron."):
+            continue
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(obj, type) and issubclass(obj, enum.Enum):
+            allowed.append(obj)
+    return allowed
+
+
 def loaded_checkpoint_note(args) -> str | None:
     """One line on the checkpoint ``--load`` resumed: the ``--seqpar-method`` and CP size it was
     saved with against this run's (the methods add no parameters, so any method loads any
     other's checkpoint). None without ``--load`` or a checkpoint there. Reads the tracker file
-    and the ``torch_dist`` checkpoint's ``common.pt`` (its saved ``args``); no collective.
+    and the ``torch_dist`` checkpoint's ``common.pt`` (its saved ``args``) with
+    ``torch.load(weights_only=True)`` allowing ``argparse.Namespace`` and Megatron's enums only
+    (``_args_globals``): a file holding anything else (a crafted pickle) is not read, and the
+    line says so; no collective.
     """
 
     load = getattr(args, "load", None)
@@ -220,7 +245,13 @@ def loaded_checkpoint_note(args) -> str | None:
     saved = None
     common = os.path.join(load, name, "common.pt")
     if os.path.isfile(common):
-        old = torch.load(common, map_location="cpu", weights_only=False).get("args")
+        try:  # never unpickle code: plain data, argparse.Namespace and Megatron's enums only
+            with torch.serialization.safe_globals(_args_globals(common)):
+                old = torch.load(common, map_location="cpu", weights_only=True).get("args")
+        except Exception as e:  # noqa: BLE001 - refused, not run: say so in one line
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            return (f"{CHECKPOINT_LOG}: {common} holds objects a safe load refuses ({reason}); "
+                    "its --seqpar-method is not read (nothing in it was executed)")
         if old is not None:
             saved = (getattr(old, "seqpar_method", None), getattr(old, "context_parallel_size", 1))
 

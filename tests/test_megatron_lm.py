@@ -805,3 +805,41 @@ class TestMegatronLM:
         plain = loop.run("gpt-docs", 1, extra=("--calculate-per-token-loss",))
         with pytest.raises(LossMismatch):  # the document mask really changes the run
             _assert_same_losses(plain, ref, range(1, ITERS + 1))
+
+
+class _Crafted:
+    """A pickle that would run code when unpickled without weights_only."""
+
+    def __reduce__(self):
+        return (open, (os.environ.get("CRAFTED_MARKER", "/tmp/crafted_marker"), "w"))
+
+
+def test_loaded_checkpoint_note_never_unpickles_code(tmp_path, monkeypatch):
+    """The note reads a checkpoint's saved args with ``weights_only=True``: a plain
+    ``argparse.Namespace`` is read; a crafted ``common.pt`` is refused in one line and runs
+    nothing."""
+    import argparse
+
+    import torch
+
+    from megatron_seqpar import megatron_lm as mlm
+
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("CRAFTED_MARKER", str(marker))
+    step = tmp_path / "ckpt" / "iter_0000002"
+    step.mkdir(parents=True)
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("2")
+    args = argparse.Namespace(load=str(tmp_path / "ckpt"), seqpar_method="lightseq",
+                              context_parallel_size=2)
+    from megatron.core.transformer.enums import AttnBackend  # Megatron-LM saves such enums
+
+    torch.save({"args": argparse.Namespace(seqpar_method="lss", context_parallel_size=2,
+                                           attention_backend=AttnBackend.auto,
+                                           params_dtype=torch.float32)},
+               step / "common.pt")
+    note = mlm.loaded_checkpoint_note(args)
+    assert "saved with --seqpar-method lss (CP=2)" in note and "different method" in note
+    torch.save({"args": _Crafted()}, step / "common.pt")
+    note = mlm.loaded_checkpoint_note(args)
+    assert "safe load refuses" in note and "\n" not in note, note
+    assert not marker.exists()  # nothing in the file ran
