@@ -50,7 +50,7 @@ from megatron_seqpar.flags import (  # noqa: F401  (the patched scripts' names, 
     options_from_args,
 )
 from megatron_seqpar.layouts import shard_sequence
-from megatron_seqpar.megatron.lss_grad import install_lss_grad_averaging as install
+from megatron_seqpar.megatron import lss_grad
 from megatron_seqpar.megatron.parallel_state import sequence_group
 from megatron_seqpar.specs import get_bert_layer_spec, get_gpt_layer_spec
 from megatron_seqpar.training.data import pack_documents
@@ -185,9 +185,8 @@ def install_lss_grad_averaging(model_chunks, *, assemble_position_grads: bool = 
     from megatron.core import parallel_state
     from megatron.core.utils import get_model_config
 
-
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
-    install(chunks, assemble_position_grads=assemble_position_grads)
+    lss_grad.install_lss_grad_averaging(chunks, assemble_position_grads=assemble_position_grads)
     finalize = get_model_config(chunks[0]).finalize_model_grads_func
     rows = ("assembled over CP" if assemble_position_grads else
             "owned per segment (exact only with --clip-grad 0, not resumable)")
@@ -322,7 +321,6 @@ def document_batch_on_this_cp_rank(batch: dict, eod: int | None = None):
     from megatron.core import parallel_state
     from megatron.core.packed_seq_params import PackedSeqParams
 
-
     if set(batch) != set(DOCUMENT_KEYS):
         raise ValueError(f"--reset-attention-mask with --seqpar-method packs a GPT batch of "
                          f"{DOCUMENT_KEYS}, got {tuple(batch)}; drop the options that add the "
@@ -372,7 +370,6 @@ def bert_lm_loss(lm_loss_, loss_mask):
     gives the single-process gradient. Collective: one all-reduce of 2 floats over CP.
     """
 
-
     local = torch.sum(lm_loss_.view(-1) * loss_mask.reshape(-1).to(lm_loss_.dtype))
     group = sequence_group()
     if dist.get_world_size(group) == 1:
@@ -390,7 +387,6 @@ def bert_binary_loss(sop_loss):
     rank 0), so each of the P ranks adds the same loss; weighting its gradient by ``1/P``
     keeps the sum equal to the single-process gradient. No collective.
     """
-
 
     p = dist.get_world_size(sequence_group())
     if p == 1:

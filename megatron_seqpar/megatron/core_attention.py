@@ -165,7 +165,6 @@ def head_parallel_options(method: str, options, config):
     ``--hierarchical-context-parallel-sizes U R``). A different explicit ``head_parallel``
     raises ``ValueError``."""
 
-
     sizes = getattr(config, "hierarchical_context_parallel_sizes", None)
     if not sizes:
         return options

@@ -238,7 +238,6 @@ def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -
     """
     from megatron.core import parallel_state as ps
 
-
     device = device or cfg.resolved_device()
     if dist.get_world_size() != cfg.world_size:
         raise ConfigError(f"config says world size {cfg.world_size}, the process group has "
@@ -453,8 +452,9 @@ def _init_process_group(cfg: TrainConfig, device: str) -> None:
 
 
 def main(argv=None, model: str = "gpt", cpu_shims=None) -> int:
-    """Entry point of ``examples/pretrain_{gpt,bert}.py`` and ``python -m megatron_seqpar.gpt``
-    / ``.bert``: parse, validate, init, train.
+    """Entry point of ``examples/pretrain_{gpt,bert}.py`` and ``python -m
+    megatron_seqpar.pretrain_{gpt,bert}`` (``main_gpt`` / ``main_bert``): parse, validate,
+    init, train.
 
     ``cpu_shims``: a context-manager factory that makes megatron-core run on CPU; by default,
     and only when the device is the CPU, ``megatron_seqpar.cpu_workarounds.cpu_shims`` (a

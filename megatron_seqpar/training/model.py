@@ -10,8 +10,7 @@ gradient averaging: sequence group, then data-parallel group; docs/design.md §5
 gradients assembled over CP unless ``assemble_position_grads`` is off).
 
 BERT under CP: megatron-core's ``BertModel`` derives position ids as ``arange(local length)``;
-``megatron_seqpar.megatron.bert.SeqParBertModel`` fixes that when present, else the thin
-``_ZigzagBertModel`` below gives global zigzag positions (chunks r and 2P-1-r).
+``megatron_seqpar.megatron.bert.SeqParBertModel`` gives global zigzag positions instead.
 """
 
 from __future__ import annotations
@@ -68,31 +67,7 @@ def _bert_class(cfg):
         from megatron.core.models.bert.bert_model import BertModel
 
         return BertModel
-    try:
-        return SeqParBertModel
-    except ImportError:
-        return _zigzag_bert_model()
-
-
-def _zigzag_bert_model():
-    from megatron.core import parallel_state
-    from megatron.core.models.bert.bert_model import BertModel
-
-    class _ZigzagBertModel(BertModel):
-        """``BertModel`` whose position ids are the global zigzag positions of this CP rank."""
-
-        def bert_position_ids(self, token_ids):
-            group = parallel_state.get_context_parallel_group()
-            p, r = group.size(), group.rank()
-            b, s = token_ids.shape
-            c = s // 2 if p > 1 else s
-            first = torch.arange(r * c, (r + 1) * c, device=token_ids.device)
-            pos = first if p == 1 else torch.cat(
-                [first, torch.arange((2 * p - 1 - r) * c, (2 * p - r) * c,
-                                     device=token_ids.device)])
-            return pos.unsqueeze(0).expand(b, s)
-
-    return _ZigzagBertModel
+    return SeqParBertModel
 
 
 def seed_rngs(seed: int, device: str) -> None:
@@ -149,7 +124,6 @@ def build_model(cfg, device: str):
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=not cfg.fp64)
     if cfg.seqpar_method == "lss" and cfg.context_parallel_size > 1:
         from megatron.core import parallel_state
-
 
         model = lss_ddp(config, ddp_config, module)
         finalize = lss_finalize_model_grads(
