@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_seqpar import headpar
 from megatron_seqpar.comm import Comm, Traffic, current_traffic, failure_hint, staging_enabled
 from megatron_seqpar.headpar import TwoLevelGroups, check_split, two_level_runs
-from megatron_seqpar.kernels import key_pad
+from megatron_seqpar.kernels import count_blocks, key_pad
 from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, check_layout, local_runs
 from megatron_seqpar.registry import METHODS, get
 
@@ -50,6 +50,11 @@ class Setup:
         """Rank ``j``'s key padding for the kernels (``kernels.key_pad``): None where rank
         ``j``'s keys hold no padding, so its blocks run unmasked."""
         return key_pad(kpm_all, j, self.key_pads)
+
+    def sees(self, i: int, j: int, local_len: int) -> bool:
+        """Whether (outer) rank ``i``'s queries see any of rank ``j``'s keys (a non-empty
+        block: the same answer on every rank, from positions alone)."""
+        return count_blocks(self.runs(i, local_len), self.runs(j, local_len), self.causal) > 0
 
     def runs(self, rank: int, local_len: int) -> tuple[Run, ...]:
         """Position runs of (outer) rank ``rank``'s ``local_len`` tokens."""
@@ -162,14 +167,13 @@ def prepare(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
     if not isinstance(opts, entry.Options):
         raise ValueError(f"options for {method!r} must be a megatron_seqpar.{method}.Options, "
                          f"got {type(opts).__name__}")
-    comm = Comm(group)
+    comm = Comm(group, staged=staging_enabled())
     if layout == "zigzag" and comm.world_size > 1 and q.shape[1] % 2:
         raise ValueError(f"zigzag layout needs an even local length, got {q.shape[1]}: make the "
                          f"sequence length a multiple of 2*P = {2 * comm.world_size}")
     cu = check_cu_seqlens(cu_seqlens, comm.world_size * q.shape[1], layout, comm.world_size)
     U = opts.head_parallel
     check_split(comm.world_size, U, q.shape[2])
-    comm.staged = staging_enabled()
     comm.join_nccl(q.device)  # before any rank may skip a point-to-point batch
     if comm.world_size > 1 and not q.is_cuda:
         _check_across_ranks(group, q, k, method, layout, causal, key_padding_mask, cu, U)
@@ -193,7 +197,7 @@ def prepare(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
         rank, world = co.rank, co.world_size
     pads = _key_pads(key_padding_ranges, key_padding_mask, comm.world_size, U, q.shape[1])
     return entry, Setup(outer, rank, world, bool(causal), scale, layout, opts, current_traffic(),
-                      staging_enabled(), cu, U, inner, pads)
+                        comm.staged, cu, U, inner, pads)
 
 
 def _key_pads(ranges, kpm, P: int, U: int, s: int):

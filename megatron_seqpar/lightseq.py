@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from megatron_seqpar.common import public
-from megatron_seqpar.kernels import attend, attend_backward, count_blocks, merge_
+from megatron_seqpar.kernels import attend, attend_backward, merge_
 from megatron_seqpar.method import BaseOptions, Method
 
 
@@ -92,8 +92,7 @@ def _steps(setup, s):
     blocks are left out (``needed`` from the block planner, the same on every rank)."""
     needed = None
     if setup.cu_seqlens is not None or setup.head_parallel > 1:
-        runs = [setup.runs(j, s) for j in range(setup.world_size)]
-        needed = lambda i, j: count_blocks(runs[i], runs[j], setup.causal) > 0
+        needed = lambda i, j: setup.sees(i, j, s)
     return schedule(setup.world_size, setup.rank, causal=setup.causal, layout=setup.layout,
                     balance=setup.options.balance, needed=needed)
 
@@ -154,7 +153,7 @@ def lightseq_forward(setup, q, k, v, kpm_all):
 
     pending = post(0) if steps else None  # in flight while the local block computes
     out, lse = attend(q, runs(r), k, v, runs(r), kpm=kpm(r), **kw)
-    tally(count_blocks(runs(r), runs(r), setup.causal) > 0)
+    tally(setup.sees(r, r, s))
     returns = None  # (Pending, recv buffers or None, tensors kept alive) of the last step
     for t, st in enumerate(steps):
         nxt = post(t + 1) if t + 1 < len(steps) else None
@@ -164,12 +163,12 @@ def lightseq_forward(setup, q, k, v, kpm_all):
             kb, vb = (x.transpose(1, 2) for x in kv_buf[kv_slot[t]])
             o, lb = attend(q, runs(r), kb, vb, runs(st.kv_from), kpm=kpm(st.kv_from), **kw)
             merge_(out, lse, o, lb)
-            tally(count_blocks(runs(r), runs(st.kv_from), setup.causal) > 0)
+            tally(setup.sees(r, st.kv_from, s))
         if st.q_from is not None:
             qa = q_buf[q_slot[t]].transpose(1, 2)
             o, lb = attend(qa, runs(st.q_from), k, v, runs(r), kpm=kpm(r), **kw)
             sends += [(public(o), st.q_from), (lb, st.q_from)]
-            tally(count_blocks(runs(st.q_from), runs(r), setup.causal) > 0)
+            tally(setup.sees(st.q_from, r, s))
         if st.q_to is not None:
             ret_buf = ret_buf or [torch.empty_like(public(out)), torch.empty_like(lse)]
             recvs += [(ret_buf[0], st.q_to), (ret_buf[1], st.q_to)]

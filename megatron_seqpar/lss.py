@@ -30,13 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_seqpar.kernels import (
-    acc_dtype,
-    attend,
-    attend_backward,
-    count_blocks,
-    zeros_public,
-)
+from megatron_seqpar.kernels import acc_dtype, attend, attend_backward, zeros_public
 from megatron_seqpar.method import BaseOptions, Method
 
 
@@ -83,10 +77,8 @@ def lss_forward(setup, q, k, v, kpm_all):
                           kpm=setup.key_pad(kpm_all, j), backend=setup.options.backend,
                           out=out, lse=lse)
     if setup.traffic:
-        r, s = setup.rank, q.size(2)
-        setup.traffic.add_block_steps(sum(
-            count_blocks(setup.runs(r, s), setup.runs(j, s), setup.causal) > 0
-            for j in range(setup.world_size)))
+        setup.traffic.add_block_steps(sum(setup.sees(setup.rank, j, q.size(2))
+                                          for j in range(setup.world_size)))
     return out, lse, () if setup.options.regather_kv else (kv,)
 
 

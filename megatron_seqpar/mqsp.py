@@ -36,13 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_seqpar.common import public, to_bhsd
-from megatron_seqpar.kernels import (
-    acc_dtype,
-    attend,
-    attend_backward,
-    count_blocks,
-    zeros_public,
-)
+from megatron_seqpar.kernels import acc_dtype, attend, attend_backward, zeros_public
 from megatron_seqpar.layouts import slice_runs
 from megatron_seqpar.method import BaseOptions, Method
 
@@ -185,10 +179,8 @@ def mqsp_forward(setup, q, k, v, kpm_all):
             outp[:, a:a + n] = mo[:, off:off + n]
             lse[:, :, a:a + n] = glse[r, :, :, off:off + n]
     if setup.traffic:  # (rank i's queries, our keys) pairs with a visible block
-        s = q.size(2)
-        setup.traffic.add_block_steps(sum(
-            count_blocks(setup.runs(i, s), setup.runs(r, s), setup.causal) > 0
-            for i in range(setup.world_size)))
+        setup.traffic.add_block_steps(sum(setup.sees(i, r, q.size(2))
+                                          for i in range(setup.world_size)))
     return out, lse, ()
 
 

@@ -128,26 +128,27 @@ def padded_key_ranges(attention_mask, *, sq: int, cp_size: int):
     if attention_mask is None or attention_mask.size(3) != cp_size * sq:
         return None
     return once(attention_mask, ("padded_ranges", sq, cp_size),
-                lambda m: _padded_ranges(m, sq, cp_size))
+                lambda m: _padded_ranges(m, cp_size))
 
 
-def _padded_ranges(m, sq: int, cp_size: int):
-    keys = m[:, 0].all(dim=1)  # [b, S]
+def _zigzag_keys(keys, rank: int, cp_size: int):
+    """Rank ``rank``'s zigzag shard (chunks ``r`` and ``2P-1-r``) of a full key axis ``[b, S]``."""
     if cp_size == 1:
-        return (true_runs(keys),)
+        return keys
     chunks = keys.view(keys.size(0), 2 * cp_size, -1)
-    return tuple(true_runs(torch.cat([chunks[:, r], chunks[:, 2 * cp_size - 1 - r]], 1))
-                 for r in range(cp_size))
+    return torch.cat([chunks[:, rank], chunks[:, 2 * cp_size - 1 - rank]], 1)
+
+
+def _padded_ranges(m, cp_size: int):
+    keys = m[:, 0].all(dim=1)  # [b, S]
+    return tuple(true_runs(_zigzag_keys(keys, r, cp_size)) for r in range(cp_size))
 
 
 def _key_padding(m, sq: int, b: int, cp_rank: int, cp_size: int) -> torch.Tensor:
     rows = m[:, 0]  # [b, 1|sq, sk]
     kpm_keys = rows.all(dim=1)  # [b, sk]: exact for padding-structured masks
-    if m.size(3) != sq:  # full key axis -> this rank's zigzag chunks
-        chunks = kpm_keys.view(kpm_keys.size(0), 2 * cp_size, -1)
-        kpm_local = torch.cat([chunks[:, cp_rank], chunks[:, 2 * cp_size - 1 - cp_rank]], 1)
-    else:
-        kpm_local = kpm_keys
+    # a full key axis -> this rank's zigzag chunks
+    kpm_local = _zigzag_keys(kpm_keys, cp_rank, cp_size) if m.size(3) != sq else kpm_keys
     if rows.size(1) == sq:
         keys_only = kpm_keys[:, None, :].expand_as(rows)
         both = keys_only | kpm_local[:, :, None]
