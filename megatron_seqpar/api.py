@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_seqpar import headpar
 from megatron_seqpar.comm import Comm, Traffic, current_traffic, failure_hint, staging_enabled
 from megatron_seqpar.headpar import TwoLevelGroups, check_split, two_level_runs
-from megatron_seqpar.kernels import count_blocks, key_pad
+from megatron_seqpar.kernels import check_window, count_blocks, key_pad
 from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, check_layout, local_runs
 from megatron_seqpar.registry import METHODS, get
 
@@ -39,6 +39,13 @@ class Setup:
     inner_group: Any = None  # the head all-to-all group when head_parallel > 1
     # per (outer) rank, the local key ranges holding a padded key (host; None = not known)
     key_pads: tuple | None = None
+    window: tuple[int, int] | None = None  # sliding window (left, right), checked
+
+    @property
+    def mask(self) -> dict:
+        """The visibility keywords of ``kernels.attend``/``plan_blocks``: ``causal``,
+        ``window``."""
+        return dict(causal=self.causal, window=self.window)
 
     def comm(self) -> Comm:
         return Comm(self.group, self.traffic, staged=self.staged)
@@ -54,7 +61,8 @@ class Setup:
     def sees(self, i: int, j: int, local_len: int) -> bool:
         """Whether (outer) rank ``i``'s queries see any of rank ``j``'s keys (a non-empty
         block: the same answer on every rank, from positions alone)."""
-        return count_blocks(self.runs(i, local_len), self.runs(j, local_len), self.causal) > 0
+        return count_blocks(self.runs(i, local_len), self.runs(j, local_len), self.causal,
+                            self.window) > 0
 
     def runs(self, rank: int, local_len: int) -> tuple[Run, ...]:
         """Position runs of (outer) rank ``rank``'s ``local_len`` tokens."""
@@ -73,8 +81,9 @@ def _check_inputs(q, k, v, kpm) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"{name} must be a 4-d tensor [batch, seq, heads, head_dim]")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v differ in batch, length or heads: {tuple(k.shape)} vs "
+                         f"{tuple(v.shape)} (only their head dims may differ, as in MLA)")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch and "
                          "head_dim")
@@ -101,24 +110,42 @@ def _check_inputs(q, k, v, kpm) -> None:
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_across_ranks(group, q, k, method, layout, causal, kpm, cu, head_parallel) -> None:
+def _check_offset(offset, q) -> None:
+    if offset is None:
+        return
+    if not isinstance(offset, torch.Tensor) or not offset.is_floating_point():
+        raise ValueError("softmax_offset must be a float tensor [query heads] (one extra logit "
+                         "per head; zeros = Megatron's off-by-one softmax)")
+    if tuple(offset.shape) != (q.shape[2],):
+        raise ValueError(f"softmax_offset must have shape [{q.shape[2]}] (the query heads of q "
+                         f"as passed), got {tuple(offset.shape)}")
+    if offset.device != q.device:
+        raise ValueError(f"softmax_offset is on {offset.device}, q on {q.device}; move it to "
+                         "q's device")
+
+
+def _check_across_ranks(group, q, k, v, method, layout, causal, kpm, cu, head_parallel, window,
+                        offset) -> None:
     """One tiny all-reduce proving every rank agrees on shapes and settings.
 
     Skipped for CUDA tensors (it would add a host sync per call; Megatron's batch sharding
     already guarantees equal shapes there).
     """
-    code = [q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3],
+    left, right = window or (-1, -1)
+    code = [q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3],
             _DTYPES.index(q.dtype) if q.dtype in _DTYPES else 9, METHODS.index(method),
             LAYOUTS.index(layout), int(causal), int(kpm is not None), head_parallel,
             -1 if cu is None else len(cu),
-            -1 if cu is None else sum((i + 1) * c for i, c in enumerate(cu)) % (2**61 - 1)]
+            -1 if cu is None else sum((i + 1) * c for i, c in enumerate(cu)) % (2**61 - 1),
+            left, right, int(offset is not None)]
     t = torch.tensor(code + [-c for c in code], dtype=torch.int64)
     with failure_hint("the shape check"):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     hi, lo = t[: len(code)].tolist(), [-c for c in t[len(code):].tolist()]
-    names = ["batch", "local seq length", "query heads", "kv heads", "head dim", "dtype",
-             "method", "layout", "causal", "key_padding_mask given", "head_parallel",
-             "cu_seqlens entries", "cu_seqlens values"]
+    names = ["batch", "local seq length", "query heads", "kv heads", "head dim", "v head dim",
+             "dtype", "method", "layout", "causal", "key_padding_mask given", "head_parallel",
+             "cu_seqlens entries", "cu_seqlens values", "window left", "window right",
+             "softmax_offset given"]
     bad = [f"{n} ({a}..{b})" for n, a, b in zip(names, lo, hi) if a != b]
     if bad:
         raise ValueError("ranks of the sequence group disagree on " + ", ".join(bad) +
@@ -128,7 +155,8 @@ def _check_across_ranks(group, q, k, method, layout, causal, kpm, cu, head_paral
 
 def attention(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
               layout="contiguous", key_padding_mask=None, options=None, cu_seqlens=None,
-              two_level_groups=None, key_padding_ranges=None):
+              two_level_groups=None, key_padding_ranges=None, window_size=None,
+              softmax_offset=None):
     """Exact self-attention over the whole sequence, from this rank's shard.
 
     ``q``: ``[b, s, hq, D]``, ``k``/``v``: ``[b, s, hkv, D]`` (this rank's tokens in
@@ -146,23 +174,35 @@ def attention(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
     whose keys miss them run unmasked (the flash kernel) without reading the mask on the host.
     It must describe the mask (the Megatron provider derives it from the full-length mask once
     per step); for CPU tensors it is not needed and not used (the gathered mask is read).
+    ``window_size=(left, right)``: a sliding window in global positions (key ``j`` visible to
+    query ``i`` only if ``i - left <= j <= i + right``; -1 = that side unbounded); blocks and
+    transfers it leaves empty are skipped. ``softmax_offset``: ``[hq]`` float tensor, the same
+    on every rank: one extra logit per head in every row's softmax denominator (attention
+    sinks; zeros = off-by-one softmax); differentiable, each rank's gradient is its local
+    queries' part (summed over the group it is the full gradient). ``v`` may have another
+    head dim than ``q``/``k`` (MLA): the output takes ``v``'s, the default scale stays
+    ``q``'s ``D**-0.5``.
     """
     entry, setup = prepare(q, k, v, method=method, group=group, causal=causal,
-                         softmax_scale=softmax_scale, layout=layout,
-                         key_padding_mask=key_padding_mask, options=options,
-                         cu_seqlens=cu_seqlens, two_level_groups=two_level_groups,
-                         key_padding_ranges=key_padding_ranges)
-    return entry.apply(q, k, v, key_padding_mask, setup)
+                           softmax_scale=softmax_scale, layout=layout,
+                           key_padding_mask=key_padding_mask, options=options,
+                           cu_seqlens=cu_seqlens, two_level_groups=two_level_groups,
+                           key_padding_ranges=key_padding_ranges, window_size=window_size,
+                           softmax_offset=softmax_offset)
+    return entry.apply(q, k, v, key_padding_mask, setup, softmax_offset)
 
 
 def prepare(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
             layout="contiguous", key_padding_mask=None, options=None, cu_seqlens=None,
-            two_level_groups=None, key_padding_ranges=None):
+            two_level_groups=None, key_padding_ranges=None, window_size=None,
+            softmax_offset=None):
     """Validate ``attention``'s arguments and build its ``Setup``: ``(registry entry, setup)``
     (also used by ``megatron_seqpar.megatron.checkpointing``)."""
     entry = get(method)
     check_layout(layout)
     _check_inputs(q, k, v, key_padding_mask)
+    _check_offset(softmax_offset, q)
+    window = check_window(window_size)
     opts = entry.Options() if options is None else options
     if not isinstance(opts, entry.Options):
         raise ValueError(f"options for {method!r} must be a megatron_seqpar.{method}.Options, "
@@ -176,7 +216,8 @@ def prepare(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
     check_split(comm.world_size, U, q.shape[2])
     comm.join_nccl(q.device)  # before any rank may skip a point-to-point batch
     if comm.world_size > 1 and not q.is_cuda:
-        _check_across_ranks(group, q, k, method, layout, causal, key_padding_mask, cu, U)
+        _check_across_ranks(group, q, k, v, method, layout, causal, key_padding_mask, cu, U,
+                            window, softmax_offset)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     outer, inner, rank, world = group, None, comm.rank, comm.world_size
     if U > 1:
@@ -197,7 +238,7 @@ def prepare(q, k, v, *, method, group=None, causal=True, softmax_scale=None,
         rank, world = co.rank, co.world_size
     pads = _key_pads(key_padding_ranges, key_padding_mask, comm.world_size, U, q.shape[1])
     return entry, Setup(outer, rank, world, bool(causal), scale, layout, opts, current_traffic(),
-                        comm.staged, cu, U, inner, pads)
+                        comm.staged, cu, U, inner, pads, window)
 
 
 def _key_pads(ranges, kpm, P: int, U: int, s: int):

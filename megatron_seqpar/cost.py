@@ -26,9 +26,14 @@ backward (recomputed scores, ``dV``, ``dP``, ``dQ``, ``dK``).
 Packed sequences (``AttnShape.cu_seqlens``, see ``packed_shape``): ranks hold the position runs
 of ``megatron_seqpar.layouts`` and pairs of different sequences are never computed (the block
 planner's rule), so per-rank FLOPs follow ``sum(L_i^2)`` of the sequences a rank touches.
-Bytes: RSA, MQSP and LSS send what they send unpacked; LightSeq leaves out every transfer
+Bytes: MQSP and LSS send what they send unpacked; LightSeq leaves out every transfer
 whose block would be empty (its schedule's ``needed``), so a packed stream of short sequences
-sends less.
+sends less, and RSA stops its rings after the farthest chunk some rank needs (``rsa_steps``).
+
+Sliding windows (``AttnShape.window = (left, right)``, -1 = unbounded): pairs outside the band
+are never computed (the block planner skips what the window leaves empty; its band-edge tiles
+compute a little more, not counted), and the same two rules make LightSeq and RSA talk to
+the neighbours the window reaches only.
 
 Two levels (``AttnShape.head_parallel = U > 1``): per rank, the inner level is the head
 all-to-all of ``megatron_seqpar.headpar`` (Q, K, V in and O out in the forward, dO in and dQ,
@@ -43,6 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from megatron_seqpar.headpar import kv_heads, two_level_runs
+from megatron_seqpar.kernels import check_window
 from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, local_runs
 from megatron_seqpar.lightseq import schedule
 from megatron_seqpar.mqsp import pick_micro_chunks
@@ -76,6 +82,7 @@ class AttnShape:
     lss_regather: bool = True  # LSS gathers K/V again in the backward (its regather_kv)
     cu_seqlens: tuple[int, ...] | None = None  # packed stream boundaries [0, L1, ..., S]
     head_parallel: int = 1  # U: two levels (head all-to-all inside U ranks x method over P/U)
+    window: tuple[int, int] | None = None  # sliding window (left, right), -1 = unbounded
     stacked: int = 1  # internal: a rank holds this many consecutive layout shards (outer level)
 
     def __post_init__(self):
@@ -101,6 +108,7 @@ class AttnShape:
         if self.head_parallel < 1 or self.P % self.head_parallel or self.hq % self.head_parallel:
             raise ValueError(f"head_parallel={self.head_parallel} must divide P={self.P} and "
                              f"hq={self.hq}")
+        object.__setattr__(self, "window", check_window(self.window))
         if self.head_parallel > 1 and self.stacked > 1:
             raise ValueError("stacked is the outer level of a two-level shape: use head_parallel")
 
@@ -220,10 +228,26 @@ def _positions(sh: AttnShape, r: int) -> tuple[Run, ...]:
     return local_runs(sh.layout, r, sh.P, sh.s, sh.cu_seqlens)
 
 
+def _window_pairs(sh: AttnShape, qr: Run, kr: Run) -> int:
+    """Visible pairs of query run ``qr`` and key run ``kr`` (same sequence) under the window:
+    query ``i`` sees keys ``[max(ks, i - left), min(ke - 1, i + right, i if causal)]``."""
+    left, right = sh.window
+    ks, ke, n = kr.start, kr.end, 0
+    for i in range(qr.start, qr.end):
+        lo = ks if left < 0 else max(ks, i - left)
+        hi = ke - 1 if right < 0 else min(ke - 1, i + right)
+        hi = min(hi, i) if sh.causal else hi
+        n += max(0, hi - lo + 1)
+    return n
+
+
 def _pairs(sh: AttnShape, q_runs, k_runs) -> int:
     """Query-key pairs a kernel computes: runs of different packed sequences never meet, and
-    fully masked (causal) blocks are skipped."""
+    fully masked (causal or out-of-window) blocks are skipped."""
     total = 0
+    if sh.window is not None:
+        return sum(_window_pairs(sh, qr, kr) for qr in q_runs for kr in k_runs
+                   if kr.doc == qr.doc)
     for qr in q_runs:
         qs, ql = qr.start, qr.length
         for kr in k_runs:
@@ -251,6 +275,9 @@ def _needed_pairs(sh: AttnShape, r: int) -> int:
 def _all_pairs(sh: AttnShape) -> int:
     """Pairs of the whole stream (one rank, every sequence on its own)."""
     cu = sh.cu_seqlens or (0, sh.S)
+    if sh.window is not None:
+        return sum(_window_pairs(sh, Run(0, a, b - a), Run(0, a, b - a))
+                   for a, b in zip(cu, cu[1:]))
     return sum(_tri(b - a) if sh.causal else (b - a) ** 2 for a, b in zip(cu, cu[1:]))
 
 
@@ -277,10 +304,23 @@ def _wrapper(sh: AttnShape) -> int:
     return Q * a // e + sh.lse_acc + (Q + 2 * KV) * a // e
 
 
+def rsa_steps(sh: AttnShape) -> int:
+    """RSA's ring steps (``rsa._ring_steps``): rank ``j``'s chunk reaches rank ``i`` at step
+    ``(i - j) mod P``; with packed sequences or a window the rings stop after the farthest
+    chunk some rank needs, else ``P``."""
+    if sh.window is None and sh.cu_seqlens is None:
+        return sh.P
+    runs = [_positions(sh, j) for j in range(sh.P)]
+    far = [(i - j) % sh.P for i in range(sh.P) for j in range(sh.P)
+           if _pairs(sh, runs[i], runs[j]) > 0]
+    return 1 + max(far, default=0)
+
+
 def _rsa(sh: AttnShape, r: int):
-    P, KV, a, e = sh.P, sh.kv_bytes, sh.acc, sh.e
-    fwd = 2 * (P - 1) * KV  # K ring, then V ring
-    bwd = 2 * (P - 1) * KV + 2 * (P - 1) * KV * a // e  # V and K rings; dV, dK partials home
+    KV, a, e = sh.kv_bytes, sh.acc, sh.e
+    n = rsa_steps(sh) - 1  # transfers per ring
+    fwd = 2 * n * KV  # K ring, then V ring
+    bwd = 2 * n * KV + 2 * n * KV * a // e  # V and K rings; dV, dK partials home
     probs = sh.b * sh.hq * sh.s * sh.S * a  # the method: full score rows, kept for backward
     # the backward's K ring, beside the rows and the wrapper's tensors: dO, the scaled Q and
     # a block's rescaled Q or dQ product (accumulation dtype; the per-block row factors are
@@ -288,7 +328,7 @@ def _rsa(sh: AttnShape, r: int):
     # dK partials sent and received: each step's pair is settled one step later, so at most two
     # pairs are alive (rsa._ring)
     act = (probs + _wrapper(sh) + 3 * sh.q_bytes * a // e + 3 * KV
-           + min(2 * (P - 1), 4) * KV * a // e)
+           + min(2 * n, 4) * KV * a // e)
     # computed: only the needed blocks of the rows (its diagonal row tiles also compute up to
     # t(t-1)/2 masked entries per tile of t rows: left out)
     return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)

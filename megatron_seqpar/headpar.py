@@ -124,26 +124,27 @@ def kv_heads(hq: int, hkv: int, head_parallel: int) -> int:
 
 
 def scatter_heads(comm, xs):
-    """ONE all-to-all: each ``[b, s, h_i, D]`` (public layout) -> ``[b, U*s, h_i/U, D]``,
-    all tensors packed in one buffer (they must share dtype). Returns the list."""
+    """ONE all-to-all: each ``[b, s, h_i, D_i]`` (public layout) -> ``[b, U*s, h_i/U, D_i]``,
+    all tensors packed in one buffer (they must share dtype; head dims may differ: MLA).
+    Returns the list."""
     U = comm.world_size
     b, s = xs[0].shape[:2]
-    # [U, b, s, sum(h_i/U), D]: head group u of every tensor, for inner rank u
-    send = torch.cat([x.reshape(b, s, U, x.size(2) // U, x.size(3)).permute(2, 0, 1, 3, 4)
-                      for x in xs], dim=3)
-    recv = comm.all_to_all(send)  # [U (source), b, s, sum(h_i/U), D]
-    recv = recv.permute(1, 0, 2, 3, 4).reshape(b, U * s, recv.size(3), recv.size(4))
-    return list(recv.split([x.size(2) // U for x in xs], dim=2))
+    # [U, b, s, sum(h_i/U·D_i)]: head group u of every tensor, for inner rank u
+    send = torch.cat([x.reshape(b, s, U, -1).permute(2, 0, 1, 3) for x in xs], dim=3)
+    recv = comm.all_to_all(send)  # [U (source), b, s, sum(h_i/U·D_i)]
+    recv = recv.permute(1, 0, 2, 3).reshape(b, U * s, recv.size(3))
+    parts = recv.split([x.size(2) // U * x.size(3) for x in xs], dim=2)
+    return [p.reshape(b, U * s, x.size(2) // U, x.size(3)) for p, x in zip(parts, xs)]
 
 
 def gather_heads(comm, xs):
-    """The inverse of ``scatter_heads``: each ``[b, U*s, h_i/U, D]`` -> ``[b, s, h_i, D]``."""
+    """The inverse of ``scatter_heads``: each ``[b, U*s, h_i/U, D_i]`` -> ``[b, s, h_i, D_i]``."""
     U = comm.world_size
     b, n = xs[0].shape[:2]
     s = n // U
-    send = torch.cat([x.reshape(b, U, s, x.size(2), x.size(3)).transpose(0, 1) for x in xs],
-                     dim=3)  # [U (dest), b, s, sum(h_i/U), D]
-    recv = comm.all_to_all(send)  # [U (head group), b, s, sum(h_i/U), D]
-    recv = recv.permute(1, 2, 0, 3, 4)  # [b, s, U, sum, D]
-    parts = recv.split([x.size(2) for x in xs], dim=3)
-    return [p.reshape(b, s, U * p.size(3), p.size(4)) for p in parts]
+    send = torch.cat([x.reshape(b, U, s, -1).transpose(0, 1) for x in xs],
+                     dim=3)  # [U (dest), b, s, sum(h_i/U·D_i)]
+    recv = comm.all_to_all(send)  # [U (head group), b, s, sum(h_i/U·D_i)]
+    recv = recv.permute(1, 2, 0, 3)  # [b, s, U, sum]
+    parts = recv.split([x.size(2) * x.size(3) for x in xs], dim=3)
+    return [p.reshape(b, s, U * x.size(2), x.size(3)) for p, x in zip(parts, xs)]

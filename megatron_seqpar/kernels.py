@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -236,16 +237,38 @@ def pick_backend(name: str, q: torch.Tensor, mask, causal: bool = False) -> Back
     return BACKENDS[name] if ok else BACKENDS["reference"]
 
 
+def _pad_last(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` with zeros appended to its last dim up to ``n``."""
+    return torch.nn.functional.pad(x, (0, n - x.size(-1)))
+
+
 def block_attention(q, k, v, *, scale, causal=False, mask=None, backend="auto"):
-    """One block: ``(out, lse)``; out in q's dtype, lse in fp32 (fp64 for fp64 inputs)."""
-    return pick_backend(backend, q, mask, causal).forward(q, k, v, scale, causal, mask)
+    """One block: ``(out, lse)``; out in q's dtype, lse in fp32 (fp64 for fp64 inputs).
+
+    ``v`` may have another head dim than ``q``/``k`` (MLA); the fused kernels need one head
+    dim, so they get zero-padded operands (zero columns of V add zero columns to the output;
+    zero columns of Q and K add nothing to the scores) and the result is cut back."""
+    be = pick_backend(backend, q, mask, causal)
+    dq, dv = q.size(-1), v.size(-1)
+    if dq == dv or be.name == "reference":
+        return be.forward(q, k, v, scale, causal, mask)
+    n = max(dq, dv)
+    out, lse = be.forward(_pad_last(q, n), _pad_last(k, n), _pad_last(v, n), scale, causal, mask)
+    return out[..., :dv], lse
 
 
 def block_attention_backward(dout, q, k, v, out, lse, *, scale, causal=False, mask=None,
                              backend="auto"):
-    """Gradients of one block given the rows' final ``out`` and ``lse``."""
-    return pick_backend(backend, q, mask, causal).backward(dout, q, k, v, out, lse, scale, causal,
-                                                           mask)
+    """Gradients of one block given the rows' final ``out`` and ``lse`` (another V head dim:
+    zero-padded as in ``block_attention``; the padded dO and O columns are zero, so the
+    kernel's ``rowsum(dO∘O)`` is unchanged)."""
+    be = pick_backend(backend, q, mask, causal)
+    d, dv = q.size(-1), v.size(-1)
+    if d == dv or be.name == "reference":
+        return be.backward(dout, q, k, v, out, lse, scale, causal, mask)
+    n = max(d, dv)
+    g = be.backward(*(_pad_last(x, n) for x in (dout, q, k, v, out)), lse, scale, causal, mask)
+    return g[0][..., :d], g[1][..., :d], g[2][..., :dv]
 
 
 def merge_(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
@@ -290,6 +313,71 @@ class Block(NamedTuple):
     kind: str  # "full" | "causal" | "mask"
     q_run: Run
     k_run: Run
+    window: tuple | None = None  # a "mask" block's (causal, left, right) rule, from a window
+
+
+def check_window(window) -> tuple[int, int] | None:
+    """``window_size`` validated: None, or ``(left, right)`` ints ``>= -1`` (-1: that side
+    unbounded, the flash-attn / Megatron convention). ``(-1, -1)`` is no window (None)."""
+    if window is None:
+        return None
+    try:
+        left, right = window
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size must be a pair (left, right) of ints >= -1 (-1 = "
+                         f"unbounded), got {window!r}") from None
+    ok = all(isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in (left, right))
+    if not ok:
+        raise ValueError(f"window_size must be a pair (left, right) of ints >= -1 (-1 = "
+                         f"unbounded), got {window!r}")
+    return None if (left, right) == (-1, -1) else (left, right)
+
+
+# Sliding windows: a query run is cut into row tiles of max(this, band/4) rows, so each tile
+# computes its band's keys plus at most a tile's worth on either edge (about 1.25x the visible
+# pairs for a window much longer than a tile; the edges are masked blocks).
+WINDOW_TILE_MIN = 64
+
+
+def _window_blocks(qr: Run, kr: Run, causal: bool, window) -> list[tuple[str, int, int, int, int]]:
+    """The non-empty ``(kind, q_lo, q_hi, k_lo, k_hi)`` pieces (global positions, half-open)
+    of query run ``qr`` against key run ``kr`` of the same sequence under ``window``: key ``j``
+    visible to query ``i`` iff ``lo(i) <= j <= hi(i)``, both bounds non-decreasing in ``i``."""
+    left, right = window
+    ks, ke = kr.start, kr.end
+
+    def lo(i):
+        return ks if left < 0 else max(ks, i - left)
+
+    def hi(i):  # inclusive
+        h = ke - 1 if right < 0 else min(ke - 1, i + right)
+        return min(h, i) if causal else h
+
+    qs, qe = qr.start, qr.end
+    if ((causal and ks > qe - 1) or (left >= 0 and ke - 1 < qs - left)
+            or (right >= 0 and ks > qe - 1 + right)):  # no query sees any key
+        return []
+    if lo(qe - 1) == ks and hi(qs) == ke - 1:  # every query sees every key
+        return [("full", qs, qe, ks, ke)]
+    band = (left if left >= 0 else qr.length) + (0 if causal else max(right, 0)) + 1
+    tile = max(WINDOW_TILE_MIN, band // 4)
+    out = []
+    for a in range(qs, qe, tile):
+        b = min(qe, a + tile)
+        L, H, FL, FH = lo(a), hi(b - 1), lo(b - 1), hi(a)
+        if L > H:
+            continue
+        if causal and ks <= a and b <= ke and FL <= a:  # the tile's own square is a diagonal
+            out += [("mask", a, b, L, FL)] if L < FL else []
+            out += [("full", a, b, FL, a)] if FL < a else []
+            out.append(("causal", a, b, a, b))
+        elif FL <= FH:
+            out += [("mask", a, b, L, FL)] if L < FL else []
+            out.append(("full", a, b, FL, FH + 1))
+            out += [("mask", a, b, FH + 1, H + 1)] if FH < H else []
+        else:
+            out.append(("mask", a, b, L, H + 1))
+    return out
 
 
 def _diagonal_groups(runs):
@@ -316,11 +404,14 @@ def _diagonal_groups(runs):
     return [(a, b, doc) for a, b, doc, _ in groups]
 
 
-def plan_blocks(q_runs, k_runs, causal: bool, join_keys: bool = True) -> list[Block]:
+def plan_blocks(q_runs, k_runs, causal: bool, join_keys: bool = True,
+                window=None) -> list[Block]:
     """The non-empty (query rows, key columns) blocks, grouped by query run.
 
     Runs of different packed sequences (``Run.doc``) never make a block: cross-sequence work
-    costs nothing.
+    costs nothing. ``window``: a checked ``(left, right)`` sliding window (``check_window``):
+    blocks it leaves empty are skipped too, and a query run is cut into row tiles that follow
+    the band (``_window_blocks``; their edges are ``mask`` blocks carrying the rule).
 
     Fully visible key ranges adjacent in the key buffer are joined into one block (unless
     ``join_keys=False``: a backward accumulating into given dK/dV then holds one run's kernel
@@ -331,6 +422,8 @@ def plan_blocks(q_runs, k_runs, causal: bool, join_keys: bool = True) -> list[Bl
     same fully visible key range share one call.
     """
     q_runs, k_runs = tuple(q_runs), tuple(k_runs)
+    if window is not None:
+        return list(_plan_window(q_runs, k_runs, causal, tuple(window)))
     if causal and q_runs and q_runs == k_runs:
         groups = _diagonal_groups(q_runs)
         if groups is not None:  # local indices stand in for positions: the same triangles
@@ -370,6 +463,26 @@ def plan_blocks(q_runs, k_runs, causal: bool, join_keys: bool = True) -> list[Bl
     return blocks
 
 
+@lru_cache(maxsize=1024)
+def _plan_window(q_runs, k_runs, causal: bool, window) -> list[Block]:
+    """``plan_blocks`` under a sliding window: per (query run, key run) of one sequence, the
+    pieces of ``_window_blocks`` as blocks (local slices; each ``mask`` block keeps the rule
+    its explicit mask is built from)."""
+    rule = (causal, *window)
+    blocks = []
+    for qr in q_runs:
+        for kr in k_runs:
+            if kr.doc != qr.doc:
+                continue
+            for kind, a, b, c, e in _window_blocks(qr, kr, causal, window):
+                q_run = Run(qr.local + a - qr.start, a, b - a, qr.doc)
+                k_run = Run(kr.local + c - kr.start, c, e - c, kr.doc)
+                blocks.append(Block(slice(q_run.local, q_run.local + q_run.length),
+                                    slice(k_run.local, k_run.local + k_run.length), kind,
+                                    q_run, k_run, rule if kind == "mask" else None))
+    return tuple(blocks)
+
+
 def _joins(blocks: list[Block], blk: Block) -> bool:
     """Whether ``blk``, the only block of its query run, extends the last query run's only
     block: both fully visible, the same keys, adjacent query rows."""
@@ -389,9 +502,16 @@ def block_mask(blk: Block, kpm, device):
     misses its padded ranges gets no padding mask)."""
     mask = None
     if blk.kind == "mask":
-        qp = torch.arange(blk.q_run.start, blk.q_run.end, device=device)
-        kp = torch.arange(blk.k_run.start, blk.k_run.end, device=device)
-        mask = (kp.unsqueeze(0) > qp.unsqueeze(1)).view(1, 1, len(qp), len(kp))
+        qp = torch.arange(blk.q_run.start, blk.q_run.end, device=device).unsqueeze(1)
+        kp = torch.arange(blk.k_run.start, blk.k_run.end, device=device).unsqueeze(0)
+        causal, left, right = blk.window or (True, -1, -1)
+        mask = kp > qp if causal else torch.zeros(qp.size(0), kp.size(1), dtype=torch.bool,
+                                                  device=device)
+        if left >= 0:
+            mask |= kp < qp - left
+        if right >= 0:
+            mask |= kp > qp + right
+        mask = mask.view(1, 1, qp.size(0), kp.size(1))
     if isinstance(kpm, KeyPad):
         hit = kpm.ranges is None or any(lo < blk.k.stop and blk.k.start < hi
                                         for lo, hi in kpm.ranges)
@@ -403,13 +523,14 @@ def block_mask(blk: Block, kpm, device):
 
 
 def attend(q, q_runs, k, v, k_runs, *, scale, causal, kpm=None, backend="auto", out=None,
-           lse=None):
+           lse=None, window=None):
     """Attention of ``q`` against ``(k, v)`` whose tokens sit at the given runs.
 
     Returns ``(out, lse)`` in the accumulation dtype; rows that see no key get 0 / -inf.
     ``kpm``: ``[b, sk]`` bool key padding mask of the key buffer (True = padded), a
     ``KeyPad``, or None.
     ``out``/``lse``: an earlier call's result to merge into (one key buffer after another).
+    ``window``: a checked sliding window ``(left, right)`` or None (``plan_blocks``).
     """
     b, hq, sq, d = q.shape
     cd = acc_dtype(q.dtype)
@@ -418,7 +539,7 @@ def attend(q, q_runs, k, v, k_runs, *, scale, causal, kpm=None, backend="auto", 
         out = zeros_public((b, hq, sq, v.size(-1)), cd, q.device)
         lse = torch.full((b, hq, sq), NEG_INF, dtype=cd, device=q.device)
     seen = None
-    for blk in plan_blocks(q_runs, k_runs, causal):
+    for blk in plan_blocks(q_runs, k_runs, causal, window=window):
         blk_causal, mask = block_mask(blk, kpm, q.device)
         o, lb = block_attention(q[:, :, blk.q], k[:, :, blk.k], v[:, :, blk.k], scale=scale,
                                 causal=blk_causal, mask=mask, backend=backend)
@@ -442,7 +563,7 @@ def zeros_public(x, dtype: torch.dtype, device=None) -> torch.Tensor:
 
 
 def attend_backward(dout, q, q_runs, k, v, k_runs, out, lse, *, scale, causal, kpm=None,
-                    backend="auto", dq=None, dk=None, dv=None):
+                    backend="auto", dq=None, dk=None, dv=None, window=None):
     """Accumulate the gradients of ``attend`` into ``dq, dk, dv`` (created when None).
 
     ``out``/``lse`` are the rows' final values. Accumulators use the accumulation dtype.
@@ -452,11 +573,11 @@ def attend_backward(dout, q, q_runs, k, v, k_runs, out, lse, *, scale, causal, k
     run's, not the joined range's.
     """
     cd = acc_dtype(q.dtype)
-    blocks = plan_blocks(q_runs, k_runs, causal)
+    blocks = plan_blocks(q_runs, k_runs, causal, window=window)
     whole = (dk is None and dv is None and len(blocks) == 1
              and blocks[0].k == slice(0, k.size(2)))
     if not whole:  # accumulating: one key run's kernel gradients alive at a time
-        blocks = plan_blocks(q_runs, k_runs, causal, join_keys=False)
+        blocks = plan_blocks(q_runs, k_runs, causal, join_keys=False, window=window)
     dq = zeros_public(q, cd) if dq is None else dq
     if not whole:
         dk = zeros_public(k, cd) if dk is None else dk
@@ -478,6 +599,6 @@ def attend_backward(dout, q, q_runs, k, v, k_runs, out, lse, *, scale, causal, k
     return dq, dk, dv
 
 
-def count_blocks(q_runs, k_runs, causal: bool) -> int:
+def count_blocks(q_runs, k_runs, causal: bool, window=None) -> int:
     """How many kernel calls ``attend`` makes (0 means the pair is skipped)."""
-    return len(plan_blocks(q_runs, k_runs, causal))
+    return len(plan_blocks(q_runs, k_runs, causal, window=window))

@@ -88,10 +88,10 @@ def schedule(world_size: int, rank: int, *, causal: bool, layout: str, balance: 
 
 
 def _steps(setup, s):
-    """The schedule of this call; with packed sequences or two levels, transfers of empty
-    blocks are left out (``needed`` from the block planner, the same on every rank)."""
+    """The schedule of this call; with packed sequences, two levels or a window, transfers of
+    empty blocks are left out (``needed`` from the block planner, the same on every rank)."""
     needed = None
-    if setup.cu_seqlens is not None or setup.head_parallel > 1:
+    if setup.cu_seqlens is not None or setup.head_parallel > 1 or setup.window is not None:
         needed = lambda i, j: setup.sees(i, j, s)
     return schedule(setup.world_size, setup.rank, causal=setup.causal, layout=setup.layout,
                     balance=setup.options.balance, needed=needed)
@@ -123,7 +123,7 @@ def lightseq_forward(setup, q, k, v, kpm_all):
     receive buffers: one per receiving step, two at most.
     """
     comm, r, s = setup.comm(), setup.rank, q.size(2)
-    kw = dict(scale=setup.scale, causal=setup.causal, backend=setup.options.backend)
+    kw = dict(scale=setup.scale, **setup.mask, backend=setup.options.backend)
     runs = lambda i: setup.runs(i, s)
     kpm = lambda i: setup.key_pad(kpm_all, i)
     tally = setup.traffic.add_block_steps if setup.traffic else (lambda n=1: None)
@@ -182,7 +182,7 @@ def lightseq_forward(setup, q, k, v, kpm_all):
 def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
     """Backward mirroring the forward schedule: ``(dq, dk, dv)`` in the accumulation dtype."""
     comm, r, s = setup.comm(), setup.rank, q.size(2)
-    kw = dict(scale=setup.scale, causal=setup.causal, backend=setup.options.backend)
+    kw = dict(scale=setup.scale, **setup.mask, backend=setup.options.backend)
     runs = lambda i: setup.runs(i, s)
     kpm = lambda i: setup.key_pad(kpm_all, i)
 
@@ -194,8 +194,8 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
              if any(st.q_to is not None for st in steps) else [])
     kv_buf = [(torch.empty_like(own_k), torch.empty_like(own_v)) for _ in range(n_kv)]
     # Q-side receive buffers [q, dO, O (q's dtype), lse]: made from shapes, not from copies
-    pub = q.transpose(1, 2).shape
-    q_buf = [[q.new_empty(pub), q.new_empty(pub), q.new_empty(pub), torch.empty_like(lse)]
+    pub, pub_v = q.transpose(1, 2).shape, out.transpose(1, 2).shape  # MLA: V's head dim
+    q_buf = [[q.new_empty(pub), q.new_empty(pub_v), q.new_empty(pub_v), torch.empty_like(lse)]
              for _ in range(n_q)]
     # returned partials (dK/dV to us as K/V owner, or dQ as Q owner): in the step's own K/V
     # receive slot when the dtypes agree (it is free once the step has computed), else one

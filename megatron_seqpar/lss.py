@@ -54,26 +54,30 @@ class Options(BaseOptions):
 
 
 def _gather_kv(setup, k, v):
-    """``[P, 2, b, s, hkv, D]``: every rank's K and V in the public layout, ONE all-gather,
-    in place (this rank's K/V are packed straight into their slot of the output)."""
+    """``[P, b·s·hkv·(D + Dv)]``: every rank's K and V in the public layout, packed (V's head
+    dim may differ: MLA), ONE all-gather, in place (this rank's K/V are packed straight into
+    their slot of the output)."""
     comm = setup.comm()
-    kv = k.new_empty(comm.world_size, 2, *k.transpose(1, 2).shape)
-    kv[comm.rank, 0].copy_(k.transpose(1, 2))
-    kv[comm.rank, 1].copy_(v.transpose(1, 2))
+    kv = k.new_empty(comm.world_size, k.numel() + v.numel())
+    for dst, x in zip(_segment(kv[comm.rank], k.shape, v.shape), (k, v)):
+        dst.copy_(x)
     return comm.all_gather_inplace(kv)
 
 
-def _segment(kv, j):
-    """Segment ``j``'s K and V as ``[b, hkv, s, D]`` views."""
-    return kv[j, 0].transpose(1, 2), kv[j, 1].transpose(1, 2)
+def _segment(row, k_shape, v_shape):
+    """A packed row's K and V as ``[b, hkv, s, ·]`` views (of ``[b, s, hkv, ·]`` storage)."""
+    n = k_shape.numel()
+    b, h, s = k_shape[:3]
+    return (row[:n].view(b, s, h, k_shape[3]).transpose(1, 2),
+            row[n:].view(b, s, h, v_shape[3]).transpose(1, 2))
 
 
 def lss_forward(setup, q, k, v, kpm_all):
     kv = _gather_kv(setup, k, v)
     out = lse = None
     for j in range(setup.world_size):
-        out, lse = attend(q, setup.runs(setup.rank, q.size(2)), *_segment(kv, j),
-                          setup.runs(j, k.size(2)), scale=setup.scale, causal=setup.causal,
+        out, lse = attend(q, setup.runs(setup.rank, q.size(2)), *_segment(kv[j], k.shape, v.shape),
+                          setup.runs(j, k.size(2)), scale=setup.scale, **setup.mask,
                           kpm=setup.key_pad(kpm_all, j), backend=setup.options.backend,
                           out=out, lse=lse)
     if setup.traffic:
@@ -93,11 +97,11 @@ def lss_backward(setup, dout, q, k, v, out, lse, kpm_all, *saved):
     dkv = kv if recycle else torch.zeros(kv.shape, dtype=cd, device=q.device)
     dq = zeros_public(q, cd)
     for j in range(P):
-        kj, vj = _segment(kv, j)
-        acc = {} if recycle else dict(zip(("dk", "dv"), _segment(dkv, j)))
+        kj, vj = _segment(kv[j], k.shape, v.shape)
+        acc = {} if recycle else dict(zip(("dk", "dv"), _segment(dkv[j], k.shape, v.shape)))
         _, dk, dv = attend_backward(dout, q, setup.runs(setup.rank, q.size(2)), kj, vj,
                                     setup.runs(j, s), out, lse, scale=setup.scale,
-                                    causal=setup.causal,
+                                    **setup.mask,
                                     kpm=setup.key_pad(kpm_all, j),
                                     backend=setup.options.backend, dq=dq, **acc)
         if recycle:
@@ -105,8 +109,8 @@ def lss_backward(setup, dout, q, k, v, out, lse, kpm_all, *saved):
             vj.copy_(dv)
         del dk, dv
     del kv  # a regathered copy (if not recycled) goes before the reduce-scatter's output
-    dkv = setup.comm().reduce_scatter(dkv)  # [2, b, s, hkv, D], one collective
-    return dq, dkv[0].transpose(1, 2), dkv[1].transpose(1, 2)
+    dkv = setup.comm().reduce_scatter(dkv)  # [b·s·hkv·(D + Dv)], one collective
+    return (dq, *_segment(dkv, k.shape, v.shape))
 
 
 METHOD = Method("lss", Options, lss_forward, lss_backward)

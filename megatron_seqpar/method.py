@@ -57,6 +57,7 @@ class Method:
         if not (isinstance(self.Options, type) and issubclass(self.Options, BaseOptions)):
             raise TypeError(f"{self.name}: Options must subclass method.BaseOptions")
 
-    def apply(self, q, k, v, key_padding_mask, setup):
+    def apply(self, q, k, v, key_padding_mask, setup, softmax_offset=None):
         """The method as one differentiable op on the public ``[b, s, h, d]`` shards."""
-        return run_method(self.forward, self.backward, q, k, v, key_padding_mask, setup)
+        return run_method(self.forward, self.backward, q, k, v, key_padding_mask, setup,
+                          softmax_offset)

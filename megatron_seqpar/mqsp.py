@@ -143,7 +143,7 @@ def mqsp_forward(setup, q, k, v, kpm_all):
     comm, r, s, P = setup.comm(), setup.rank, q.size(2), setup.world_size
     b, hq, _, d = q.shape
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
-    kw = dict(scale=setup.scale, causal=setup.causal, kpm=kpm, backend=setup.options.backend)
+    kw = dict(scale=setup.scale, **setup.mask, kpm=kpm, backend=setup.options.backend)
     out = zeros_public((b, hq, s, v.size(-1)), cd, q.device)
     lse = torch.empty(b, hq, s, dtype=cd, device=q.device)
     qp, outp = public(q), out.transpose(1, 2)
@@ -207,28 +207,34 @@ def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
     comm, r, s, P = setup.comm(), setup.rank, q.size(2), setup.world_size
     b, hq, _, d = q.shape
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
-    kw = dict(scale=setup.scale, causal=setup.causal, kpm=kpm, backend=setup.options.backend)
+    kw = dict(scale=setup.scale, **setup.mask, kpm=kpm, backend=setup.options.backend)
     dq = zeros_public(q, cd)
     dk, dv = zeros_public(k, cd), zeros_public(v, cd)
     dqp_pub = dq.transpose(1, 2)
     src = [public(x) for x in (q, dout)]
     delta = (dout.to(cd) * out.to(cd)).sum(-1)  # [b, hq, s]
     k_runs = setup.runs(r, s)
-    n = 2 * b * c * hq * d
+    dims = (d, dout.size(-1))  # Q's and dO's head dims (they differ under MLA)
+    n_q, n = b * c * hq * d, b * c * hq * sum(dims)
+
+    def rows(row):  # a gathered row's Q and dO pieces [b, c, hq, ·] and its [2, b, hq, c] stats
+        return ([x.view(b, c, hq, e) for x, e in zip((row[:n_q], row[n_q:n]), dims)],
+                row[n:].view(2, b, hq, c))
+
     for i in range(m):
         mine = _pieces(setup, r, s, m, i)
         g = torch.empty(P, n + 2 * b * hq * c, dtype=cd, device=q.device)
-        slot, slot_st = g[r, :n].view(2, b, c, hq, d), g[r, n:].view(2, b, hq, c)
+        slot, slot_st = rows(g[r])
         for off, (a, ln) in _offsets(mine):
             for t, x in enumerate(src):
-                slot[t, :, off:off + ln].copy_(x[:, a:a + ln])
+                slot[t][:, off:off + ln].copy_(x[:, a:a + ln])
             for t, x in enumerate((lse, delta)):
                 slot_st[t, :, :, off:off + ln].copy_(x[:, :, a:a + ln])
-        comm.all_gather_inplace(g)  # [P, 2·b·c·hq·D + 2·b·hq·c], one collective
+        comm.all_gather_inplace(g)  # [P, b·c·hq·(D + Dv) + 2·b·hq·c], one collective
         dqp = torch.zeros(P, b, c, hq, d, dtype=cd, device=q.device)
         for j in range(P):
-            gq, gdo = (to_bhsd(x) for x in g[j, :n].view(2, b, c, hq, d))
-            glse, gdelta = g[j, n:].view(2, b, hq, c)
+            (gq, gdo), (glse, gdelta) = rows(g[j])
+            gq, gdo = to_bhsd(gq), to_bhsd(gdo)
             norm = gdo.square().sum(-1)
             gout = gdo * torch.where(norm > 0, gdelta / norm, 0.0).unsqueeze(-1)
             del norm

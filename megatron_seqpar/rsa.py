@@ -77,8 +77,11 @@ class Options(BaseOptions):
                                  f"{getattr(self, name)!r}")
 
 
-def _ring(comm, own: torch.Tensor, visit, total: torch.Tensor | None = None):
-    """Pass ``own`` around the ring; ``visit(j, chunk)`` sees every rank ``j``'s chunk once.
+def _ring(comm, own: torch.Tensor, visit, total: torch.Tensor | None = None,
+          steps: int | None = None):
+    """Pass ``own`` around the ring; ``visit(j, chunk)`` sees every rank ``j``'s chunk once
+    (with ``steps < P``: only the chunks of the ``steps - 1`` ranks before it, the ring cut
+    short where no rank needs a farther chunk: ``_ring_steps``).
 
     The next chunk's transfer is in flight while ``visit`` runs. With ``total`` (zeros),
     ``visit(j, chunk, acc)`` adds ``j``'s partial into ``acc`` instead: this rank's own
@@ -89,10 +92,11 @@ def _ring(comm, own: torch.Tensor, visit, total: torch.Tensor | None = None):
     direction are alive and no step allocates. Returns ``total``.
     """
     P, r = comm.world_size, comm.rank
+    steps = P if steps is None else steps
     own = own.contiguous()  # transfers need dense buffers (RSA's own copy: 1/P of its rows)
     cur, j = own, r
     bufs = [torch.empty_like(own), torch.empty_like(own)] if P > 1 else []
-    n = min(2, P - 1) if total is not None else 0
+    n = min(2, steps - 1) if total is not None else 0
     sent = [torch.empty_like(total) for _ in range(n)]
     recv = [torch.empty_like(total) for _ in range(n)]
     last = None
@@ -101,9 +105,9 @@ def _ring(comm, own: torch.Tensor, visit, total: torch.Tensor | None = None):
         item[0].wait()
         total.add_(item[1])
 
-    for t in range(P):
+    for t in range(steps):
         pending = (comm.post([(cur, (r + 1) % P)], [(bufs[t % 2], (r - 1) % P)])
-                   if t < P - 1 else None)
+                   if t < steps - 1 else None)
         if total is None:
             visit(j, cur)
         elif j == r:
@@ -123,6 +127,18 @@ def _ring(comm, own: torch.Tensor, visit, total: torch.Tensor | None = None):
     return total
 
 
+def _ring_steps(setup, s) -> int:
+    """Ring steps this call needs, the same on every rank: rank ``j``'s chunk reaches rank
+    ``i`` at step ``(i - j) mod P``, so the ring stops after the farthest chunk some rank's
+    queries see. A sliding window narrower than a shard needs 2 steps (one neighbour) in the
+    contiguous layout; without a window or packed sequences, ``P``."""
+    P = setup.world_size
+    if setup.window is None and setup.cu_seqlens is None:
+        return P
+    far = [(i - j) % P for i in range(P) for j in range(P) if setup.sees(i, j, s)]
+    return 1 + max(far, default=0)
+
+
 def _blocks(setup, s):
     """Per source rank ``j``: the ``(rows, columns within j's chunk, kind)`` blocks of this
     rank's score rows that some query needs; the rest of the rows are never computed nor read
@@ -133,7 +149,7 @@ def _blocks(setup, s):
     out = []
     for j in range(setup.world_size):
         blocks = []
-        for blk in plan_blocks(q_runs, setup.runs(j, s), setup.causal):
+        for blk in plan_blocks(q_runs, setup.runs(j, s), setup.causal, window=setup.window):
             n = blk.q.stop - blk.q.start
             if blk.kind != "causal" or n <= 256:
                 blocks.append(blk)
@@ -282,7 +298,8 @@ def rsa_forward(setup, q, k, v, kpm_all):
                 dst.sub_(m).exp2_()
                 torch.sum(dst, -1, keepdim=True, out=bsum[:, hs, :, st])
 
-    _ring(comm, k, scores)
+    steps = _ring_steps(setup, s)
+    _ring(comm, k, scores, steps=steps)
     rmax = torch.full((b, hkv, g, s, 1), lowest, dtype=cd, device=q.device)
     for j in range(P):
         for blk, st in zip(plans[j], stats[j]):
@@ -294,8 +311,8 @@ def rsa_forward(setup, q, k, v, kpm_all):
         for blk, st in zip(plans[j], stats[j]):
             fac[..., st, :].sub_(rmax[..., blk.q, :]).exp2_()
             total[..., blk.q, :] += fac[..., st, :] * bsum[..., st, :]
-    out = torch.zeros(b, hkv, g, s, d, dtype=cd, device=q.device)
-    scratch = torch.empty_like(out)  # a block's [rows, D] product, reused
+    out = torch.zeros(b, hkv, g, s, v.size(-1), dtype=cd, device=q.device)
+    scratch = torch.empty_like(out)  # a block's [rows, Dv] product, reused
 
     def context(j, v_j):
         vj = v_j.to(cd).unsqueeze(2)
@@ -303,7 +320,7 @@ def rsa_forward(setup, q, k, v, kpm_all):
             prod = torch.matmul(p, vj[..., blk.k, :], out=scratch[..., :p.size(-2), :])
             out[..., blk.q, :].addcmul_(prod, fac[..., st, :])
 
-    _ring(comm, v, context)
+    _ring(comm, v, context, steps=steps)
     inv = torch.where(total > 0, 1.0 / total, 0.0)
     out.mul_(inv)
     lse = torch.where(total > 0, total.log() + rmax * _LN2, float("-inf"))
@@ -312,15 +329,18 @@ def rsa_forward(setup, q, k, v, kpm_all):
             fac[..., st, :].mul_(inv[..., blk.q, :])
     if setup.traffic:
         setup.traffic.add_block_steps(sum(1 for blocks in plans if blocks))
-    return out.view(b, hq, s, d), lse.view(b, hq, s), (probs, fac)
+    lse = lse.view(b, hq, s)
+    return out.view(b, hq, s, -1), lse, (probs, fac, lse.clone())
 
 
-def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
+def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac, own_lse):
     """V ring: ``dV_jᵀ = dOᵀ·P`` and ``dS = P∘(dO·V_jᵀ - δ)`` over the needed blocks, written
     over the probabilities (``dO·V_jᵀ`` by cache tiles); K ring: ``dQ`` and the ``dK_jᵀ``
     partials (the partials are summed transposed, then turned once). The rows hold ``P`` up
     to a factor per block row (``fac``), which goes on the ``[rows, D]`` operands and
-    products instead of a pass over the rows."""
+    products instead of a pass over the rows. ``own_lse``: the forward's; the factors are
+    rescaled by ``exp(own_lse - lse)``, which is 1 unless softmax sinks took probability mass
+    (no host read: the same code runs on CUDA)."""
     comm, s = setup.comm(), q.size(2)
     b, hq, _, d = q.shape
     hkv = k.size(1)
@@ -329,19 +349,27 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
     plans = _blocks(setup, s)
     stats, _ = _stat_slices(plans)
     views = _block_views(probs, plans, b, hkv, g)
-    do = dout.to(cd).reshape(b, hkv, g, s, d)
+    # 1 without sinks; rows that saw no key have fac = 0 already (and w = nan -> 0)
+    w = torch.exp(own_lse.to(cd) - lse.to(cd)).nan_to_num_(0.0).view(b, hkv, g, s, 1)
+    fac = fac.clone()  # [b, hkv, g, block rows, 1]: small; the saved one stays as it was
+    for j in range(setup.world_size):
+        for blk, st in zip(plans[j], stats[j]):
+            fac[..., st, :].mul_(w[..., blk.q, :])
+    dv_dim = v.size(-1)
+    do = dout.to(cd).reshape(b, hkv, g, s, dv_dim)
     delta = (do * out.to(cd).reshape_as(do)).sum(-1, keepdim=True)  # = rowsum(dP∘P)
     dev = device_kind(q)
     tile = max(((hs.stop - hs.start) * b * g * (r.stop - r.start) * (blk.k.stop - blk.k.start)
                 for blocks in plans for blk in blocks
                 for hs, r in _tiles(blk, b, g, hkv, blk.k.stop - blk.k.start, dev)), default=1)
     tmp = [torch.empty(tile, dtype=cd, device=q.device)]  # one tile of dO·V_jᵀ, reused
-    scratch = torch.empty_like(do)  # a block's [rows, D] operand or product, reused
+    scratch = do.new_empty(b, hkv, g, s, max(d, dv_dim))  # a block's [rows, ·] operand/product
 
     def grad_v(j, v_j, dvt_j):  # dV_jᵀ partial; dS_j (up to its factor) overwrites P_j
         vt = v_j.to(cd).unsqueeze(2).transpose(-1, -2)
         for blk, st, p in zip(plans[j], stats[j], views[j]):
-            dos = torch.mul(do[..., blk.q, :], fac[..., st, :], out=scratch[..., :p.size(-2), :])
+            dos = torch.mul(do[..., blk.q, :], fac[..., st, :],
+                            out=scratch[..., :p.size(-2), :dv_dim])
             _add_product_t(dvt_j[..., blk.k], dos, p)
             n = blk.k.stop - blk.k.start
             for hs, rows in _tiles(blk, b, g, hkv, n, dev):  # in cache, like the K ring's
@@ -351,22 +379,25 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac):
                 p[:, hs, :, rows.start - blk.q.start:rows.stop - blk.q.start].mul_(
                     dp.sub_(delta[:, hs, :, rows]))
 
-    partial_t = (b, hkv, d, s)  # dV and dK partials are summed transposed
-    dv = _ring(comm, v, grad_v, torch.zeros(partial_t, dtype=cd, device=q.device))
+    # dV and dK partials are summed transposed
+    steps = _ring_steps(setup, s)
+    dv = _ring(comm, v, grad_v, torch.zeros(b, hkv, dv_dim, s, dtype=cd, device=q.device),
+               steps=steps)
     dv = dv.transpose(-1, -2).contiguous()
     tmp.clear()
-    qs = q.to(cd).reshape_as(do) * setup.scale
-    dq = torch.zeros_like(do)
+    qs = q.to(cd).reshape(b, hkv, g, s, d) * setup.scale
+    dq = torch.zeros_like(qs)
 
     def grad_k(j, k_j, dkt_j):
         kj = k_j.to(cd).unsqueeze(2)
         for blk, st, ds in zip(plans[j], stats[j], views[j]):
             c = fac[..., st, :]
-            prod = scratch[..., :ds.size(-2), :]
+            prod = scratch[..., :ds.size(-2), :d]
             dq[..., blk.q, :].addcmul_(torch.matmul(ds, kj[..., blk.k, :], out=prod), c)
             _add_product_t(dkt_j[..., blk.k], torch.mul(qs[..., blk.q, :], c, out=prod), ds)
 
-    dk = _ring(comm, k, grad_k, torch.zeros(partial_t, dtype=cd, device=q.device))
+    dk = _ring(comm, k, grad_k, torch.zeros(b, hkv, d, s, dtype=cd, device=q.device),
+               steps=steps)
     dk = dk.transpose(-1, -2).contiguous()
     dq = dq.mul_(setup.scale).view(b, hq, s, d)
     if setup.options.colossalai_compat:

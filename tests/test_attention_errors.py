@@ -23,7 +23,7 @@ def qkv(b=1, s=8, hq=4, hkv=2, d=8, dtype=torch.float32):
     (dict(layout="striped"), "unknown layout"),
     (dict(q=torch.randn(1, 8, 3, 8)), "not divisible by kv heads"),
     (dict(k=torch.randn(1, 6, 2, 8), v=torch.randn(1, 6, 2, 8)), "local lengths differ"),
-    (dict(v=torch.randn(1, 8, 2, 4)), "k and v shapes differ"),
+    (dict(v=torch.randn(1, 8, 1, 8)), "k and v differ in batch, length or heads"),
     (dict(q=torch.randn(1, 8, 4, 8, dtype=torch.float64)), "dtypes differ"),
     (dict(k=torch.randn(1, 8, 2, 8, device="meta"), v=torch.randn(1, 8, 2, 8, device="meta")),
      "devices differ"),

@@ -149,7 +149,7 @@ def test_packed_pairs_follow_sum_of_squares():
 
 
 def test_lightseq_contiguous_packed_skips_transfers():
-    """Sequences that never cross a rank boundary leave every K/V transfer out."""
+    """Sequences that never cross a rank boundary leave every K/V transfer out (LightSeq, RSA)."""
     P, s = 4, 64
     inside = packed_shape([s // 2] * (2 * P), P)  # two sequences per rank, none straddling
     assert attention_cost("lightseq", inside).sent == (0,) * P
@@ -157,8 +157,11 @@ def test_lightseq_contiguous_packed_skips_transfers():
     sent = attention_cost("lightseq", across).sent_fwd
     kv = AttnShape(S=P * s, P=P).kv_bytes
     assert sent == (2 * kv,) * (P - 1) + (0,)  # only to the next rank, once
-    # RSA, MQSP and LSS send what they send unpacked
-    for m in ("rsa", "mqsp", "lss"):
+    # RSA's rings stop after the farthest chunk a rank needs: none inside, one step across
+    assert attention_cost("rsa", inside).sent == (0,) * P
+    assert attention_cost("rsa", across).sent_fwd == (2 * kv,) * P  # K and V, one step each
+    # MQSP and LSS send what they send unpacked
+    for m in ("mqsp", "lss"):
         assert attention_cost(m, inside).sent == attention_cost(m, AttnShape(S=P * s, P=P)).sent
 
 

@@ -67,19 +67,20 @@ class _FromKept(torch.autograd.Function):
     (with two levels, after the head all-to-all of the recomputed q/k/v and of dO)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kept, bwd):
+    def forward(ctx, q, k, v, offset, kept, bwd):
         ctx.kept, ctx.bwd = kept, bwd
         ctx.dtypes, ctx.hkv = (q.dtype, k.dtype, v.dtype), k.size(2)
-        ctx.save_for_backward(q, k, v)
+        ctx.save_for_backward(q, k, v, offset)
         return common.public_out(kept.setup, kept.out.to(q.dtype))
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v = ctx.saved_tensors
+        q, k, v, offset = ctx.saved_tensors
         kept = ctx.kept
         qkv, _ = common.method_views(kept.setup, q, k, v)  # the recomputed q, k, v
         grads = common.run_backward(kept.setup, ctx.bwd, dout, qkv, kept.out.to(q.dtype),
-                                    kept.lse, kept.kpm_all, kept.extra, ctx.dtypes, ctx.hkv)
+                                    kept.lse, kept.kpm_all, kept.extra, ctx.dtypes, ctx.hkv,
+                                    offset)
         return (*grads, None, None)
 
 
@@ -110,12 +111,13 @@ class Remat:
             _, setup = msp.api.prepare(q, k, v, method=method, **kw)
             key = _fingerprint(q)
             setup, _, o, lse, kpm_all, extra = common.run_forward(
-                setup, self._fwd, q, k, v, kw.get("key_padding_mask"))
+                setup, self._fwd, q, k, v, kw.get("key_padding_mask"), kw.get("softmax_offset"))
             self._queue.append(_Kept(key, setup, o, lse, kpm_all, extra))
             return common.public_out(setup, o)
         key = _fingerprint(q) if self._queue else None
         while self._queue and self._queue[0].key != key:
             self._queue.popleft()  # stale (e.g. an abandoned no-grad forward)
         if self._queue:
-            return _FromKept.apply(q, k, v, self._queue.popleft(), self._bwd)
+            return _FromKept.apply(q, k, v, kw.get("softmax_offset"), self._queue.popleft(),
+                                   self._bwd)
         return msp.attention(q, k, v, method=method, **kw)
