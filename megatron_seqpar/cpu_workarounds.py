@@ -48,6 +48,17 @@ The shims, each with the reason it exists:
    ``FusedLayerNorm`` and TE's norms do, so ``finalize_model_grads`` sums their gradients over
    the TP group (each TP rank normalises 1/TP of the tokens). Reached with
    ``--sequence-parallel`` (Megatron's TP+SP baseline) on a machine without apex/TE.
+7. ``sliding_window_mask``: megatron-core's local attention builds its sliding-window mask
+   with ``get_sliding_window_causal_mask``, which allocates on ``device="cuda"``; the
+   replacement builds the same ``[sq, sk]`` bool mask on the CPU. Reached by stock
+   ``DotProductAttention`` with ``window_size`` set (the CP=1 oracle of our window tests,
+   Megatron-LM at CP=1); our provider never calls it.
+7b. ``mla_without_te``: ``MultiLatentAttention.__init__`` tests
+   ``isinstance(self.linear_proj, TELinear)`` whenever ``megatron.core.extensions.
+   transformer_engine`` imports, which it does without Transformer Engine, with ``TELinear``
+   a ``MagicMock`` stand-in: ``isinstance(x, <mock>)`` raises ``TypeError``, so MLA cannot be
+   built without TE. The shim puts a class there that no module is an instance of (only when
+   ``TELinear`` is not a class). Reached by any MLA model on this machine.
 
 Megatron-LM's ``megatron.training`` (its ``pretrain()`` loop: initialisation, Megatron's own
 optimizer, schedules, ``finalize_model_grads``, logging, checkpoints) needs a few more, in
@@ -55,35 +66,35 @@ optimizer, schedules, ``finalize_model_grads``, logging, checkpoints) needs a fe
 ``pretrain_gpt.py`` / ``pretrain_bert.py`` (the script's directory first on ``sys.path``, so
 these patch the checkout's ``megatron`` package):
 
-7. ``allow_no_cuda``: ``pretrain()`` calls ``initialize_megatron``, which asserts
+8. ``allow_no_cuda``: ``pretrain()`` calls ``initialize_megatron``, which asserts
    ``torch.cuda.is_available()`` unless ``allow_no_cuda=True``; the shim passes that.
-8. ``device_count`` / ``set_device``: ``torch.cuda.device_count`` answers 1 and ``set_device``
+9. ``device_count`` / ``set_device``: ``torch.cuda.device_count`` answers 1 and ``set_device``
    does nothing. ``_initialize_distributed`` builds the model-parallel groups, and
    ``_set_random_seed`` seeds the model-parallel RNG tracker, only when it sees a device.
-9. ``cuda_to_cpu`` (``CudaToCpu``, a ``TorchFunctionMode``): tensors that ``megatron.training``
+10. ``cuda_to_cpu`` (``CudaToCpu``, a ``TorchFunctionMode``): tensors that ``megatron.training``
    and Megatron's optimizer create with ``device="cuda"`` (loss accumulators, grad-norm
    buffers, start-time and exit flags, ``Module.cuda()``) are made on the CPU, and
    ``Tensor.type()`` answers the CUDA type name (``clip_grad_by_total_norm_fp32`` asserts
    ``'torch.cuda.FloatTensor'``; the mixed-precision optimizer sorts parameters by those names).
    Megatron's own optimizer (``get_megatron_optimizer``: Adam with fp32 grad-norm clipping)
    therefore runs unchanged; nothing is computed differently.
-10. ``null_streams``: ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` are no-ops
+11. ``null_streams``: ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` are no-ops
     (``get_model`` builds DDP on a side stream); CPU work is in program order.
-11. ``dataset_helpers``: ``compile_helpers`` would run ``make`` inside the checkout (which
+12. ``dataset_helpers``: ``compile_helpers`` would run ``make`` inside the checkout (which
     needs pybind11 and a writable checkout); instead every rank imports the ``helpers_cpp``
     extension built into the installed megatron-core wheel of the same version (its
     ``helpers.cpp`` is identical), unless the checkout has its own build.
-12. ``fused_kernels``: ``megatron.legacy.fused_kernels.load`` probes ``nvcc`` under
+13. ``fused_kernels``: ``megatron.legacy.fused_kernels.load`` probes ``nvcc`` under
     ``CUDA_HOME`` and makes a build directory in the checkout; it builds nothing in 0.16.1.
     A no-op.
-13. ``warmup_jit``: ``_warmup_jit_function`` runs the TorchScript bias-GeLU /
+14. ``warmup_jit``: ``_warmup_jit_function`` runs the TorchScript bias-GeLU /
     bias-dropout-add fusions on CUDA tensors to warm them up; skipped (pass the
     ``--no-bias-*-fusion`` flags on CPU).
-14. ``device_arch``: ``validate_args`` asks ``get_device_arch_version()`` (a CUDA query) when
+15. ``device_arch``: ``validate_args`` asks ``get_device_arch_version()`` (a CUDA query) when
     TP or CP > 1; it answers 9.
-15. ``cuda_rng_state``: ``torch.cuda.get_rng_state`` / ``set_rng_state`` read and write the CPU
+16. ``cuda_rng_state``: ``torch.cuda.get_rng_state`` / ``set_rng_state`` read and write the CPU
     generator (the RNG tracker's ``add`` and checkpoint save/load of RNG states call them).
-16. ``bert_te_spec``: ``pretrain_bert.py`` imports ``bert_layer_with_transformer_engine_spec``
+17. ``bert_te_spec``: ``pretrain_bert.py`` imports ``bert_layer_with_transformer_engine_spec``
     at module level, which raises without Transformer Engine; the name becomes a spec that
     raises only if a layer is built from it (CPU runs pass ``--spec local`` or
     ``--seqpar-method``).
@@ -113,6 +124,17 @@ def pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> to
     pos_emb = pos_emb.view(*shape[:seq_dim], 2 * cp_size, -1, *shape[seq_dim + 1:])
     pos_emb = pos_emb.index_select(seq_dim, idx)
     return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
+
+
+class _NoTELinear:
+    """Stands in for Transformer Engine's ``TELinear`` where TE is absent (shim 7b)."""
+
+
+def sliding_window_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+    """megatron-core's ``get_sliding_window_causal_mask`` (True = masked), on the CPU."""
+    m = torch.ones(sq, skv, dtype=torch.bool)
+    m = torch.triu(m, diagonal=skv - sq - window_size[0])
+    return ~torch.tril(m, diagonal=skv - sq + window_size[1])
 
 
 def _sp_torch_norm(original):
@@ -148,8 +170,10 @@ def _setattr(obj, name: str, value):
 
 @contextlib.contextmanager
 def cpu_shims():
-    """Install shims 1-6 above; undo them on exit, even on error."""
+    """Install shims 1-7 above; undo them on exit, even on error."""
+    from megatron.core.fusions import fused_softmax
     from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
+    from megatron.core.transformer import multi_latent_attention as mla
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
@@ -163,6 +187,9 @@ def cpu_shims():
         patch(tp_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
         patch(tp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
         patch(torch.cuda, "synchronize", lambda *a, **k: None)
+        patch(fused_softmax, "get_sliding_window_causal_mask", sliding_window_mask)
+        if not isinstance(mla.TELinear, type):  # 7b
+            patch(mla, "TELinear", _NoTELinear)
         new = vars(WrappedTorchNorm)["__new__"]  # the staticmethod itself, restored as is
         WrappedTorchNorm.__new__ = staticmethod(_sp_torch_norm(new.__func__))
         stack.callback(setattr, WrappedTorchNorm, "__new__", new)
@@ -226,7 +253,7 @@ def _needs_transformer_engine(*args, **kwargs):
 
 
 def _prebuilt_dataset_helpers():
-    """``compile_helpers`` replacement (shim 11): use a built ``helpers_cpp`` instead of ``make``.
+    """``compile_helpers`` replacement (shim 12): use a built ``helpers_cpp`` instead of ``make``.
 
     Returns True when it registered the module (False: already importable)."""
     import importlib.metadata
@@ -248,7 +275,7 @@ def _prebuilt_dataset_helpers():
 
 @contextlib.contextmanager
 def training_cpu_shims():
-    """Install the ``megatron.training`` shims 7-16 above; undo them on exit, even on error.
+    """Install the ``megatron.training`` shims 8-17 above; undo them on exit, even on error.
 
     Use inside ``cpu_shims()``, with the checkout's ``megatron`` first on ``sys.path``."""
     import megatron.core.datasets.utils as dataset_utils
@@ -260,21 +287,21 @@ def training_cpu_shims():
 
     with contextlib.ExitStack() as stack:
         patch = lambda obj, name, value: stack.enter_context(_setattr(obj, name, value))
-        init = training.initialize_megatron  # 7
+        init = training.initialize_megatron  # 8
         patch(training, "initialize_megatron",
               lambda *a, **k: init(*a, **dict(k, allow_no_cuda=True)))
-        patch(torch.cuda, "device_count", lambda: 1)  # 8
+        patch(torch.cuda, "device_count", lambda: 1)  # 9
         patch(torch.cuda, "set_device", lambda *a, **k: None)
-        patch(torch.cuda, "Stream", _NullStream)  # 10
+        patch(torch.cuda, "Stream", _NullStream)  # 11
         patch(torch.cuda, "current_stream", lambda *a, **k: _NullStream())
         patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
-        if _prebuilt_dataset_helpers():  # 11, on every rank: only rank 0 calls compile_helpers
+        if _prebuilt_dataset_helpers():  # 12, on every rank: only rank 0 calls compile_helpers
             stack.callback(sys.modules.pop, "megatron.core.datasets.helpers_cpp", None)
         patch(dataset_utils, "compile_helpers", _prebuilt_dataset_helpers)
-        patch(fused_kernels, "load", lambda *a, **k: None)  # 12
-        patch(initialize, "_warmup_jit_function", lambda *a, **k: None)  # 13
-        patch(arguments, "get_device_arch_version", lambda: 9)  # 14
-        patch(torch.cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())  # 15
+        patch(fused_kernels, "load", lambda *a, **k: None)  # 13
+        patch(initialize, "_warmup_jit_function", lambda *a, **k: None)  # 14
+        patch(arguments, "get_device_arch_version", lambda: 9)  # 15
+        patch(torch.cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())  # 16
         patch(torch.cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
         te_spec = "bert_layer_with_transformer_engine_spec"  # 16, only without TE
         if te_spec not in vars(bert_layer_specs) and not _has_module("transformer_engine"):
@@ -282,5 +309,5 @@ def training_cpu_shims():
 
             setattr(bert_layer_specs, te_spec, ModuleSpec(module=_needs_transformer_engine))
             stack.callback(delattr, bert_layer_specs, te_spec)
-        stack.enter_context(CudaToCpu())  # 9
+        stack.enter_context(CudaToCpu())  # 10
         yield

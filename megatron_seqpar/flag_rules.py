@@ -246,7 +246,6 @@ def _refuse(name: str, message: str) -> None:
 
 
 _refuse("use_legacy_models", "--use-legacy-models has no layer specs; drop it")
-_refuse("multi_latent_attention", "--multi-latent-attention is not supported")
 _refuse("experimental_attention_variant",
         "--experimental-attention-variant is not supported; drop it")
 _refuse("heterogeneous_layers_config_path",
@@ -254,13 +253,19 @@ _refuse("heterogeneous_layers_config_path",
 _refuse("num_experts", "--num-experts (MoE) is not wired into the Megatron-LM route yet; drop "
         "it or build the model with megatron_seqpar.specs yourself")
 _refuse("mtp_num_layers", "--mtp-num-layers is not supported; drop it")
-_refuse("window_size", "--window-size (sliding window) is not supported")
 
 
-@rule(MEGATRON_LM)
-def vanilla_softmax(v):
-    if v.softmax_type != "vanilla":
-        return "--softmax-type must be vanilla"
+@rule(*BOTH)
+def mla_is_gpt(v):
+    if v.multi_latent_attention and v.model != "gpt":
+        return "--multi-latent-attention is for GPT; drop it for BERT"
+
+
+@rule(DRIVER)
+def mla_needs_method(v):
+    if v.multi_latent_attention and v.seqpar_method is None:
+        return ("--multi-latent-attention needs --seqpar-method: megatron-core's local attention "
+                "takes no separate V head dim, our provider runs MLA at every CP size")
 
 
 @rule(MEGATRON_LM)

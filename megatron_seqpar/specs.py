@@ -69,13 +69,12 @@ def get_gpt_layer_spec(method: str, *, options=None, remat: bool | None = None,
 
     ``transformer_engine=False`` starts from ``get_gpt_layer_local_spec(**megatron_kwargs)``,
     True from ``get_gpt_layer_with_transformer_engine_spec(**megatron_kwargs)`` (needs TE).
-    ``megatron_kwargs`` are those builders' own (``qk_layernorm``, ``normalization``, ...).
-    Multi-latent attention is refused: its core attention sees different head dims.
+    ``megatron_kwargs`` are those builders' own (``qk_layernorm``, ``normalization``,
+    ``multi_latent_attention`` (MLA: its core attention gets ``k_channels``/``v_channels``),
+    ...).
     """
     from megatron.core.models.gpt import gpt_layer_specs as g
 
-    if megatron_kwargs.get("multi_latent_attention"):
-        raise ValueError("multi_latent_attention is not supported by sequence-parallel specs")
     if transformer_engine:
         if not _have_te():
             raise ImportError("transformer_engine is not installed; use transformer_engine=False")

@@ -59,10 +59,10 @@ def test_a_shared_rule_reads_the_same_on_both_routes(cfg, ns, model, fragment):
 def test_the_driver_stops_at_the_first_the_megatron_lm_route_lists_all():
     args = argparse.Namespace(**{**MLM, "seqpar_method": "lss", "attention_dropout": 0.1,
                                  "context_parallel_size": 1, "use_distributed_optimizer": True,
-                                 "window_size": (64, 0)})
-    names = [n for n, _ in flag_rules.broken(flag_rules.View(flag_rules.MEGATRON_LM, "gpt",
+                                 "multi_latent_attention": True})
+    names = [n for n, _ in flag_rules.broken(flag_rules.View(flag_rules.MEGATRON_LM, "bert",
                                                                args))]
-    assert names == ["method_needs_cp", "no_attention_dropout", "no_window_size",
+    assert names == ["method_needs_cp", "no_attention_dropout", "mla_is_gpt",
                      "lss_gradient_reduction"]
     with pytest.raises(ConfigError) as e:
         TrainConfig(**{**TINY, "seqpar_method": None, "attention_dropout": 0.1,

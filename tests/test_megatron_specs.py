@@ -77,8 +77,9 @@ def test_spec_builder_validation():
 
     with pytest.raises(ValueError, match="unknown method"):
         get_gpt_layer_spec("ulysses-typo")
-    with pytest.raises(ValueError, match="multi_latent_attention"):
-        get_gpt_layer_spec("rsa", multi_latent_attention=True)
+    mla = get_gpt_layer_spec("rsa", multi_latent_attention=True)  # MLA: our provider inside
+    assert mla.submodules.self_attention.module.__name__ == "MLASelfAttention"
+    assert mla.submodules.self_attention.submodules.core_attention.params["method"] == "rsa"
     with pytest.raises(ValueError, match="core_attention"):
         with_core_attention(object(), "rsa")
     spec = get_gpt_layer_spec("mqsp", qk_layernorm=True, remat=False)
@@ -162,8 +163,18 @@ def _provider_errors(rank, world_size):
             expect("cross", lambda: mk(attention_type="cross"))
             expect("method", lambda: mk(method="nope"))
             expect("arbitrary", lambda: mk(mask=AttnMaskType.arbitrary))
-            expect("window", lambda: mk(config=make_config(window_size=(8, 0))))
-            expect("softmax", lambda: mk(config=make_config(softmax_type="off-by-one")))
+            bogus = make_config()
+            bogus.softmax_type = "sparsemax"  # TransformerConfig does not check it itself
+            expect("softmax", lambda: mk(config=bogus))
+            # windows follow window_attn_skip_freq (layer 2 of every 2 keeps full attention)
+            windowed = make_config(window_size=(8, 0), window_attn_skip_freq=2)
+            assert mk(config=windowed).window == (8, 0)
+            assert mk(config=windowed, layer_number=2).window is None
+            sinks = mk(config=make_config(softmax_type="learnable"))
+            assert isinstance(sinks.softmax_offset, torch.nn.Parameter)
+            assert sinks.softmax_offset.shape == (4,)
+            assert not isinstance(mk(config=make_config(softmax_type="off-by-one"))
+                                  .softmax_offset, torch.nn.Parameter)
             core = mk()
             q = torch.randn(8, 1, 4, 16, dtype=torch.float64)
             k = torch.randn(8, 1, 2, 16, dtype=torch.float64)
@@ -185,8 +196,7 @@ def test_provider_errors():
     errors = run_on_ranks(_provider_errors, 1, timeout=180)[0]
     hints = {"uninitialised": "initialize_model_parallel", "dropout": "attention_dropout=0.0",
              "dropout-arg": "attention_dropout", "cross": "self attention",
-             "method": "unknown method", "arbitrary": "attn_mask_type", "window": "window_size",
-             "softmax": "vanilla", "packed": "THD", "bias": "attention_bias"}
+             "method": "unknown method", "arbitrary": "attn_mask_type", "softmax": "vanilla", "packed": "THD", "bias": "attention_bias"}
     for name, hint in hints.items():
         assert errors[name] is not None, f"{name}: no error raised"
         assert hint in errors[name], (name, errors[name])

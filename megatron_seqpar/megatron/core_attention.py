@@ -34,8 +34,23 @@ this rank's tokens in Transformer Engine's THD partitioning, which
 method with ``cu_seqlens`` = ``cu_seqlens_q_padded`` (zigzag per sequence under CP) and the
 tokens past each real length (``cu_seqlens_q``) as padded keys; returns ``[t, np*hn]``.
 
-Not supported, with a clear error: attention bias, cross attention,
-sliding windows, non-vanilla softmax (off-by-one / learnable), attention dropout > 0.
+Today's attention, as megatron-core's local ``DotProductAttention`` has it:
+  * sliding windows: ``config.window_size = (left, right)`` on the layers that
+    ``window_attn_skip_freq`` selects (``is_layer_window_attention``, 1-indexed layers) go to
+    ``msp.attention(window_size=...)`` in global positions; blocks and transfers the window
+    leaves empty are skipped. Megatron's local attention uses the window mask *instead of*
+    the causal one; ours keeps the causal mask as well (the same for ``(left, 0)``, the
+    windows of causal models);
+  * softmax sinks: ``config.softmax_type`` ``off-by-one`` (a zero offset, a plain tensor)
+    or ``learnable`` (the parameter ``softmax_offset``, ``[heads of this TP rank]``, with
+    megatron-core's name, initialisation (``config.init_method``) and TP-sharded state dict,
+    so checkpoints interchange with its local attention) go to ``softmax_offset=``; the
+    parameter's gradient is this CP rank's queries' part, summed over DP x CP by Megatron's
+    gradient reduction like every other replicated parameter;
+  * MLA: ``MLASelfAttention`` passes ``k_channels`` / ``v_channels`` (the value head dim may
+    differ from the query's); the output is ``[sq, b, np * v_channels]``.
+
+Not supported, with a clear error: attention bias, cross attention, attention dropout > 0.
 """
 
 from __future__ import annotations
@@ -45,6 +60,7 @@ import math
 from typing import Any
 
 import torch
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention
@@ -53,7 +69,7 @@ import megatron_seqpar as msp
 from megatron_seqpar import registry
 from megatron_seqpar.hostread import once, true_runs
 from megatron_seqpar.megatron.checkpointing import Remat
-from megatron_seqpar.megatron.parallel_state import sequence_group, two_level_groups
+from megatron_seqpar.megatron.parallel_state import sequence_group, tp_group, two_level_groups
 from megatron_seqpar.megatron.thd import packed_attention_args
 
 _SUPPORTED_MASKS = (
@@ -78,15 +94,22 @@ def check_config(config, *, attention_type: str = "self", layer_number: int = 1,
             f"attention dropout {p} is not supported by the exact sequence-parallel methods; "
             "set TransformerConfig(attention_dropout=0.0) (--attention-dropout 0)"
         )
-    if getattr(config, "softmax_type", "vanilla") != "vanilla":
-        raise ValueError(
-            f"softmax_type={config.softmax_type!r} is not supported; use 'vanilla'"
-        )
+    if getattr(config, "softmax_type", "vanilla") not in SOFTMAX_TYPES:
+        raise ValueError(f"softmax_type={config.softmax_type!r} is not supported; use one of "
+                         f"{SOFTMAX_TYPES}")
+
+
+SOFTMAX_TYPES = ("vanilla", "off-by-one", "learnable")
+
+
+def layer_window(config, layer_number: int):
+    """This layer's sliding window ``(left, right)`` or None: ``config.window_size`` on the
+    layers ``config.window_attn_skip_freq`` selects (megatron-core's own rule)."""
     window = getattr(config, "window_size", None)
     if window and is_layer_window_attention(
-        window, getattr(config, "window_attn_skip_freq", None), layer_number
-    ):
-        raise ValueError("sliding-window attention (window_size) is not supported; unset it")
+            window, getattr(config, "window_attn_skip_freq", None), layer_number):
+        return tuple(int(x) for x in window)
+    return None
 
 
 def key_padding_from_mask(attention_mask: torch.Tensor | None, *, sq: int, b: int,
@@ -205,6 +228,8 @@ class SeqParCoreAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
         *,
         method: str,
         options: Any = None,
@@ -234,7 +259,9 @@ class SeqParCoreAttention(MegatronModule):
                 f"CP group has {self.cp_group.size()} ranks but "
                 f"config.context_parallel_size={config.context_parallel_size}"
             )
-        head_dim = config.kv_channels
+        head_dim = config.kv_channels if k_channels is None else k_channels
+        self.window = layer_window(config, self.layer_number)
+        self._init_softmax_offset(config, pg_collection)
         # Effective scale: layer scaling divides by layer_number and the fp32 softmax multiplies
         # back, so it cancels (Megatron does it only to keep fp16 scores in range).
         self.softmax_scale = (
@@ -286,7 +313,43 @@ class SeqParCoreAttention(MegatronModule):
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, hn]
         out = self._attend(q, k, v, causal=causal, key_padding_mask=kpm,
                            key_padding_ranges=ranges)
-        return out.transpose(0, 1).reshape(sq, b, heads * head_dim)
+        return out.transpose(0, 1).reshape(sq, b, -1)  # [sq, b, np * v head dim]
+
+    def _init_softmax_offset(self, config, pg_collection) -> None:
+        """megatron-core's ``softmax_offset``: None (vanilla), a zero tensor (off-by-one) or a
+        parameter (learnable), ``[heads of this TP rank]`` in ``params_dtype``."""
+        kind = getattr(config, "softmax_type", "vanilla")
+        self.tp_group = tp_group(pg_collection)
+        if kind == "vanilla":
+            self.softmax_offset = None
+            return
+        tp, heads = self.tp_group.size(), config.num_attention_heads
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        offset = torch.zeros(heads, device=device, dtype=config.params_dtype)
+        if config.perform_initialization and kind == "learnable":
+            # drawn for every head, then this TP rank's slice kept (like megatron-core's
+            # master-weight init of linears): the same values at every TP size (megatron-core's
+            # own draws [heads/TP] per rank, so at TP > 1 each rank repeats the first values)
+            config.init_method(offset)
+        rank = self.tp_group.rank()
+        offset = offset[rank * heads // tp:(rank + 1) * heads // tp].clone()
+        if kind == "off-by-one":
+            self.softmax_offset = offset
+            return
+        self.softmax_offset = torch.nn.Parameter(offset)
+        # split over TP by heads (its sharded state dict says so); megatron-core's own leaves
+        # the attribute off, so its grad norm counts only TP rank 0's heads
+        set_tensor_model_parallel_attributes(self.softmax_offset, True, 0, 1)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """megatron-core's own: the learnable ``softmax_offset`` sharded over TP (dim 0)."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        learnable = getattr(self.config, "softmax_type", "vanilla") == "learnable"
+        state_dict = self.state_dict(prefix="", keep_vars=True) if learnable else {}
+        return make_sharded_tensors_for_checkpoint(
+            state_dict, prefix, {"softmax_offset": 0}, sharded_offsets, tp_group=self.tp_group,
+            dp_cp_group=(metadata or {}).get("dp_cp_group"))
 
     def _attend(self, q, k, v, **kw):
         """``msp.attention`` (or its remat twin) on the CP group, public ``[b, s, h, d]``."""
@@ -294,7 +357,8 @@ class SeqParCoreAttention(MegatronModule):
         kwargs = dict(method=self.method, group=self.cp_group,
                       softmax_scale=self.softmax_scale,
                       layout="zigzag" if self.cp_group.size() > 1 else "contiguous",
-                      options=self.options, two_level_groups=self.two_level_groups, **kw)
+                      options=self.options, two_level_groups=self.two_level_groups,
+                      window_size=self.window, softmax_offset=self.softmax_offset, **kw)
         if self.remat is not None and self.training:
             return self.remat(q, k, v, **kwargs)
         return msp.attention(q, k, v, **kwargs)
@@ -330,4 +394,4 @@ class SeqParCoreAttention(MegatronModule):
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         out = self._attend(q[None], k[None], v[None], causal=causal, key_padding_mask=kpm,
                            cu_seqlens=cu)
-        return out[0].reshape(t, heads * head_dim)
+        return out[0].reshape(t, -1)

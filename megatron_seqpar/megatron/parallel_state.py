@@ -74,6 +74,15 @@ def data_parallel_group(pg_collection=None) -> dist.ProcessGroup:
     return parallel_state.get_data_parallel_group(with_context_parallel=False)
 
 
+def tp_group(pg_collection=None) -> dist.ProcessGroup:
+    """Megatron's tensor-parallel group: ``pg_collection.tp`` or ``parallel_state``'s."""
+    if pg_collection is not None:
+        return _from_collection(pg_collection, "tp")
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
 def _mpu_hierarchical_groups(cp_group):
     """``parallel_state``'s hierarchical CP groups when its CP group has ``cp_group``'s ranks."""
     from megatron.core import parallel_state

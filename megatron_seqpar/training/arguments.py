@@ -19,6 +19,11 @@ Megatron-LM names: --num-layers --hidden-size --ffn-hidden-size --num-attention-
 --hierarchical-context-parallel-sizes U R (two-level sequence parallelism with --seqpar-method:
 a head all-to-all inside groups of U consecutive CP ranks, the method across the R = CP/U
 groups, on megatron-core's hierarchical CP groups).
+Today's attention (GPT): --window-size L,R (sliding window, -1 = unbounded side)
+--window-attn-skip-freq N (every N-th layer, 1-indexed, keeps full attention) --softmax-type
+{vanilla,off-by-one,learnable} (softmax sinks) --multi-latent-attention with --q-lora-rank
+--kv-lora-rank --qk-head-dim --qk-pos-emb-head-dim --v-head-dim (MLA, needs --seqpar-method:
+megatron-core's local attention takes no separate V head dim).
 Ours: --seqpar-method {rsa,mqsp,lss,lightseq} and the method options (--seqpar-backend,
 --seqpar-mqsp-micro-q, --[no-]seqpar-lightseq-balance, ...: defined once, in
 ``megatron_seqpar.megatron_lm.add_seqpar_args``, so Megatron-LM's patched scripts and these
@@ -69,6 +74,16 @@ class TrainConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    # today's attention (megatron-core's names)
+    window_size: tuple[int, int] | None = None  # sliding window (left, right)
+    window_attn_skip_freq: int | None = None  # every N-th layer keeps full attention
+    softmax_type: str = "vanilla"  # "off-by-one" / "learnable": softmax sinks
+    multi_latent_attention: bool = False  # MLA (GPT); Megatron-LM's defaults below
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 32
+    qk_head_dim: int = 128
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 128
     # batch and optimisation
     micro_batch_size: int = 1
     global_batch_size: int = 1
@@ -240,9 +255,34 @@ def validate(c: TrainConfig) -> None:
     need(c.save_interval is None or c.save, "--save-interval needs --save DIR")
     need(c.exit_interval is None or c.exit_interval > 0, "--exit-interval must be positive")
     _validate_documents(c, need)
+    _validate_attention(c, need)
     if c.seqpar_options:
         need(c.seqpar_method is not None, "--seqpar-* option flags need --seqpar-method")
         c.method_options()  # raises ConfigError / ValueError naming the bad field
+
+
+def _validate_attention(c: TrainConfig, need) -> None:
+    """Windows, sinks and MLA (the rules shared with Megatron-LM are in ``flag_rules``)."""
+    w = c.window_size
+    need(w is None or (len(w) == 2 and all(isinstance(x, int) and x >= -1 for x in w)),
+         f"--window-size takes two ints >= -1 as L,R (-1 = unbounded), got {w!r}")
+    need(c.window_attn_skip_freq is None or (c.window_attn_skip_freq > 0 and w is not None),
+         "--window-attn-skip-freq needs --window-size and a positive N")
+    need(c.softmax_type in ("vanilla", "off-by-one", "learnable"),
+         "--softmax-type must be vanilla, off-by-one or learnable")
+    for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+        need(getattr(c, name) > 0, f"--{name.replace('_', '-')} must be positive")
+
+
+def _window_pair(text: str) -> tuple[int, int]:
+    """``--window-size``: ``L,R`` (or ``(L, R)``, as Megatron-LM's tuple flags print)."""
+    try:
+        pair = tuple(int(x) for x in text.strip("()[] ").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected L,R (two ints), got {text!r}") from None
+    if len(pair) != 2:
+        raise argparse.ArgumentTypeError(f"expected L,R (two ints), got {text!r}")
+    return pair
 
 
 def document_unit(c: TrainConfig) -> int:
@@ -298,8 +338,16 @@ def build_parser(model: str = "gpt") -> argparse.ArgumentParser:
                     ("--split", str), ("--mask-prob", float), ("--short-seq-prob", float),
                     ("--save", str), ("--load", str), ("--save-interval", int),
                     ("--exit-interval", int), ("--log-interval", int), ("--log-dir", str),
-                    ("--distributed-timeout-minutes", float)):
+                    ("--distributed-timeout-minutes", float), ("--window-attn-skip-freq", int),
+                    ("--q-lora-rank", int), ("--kv-lora-rank", int), ("--qk-head-dim", int),
+                    ("--qk-pos-emb-head-dim", int), ("--v-head-dim", int)):
         add(flag, t)
+    add("--window-size", _window_pair, metavar="L,R",
+        help="sliding-window attention: a query at i sees keys i-L..i+R (-1 = unbounded)")
+    add("--softmax-type", choices=("vanilla", "off-by-one", "learnable"),
+        help="softmax sinks: one extra logit per head (zero, or a learnable parameter)")
+    add("--multi-latent-attention", action="store_true",
+        help="GPT with multi-latent attention (MLA; needs --seqpar-method)")
     add("--position-embedding-type", choices=("learned_absolute", "rope"))
     add("--lr-decay-style", choices=("constant", "linear", "cosine"))
     add("--recompute-granularity", choices=("full", "selective"))

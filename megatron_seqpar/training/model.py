@@ -26,8 +26,19 @@ def transformer_config(cfg, device: str):
     """megatron-core ``TransformerConfig`` for ``cfg``."""
     from megatron.core.transformer import TransformerConfig
 
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
     dtype = torch.bfloat16 if cfg.bf16 else torch.float64 if cfg.fp64 else torch.float32
-    return TransformerConfig(
+    mla = {}
+    if cfg.multi_latent_attention:  # its own RoPE on the qk_pos_emb_head_dim part
+        mla = dict(multi_latent_attention=True, q_lora_rank=cfg.q_lora_rank,
+                   kv_lora_rank=cfg.kv_lora_rank, qk_head_dim=cfg.qk_head_dim,
+                   qk_pos_emb_head_dim=cfg.qk_pos_emb_head_dim, v_head_dim=cfg.v_head_dim,
+                   rope_type="rope")
+    return (MLATransformerConfig if mla else TransformerConfig)(
+        **mla,
+        window_size=cfg.window_size, window_attn_skip_freq=cfg.window_attn_skip_freq,
+        softmax_type=cfg.softmax_type,
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.ffn_hidden_size, num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_query_groups,
@@ -51,8 +62,10 @@ def transformer_config(cfg, device: str):
 def layer_spec(cfg):
     """The transformer-layer ``ModuleSpec``: ours for ``--seqpar-method``, else Megatron's."""
     if cfg.seqpar_method is not None:
-        build = specs.get_gpt_layer_spec if cfg.model == "gpt" else specs.get_bert_layer_spec
-        return build(cfg.seqpar_method, options=cfg.method_options())
+        if cfg.model == "gpt":
+            return specs.get_gpt_layer_spec(cfg.seqpar_method, options=cfg.method_options(),
+                                            multi_latent_attention=cfg.multi_latent_attention)
+        return specs.get_bert_layer_spec(cfg.seqpar_method, options=cfg.method_options())
     if cfg.model == "gpt":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
