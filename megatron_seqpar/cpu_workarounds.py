@@ -173,8 +173,8 @@ def cpu_shims():
     """Install shims 1-7 above; undo them on exit, even on error."""
     from megatron.core.fusions import fused_softmax
     from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
-    from megatron.core.transformer import multi_latent_attention as mla
     from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import multi_latent_attention as mla
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     with contextlib.ExitStack() as stack:

@@ -196,7 +196,8 @@ def test_provider_errors():
     errors = run_on_ranks(_provider_errors, 1, timeout=180)[0]
     hints = {"uninitialised": "initialize_model_parallel", "dropout": "attention_dropout=0.0",
              "dropout-arg": "attention_dropout", "cross": "self attention",
-             "method": "unknown method", "arbitrary": "attn_mask_type", "softmax": "vanilla", "packed": "THD", "bias": "attention_bias"}
+             "method": "unknown method", "arbitrary": "attn_mask_type", "softmax": "vanilla",
+             "packed": "THD", "bias": "attention_bias"}
     for name, hint in hints.items():
         assert errors[name] is not None, f"{name}: no error raised"
         assert hint in errors[name], (name, errors[name])

@@ -20,10 +20,10 @@ import pytest
 import torch
 from distributed import run_on_ranks
 from test_megatron_parity import (
-    B,
     GROUPS,
     HEADS,
     TOL,
+    B,
     V,
     _rel,
     ddp_wrap,

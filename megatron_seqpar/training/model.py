@@ -25,7 +25,6 @@ from megatron_seqpar.megatron.lss_grad import lss_ddp, lss_finalize_model_grads
 def transformer_config(cfg, device: str):
     """megatron-core ``TransformerConfig`` for ``cfg``."""
     from megatron.core.transformer import TransformerConfig
-
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float64 if cfg.fp64 else torch.float32
