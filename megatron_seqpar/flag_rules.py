@@ -70,10 +70,19 @@ def rule(*routes: str):
 
 def broken(view: View) -> list[tuple[str, str]]:
     """``(rule name, message)`` of every broken rule of the view's route, in order."""
-    if view.route == MEGATRON_LM and view.seqpar_method is None:
+    if view.route == MEGATRON_LM and not method_active(view):
         return []
     return [(r.name, msg) for r in RULES if view.route in r.routes
             for msg in (r.check(view),) if msg is not None]
+
+
+def method_active(v) -> bool:
+    """Whether ``--seqpar-method`` runs on Megatron-LM's route: at CP=1 the run is plain
+    Megatron-LM (its own local attention) and the method is inactive, except with MLA, which
+    megatron-core's local attention cannot run (our provider runs it, on a group of one)."""
+    get = lambda name, default: getattr(v, name, default) or default  # View or Megatron args
+    return get("seqpar_method", None) is not None and (get("context_parallel_size", 1) > 1
+                                                       or bool(get("multi_latent_attention", 0)))
 
 
 def check_all(view: View) -> list[str]:
@@ -97,14 +106,6 @@ def cp_needs_method(v):
     if v.context_parallel_size != 1 and v.seqpar_method is None:
         return ("--context-parallel-size > 1 needs --seqpar-method (megatron-core's local "
                 "attention is CP=1 only)")
-
-
-@rule(MEGATRON_LM)
-def method_needs_cp(v):
-    if not v.context_parallel_size > 1:
-        return (f"--seqpar-method {v.seqpar_method} shards the sequence over the "
-                f"context-parallel group, but --context-parallel-size is "
-                f"{v.context_parallel_size}; set it to 2 or more, or drop --seqpar-method")
 
 
 @rule(MEGATRON_LM)

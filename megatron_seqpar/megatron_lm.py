@@ -59,6 +59,7 @@ BERT_MODEL = "megatron_seqpar.megatron.bert:SeqParBertModel"  # the CP-aware Ber
 LSS_INSTALLED_LOG = "megatron-seqpar: LSS double gradient averaging installed"
 CHECKPOINT_LOG = "megatron-seqpar: checkpoint"
 TWO_LEVEL_LOG = "megatron-seqpar: two levels"
+INACTIVE_LOG = "megatron-seqpar: CP=1"
 
 
 def extra_args_provider(parser):
@@ -122,12 +123,23 @@ def gpt_layer_spec_from_args(args, config=None):
     """
 
     options = validate_seqpar_args(args, model="gpt")
-    _note_two_level(args)
     te = args.transformer_impl == "transformer_engine"
     kwargs = {"qk_layernorm": getattr(args, "qk_layernorm", False),
-              "qk_l2_norm": getattr(args, "qk_l2_norm", False)}
+              "qk_l2_norm": getattr(args, "qk_l2_norm", False),
+              "multi_latent_attention": bool(getattr(args, "multi_latent_attention", False))}
     if not te:
         kwargs["normalization"] = getattr(args, "normalization", None)
+    if not flag_rules.method_active(args):
+        _note_inactive(args)
+        from megatron.core.models.gpt import gpt_layer_specs as g
+
+        build = (g.get_gpt_layer_with_transformer_engine_spec if te
+                 else g.get_gpt_layer_local_spec)
+        return build(**kwargs)
+    _note_two_level(args)
+    if args.context_parallel_size == 1:
+        _print_rank_0(f"{INACTIVE_LOG}: CP=1 with --multi-latent-attention: our provider runs "
+                      "MLA as plain local attention (megatron-core's takes no V head dim)")
     return get_gpt_layer_spec(args.seqpar_method, options=options, transformer_engine=te,
                               **kwargs)
 
@@ -136,9 +148,21 @@ def bert_layer_spec_from_args(args):
     """Our BERT layer spec for Megatron-LM ``args`` (validated first)."""
 
     options = validate_seqpar_args(args, model="bert")
-    _note_two_level(args)
     te = args.transformer_impl == "transformer_engine"
+    if not flag_rules.method_active(args):
+        _note_inactive(args)
+        from megatron.core.models.bert import bert_layer_specs as bl
+
+        return bl.get_bert_layer_with_transformer_engine_spec() if te else \
+            bl.bert_layer_local_spec
+    _note_two_level(args)
     return get_bert_layer_spec(args.seqpar_method, options=options, transformer_engine=te)
+
+
+def _note_inactive(args) -> None:
+    """Rank 0 prints ``INACTIVE_LOG``: the method does nothing at CP=1."""
+    _print_rank_0(f"{INACTIVE_LOG}: --seqpar-method {args.seqpar_method} is inactive at CP=1: "
+                  "plain Megatron-LM with its local attention (the same flags work at CP > 1)")
 
 
 def _note_two_level(args) -> None:
@@ -156,7 +180,7 @@ def bert_model_class(args):
     """megatron-core ``BertModel``, or with ``--seqpar-method`` the CP-aware subclass (global
     position ids, padding mask of the whole sequence)."""
 
-    if getattr(args, "seqpar_method", None) is None:
+    if not flag_rules.method_active(args):
         from megatron.core.models.bert.bert_model import BertModel
 
         return BertModel
@@ -278,7 +302,7 @@ def wrap_forward_step(forward_step):
             from megatron.training import get_args
 
             margs = get_args()
-            if getattr(margs, "seqpar_method", None) == "lss":
+            if margs.seqpar_method == "lss" and flag_rules.method_active(margs):
                 install_lss_grad_averaging([model], assemble_position_grads=options_from_args(
                     margs).assemble_position_grads)
             if not getattr(step, "_checkpoint_noted", False):
@@ -295,8 +319,7 @@ def wrap_forward_step(forward_step):
 def packs_documents(args) -> bool:
     """True when the patched ``pretrain_gpt.py`` turns documents into a THD stream:
     ``--seqpar-method`` with ``--reset-attention-mask``."""
-    return (getattr(args, "seqpar_method", None) is not None
-            and bool(getattr(args, "reset_attention_mask", False)))
+    return flag_rules.method_active(args) and bool(getattr(args, "reset_attention_mask", False))
 
 
 DOCUMENT_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")

@@ -62,7 +62,7 @@ def test_the_driver_stops_at_the_first_the_megatron_lm_route_lists_all():
                                  "multi_latent_attention": True})
     names = [n for n, _ in flag_rules.broken(flag_rules.View(flag_rules.MEGATRON_LM, "bert",
                                                                args))]
-    assert names == ["method_needs_cp", "no_attention_dropout", "mla_is_gpt",
+    assert names == ["no_attention_dropout", "mla_is_gpt",
                      "lss_gradient_reduction"]
     with pytest.raises(ConfigError) as e:
         TrainConfig(**{**TINY, "seqpar_method": None, "attention_dropout": 0.1,
@@ -86,3 +86,13 @@ def test_every_rule_names_its_routes_and_the_module_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_method_at_cp1_is_inactive_on_the_megatron_lm_route():
+    """At CP=1 the run is plain Megatron-LM: nothing to check (the patched builders print one
+    line and use Megatron's own spec), except with MLA, which our provider runs there."""
+    args = argparse.Namespace(**{**MLM, "seqpar_method": "lightseq", "attention_dropout": 0.1,
+                                 "context_parallel_size": 1})
+    assert not flag_rules.method_active(args) and megatron_lm.seqpar_conflicts(args) == []
+    args.multi_latent_attention = True
+    assert flag_rules.method_active(args) and megatron_lm.seqpar_conflicts(args) != []

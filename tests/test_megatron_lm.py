@@ -434,6 +434,11 @@ TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
         "--no-gradient-accumulation-fusion", "--no-persist-layer-norm", "--no-bias-gelu-fusion",
         "--no-bias-dropout-fusion", "--no-bias-swiglu-fusion", "--no-masked-softmax-fusion",
         "--eval-iters", "0", "--eval-interval", "1000", "--log-interval", "1"]
+WINDOW_FLAGS = ("--window-size", "64,0", "--window-attn-skip-freq", "2", "--softmax-type",
+                "learnable", "--position-embedding-type", "rope", "--no-rope-fusion")
+MLA_FLAGS = ("--multi-latent-attention", "--kv-lora-rank", "16", "--qk-head-dim", "16",
+             "--qk-pos-emb-head-dim", "8", "--v-head-dim", "24", "--position-embedding-type",
+             "rope", "--rope-type", "rope", "--no-rope-fusion")
 # vocabulary 255 (+ eod) pads to 256 rows at TP=1 and TP=2 alike
 GPT_DATA = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "255"]
 
@@ -593,6 +598,14 @@ def _assert_same(got: dict, want: dict, iterations, tol=None):
                                f"got {got}, want {want}")
 
 
+def _print_rows(what: str, method: str, ref: LoopRun, run: LoopRun) -> None:
+    """The compatibility-matrix row (docs/megatron_lm.md): CP=1 and CP=2 losses, the largest
+    difference (pytest -s shows it)."""
+    diff = max(abs(run.lm[i] - ref.lm[i]) for i in ref.lm if i in run.lm)
+    print(f"{what} {method}: CP=1 lm loss {[ref.lm[i] for i in sorted(ref.lm)]}, CP=2 "
+          f"{[run.lm[i] for i in sorted(run.lm)]}, max |diff| {diff:.1e}")
+
+
 def _assert_same_losses(run: LoopRun, ref: LoopRun, iterations):
     _assert_same(run.lm, ref.lm, iterations)
     if ref.sop:  # BERT's sentence-order loss
@@ -729,6 +742,38 @@ class TestMegatronLM:
         assert "position-embedding gradients owned per segment" in run.log, run.tail
         for it in range(1, ITERS + 1):
             assert run.grad_norm[it] < ref.grad_norm[it] - GRAD_NORM_TOL, (it, run.grad_norm)
+
+    # ---------------------------------------------- today's attention (issue 26), CP=1 (27)
+    @pytest.mark.slow
+    def test_method_at_cp1_is_inactive(self, loop):
+        """``--seqpar-method`` at CP=1 is accepted, says in one line that it is inactive, and
+        the run is plain Megatron-LM's (the same losses), so a CP sweep keeps one command."""
+        ref, run = loop.run("gpt", 1), loop.run("gpt", 1, "lightseq")
+        _assert_same(run.lm, ref.lm, range(1, ITERS + 1), tol=0.0)
+        assert f"{mlm.INACTIVE_LOG}: --seqpar-method lightseq is inactive at CP=1" in run.log
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("method", msp.METHODS)
+    def test_window_and_sinks_cp2_equal_cp1(self, loop, method):
+        """Sliding windows on alternating layers with learnable sinks: CP=1 is Megatron-LM's
+        own local attention, CP=2 each method; the same ``lm loss`` and grad norm."""
+        ref, run = (loop.run("gpt", cp, m, extra=WINDOW_FLAGS) for cp, m in ((1, None),
+                                                                           (2, method)))
+        _print_rows("window+sinks", method, ref, run)
+        _assert_same_losses(run, ref, range(1, ITERS + 1))
+        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("method", msp.METHODS)
+    def test_mla_cp2_equal_cp1(self, loop, method):
+        """MLA: megatron-core's local attention cannot run it, so CP=1 runs our provider
+        (LightSeq on a group of one, said in one line); CP=2 each method logs the same."""
+        ref = loop.run("gpt", 1, "lightseq", extra=MLA_FLAGS)
+        assert "our provider runs MLA as plain local attention" in ref.log, ref.tail
+        run = loop.run("gpt", 2, method, extra=MLA_FLAGS)
+        _print_rows("mla", method, ref, run)
+        _assert_same_losses(run, ref, range(1, ITERS + 1))
+        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
 
     @pytest.mark.slow
     def test_checkpoint_resume_same_method(self, loop):
