@@ -31,3 +31,25 @@ def test_bench_attention_thp_reaches_every_rank(tmp_path, monkeypatch):
     assert all(x["thp"] and x["time_s"] > 0 for x in rec["ranks"].values()), rec["ranks"]
     (row,) = data["ratios"]
     assert row["bytes==model"], row
+
+
+@pytest.mark.own_world
+def test_bench_attention_window_rows(tmp_path):
+    """``--window``: every method's row against the one-process windowed ideal, bytes equal
+    to the window-aware model, and a narrow window on 4 ranks sends one neighbour's K/V
+    (RSA, LightSeq) instead of 3."""
+    import bench_attention
+
+    out = str(tmp_path / "bench")
+    bench_attention.main(["--seqlens", "256", "--ranks", "4", "--heads", "2", "--head-dim", "8",
+                          "--window", "16", "--repeats", "0", "--out", out])
+    with open(out + ".json") as f:
+        data = json.load(f)
+    rows = {r["label"]: r for r in data["ratios"]}
+    sent = {r["label"]: r.get("traffic_sent") for r in data["records"]}
+    ours = [k for k in rows if k != "window/1proc"]
+    assert len(ours) == 5 and "window/1proc" in rows
+    assert all(rows[k]["bytes==model"] and rows[k]["x_window"] > 0 for k in ours), rows
+    kv = 64 * 2 * 8 * 4  # one rank's K (or V): 64 tokens, 2 heads of 8, fp32
+    for k in ("rsa/contig+w", "lightseq/contig+w"):  # forward K/V, backward again + partials
+        assert max(sent[k]) == 6 * kv, (k, sent[k])

@@ -22,6 +22,20 @@ Packed streams and two levels (ours only; ratios of the same run):
     # U=2 x R=2 against U=1 x R=4 on 4 ranks
     python tools/bench_attention.py --seqlens 16384 --ranks 4 --head-parallel 1 2 --peers
 
+Sliding windows (ours; issue 26):
+
+    # P=4, S=32K, causal window of 4096: each method against the window's ideal
+    python tools/bench_attention.py --seqlens 32768 --ranks 4 --window 4096 --out runs/window
+
+``--window L`` runs every method with ``window_size=(L, 0)`` in the contiguous layout (a
+causal window makes zigzag pointless: every query sees about L keys) plus LightSeq in zigzag,
+and ``window/1proc``: the same windowed attention over the whole sequence in one process with
+the package's own kernels (``kernels.attend``), whose time over P is the ideal (``x_window``).
+Bytes per rank are compared with the model (``cost.attention_cost`` with the window). The peers
+run no window: PyTorch's ring attention takes ``is_causal`` only (no mask), and
+DeepSpeed-Ulysses' local attention would need an explicit ``[S, S]`` mask (4 GiB in fp32 at
+32K); they are left out with ``--window``.
+
 ``--packed-docs N`` adds a packed copy of every variant (``+packed``: N documents, lengths
 drawn with ``--packed-seed``, multiples of 2P, through ``cu_seqlens``) and prints its time over
 the unpacked one beside the predicted FLOP ratio ``sum(L_i^2)/S^2`` and the busiest rank's
@@ -66,9 +80,10 @@ class Variant:
     balance: bool = True
     docs: int = 0  # packed stream of this many documents (0: one sequence)
     head_parallel: int = 1  # U (two levels)
+    window: int = 0  # causal sliding window (L, 0) when > 0
 
     def __post_init__(self):
-        if self.kind != "ours" and self.kind not in BASELINES:
+        if self.kind not in ("ours", "window1") and self.kind not in BASELINES:
             raise ValueError(f"unknown variant kind {self.kind!r}")
 
 
@@ -116,6 +131,30 @@ def default_variants(methods: list[str], peers: list[str]) -> list[Variant]:
         else:
             out.append(Variant(p, p, p, BASELINES[p].layout(True)))
     return out
+
+
+def window_variants(methods: list[str], L: int) -> list[Variant]:
+    """``--window L``: every method contiguous (LightSeq zigzag too) and the one-process
+    windowed attention whose time over P is the ideal."""
+    out = [Variant(f"{m}/contig+w", "ours", m, "contiguous", window=L) for m in methods]
+    if "lightseq" in methods:
+        out.append(Variant("lightseq/zigzag+w", "ours", "lightseq", "zigzag", window=L))
+    return out + [Variant("window/1proc", "window1", "window1", window=L)]
+
+
+def window_single(L: int):
+    """One process, the whole sequence, our kernels under the window ``(L, 0)``."""
+    from megatron_seqpar.kernels import attend, attend_backward
+    from megatron_seqpar.layouts import Run
+
+    def fn(q, k, v, do):
+        runs = (Run(0, 0, q.size(1)),)
+        kw = dict(scale=q.size(-1) ** -0.5, causal=True, window=(L, 0))
+        qh, kh, vh, doh = (x.transpose(1, 2) for x in (q, k, v, do))
+        out, lse = attend(qh, runs, kh, vh, runs, **kw)
+        attend_backward(doh, qh, runs, kh, vh, runs, out, lse, **kw)
+
+    return fn
 
 
 def shard(x: torch.Tensor, rank: int, world: int, layout: str) -> torch.Tensor:
@@ -167,12 +206,13 @@ def _cu(v: Variant, S: int, P: int, a) -> tuple[int, ...] | None:
 
 
 def _model(v: Variant, S: int, P: int, a) -> dict:
-    method = {"ours": v.method, "nosp": "nosp"}.get(v.kind, v.kind)
+    method = {"ours": v.method, "nosp": "nosp", "window1": "nosp"}.get(v.kind, v.kind)
     Pm = 1 if method == "nosp" else P
     try:
         sh = AttnShape(S=S, P=Pm, b=a.batch, hq=a.heads, hkv=a.kv_heads, D=a.head_dim,
                        dtype=a.dtype, causal=True, layout=v.layout, balance=v.balance,
-                       cu_seqlens=_cu(v, S, P, a), head_parallel=v.head_parallel)
+                       cu_seqlens=_cu(v, S, P, a), head_parallel=v.head_parallel,
+                       window=(v.window, 0) if v.window else None)
         c = attention_cost(method, sh)
     except ValueError as e:
         return {"error": str(e)}
@@ -195,9 +235,10 @@ def _call(v: Variant, group, S: int, cu=None):
         if v.method == "lightseq":
             kw["balance"] = v.balance
         opts = msp.method_options(v.method)(**kw)
+        window = (v.window, 0) if v.window else None
         fn = lambda q, k, vv: msp.attention(q, k, vv, method=v.method, group=group,
                                             causal=True, layout=v.layout, options=opts,
-                                            cu_seqlens=cu)
+                                            cu_seqlens=cu, window_size=window)
         return contextlib.nullcontext(), fn
     b = BASELINES[v.kind]
     fn = lambda q, k, vv: b.fn(q, k, vv, group=group, causal=True)
@@ -207,7 +248,7 @@ def _call(v: Variant, group, S: int, cu=None):
 def _run_variant(rank, world, v: Variant, S: int, a, full) -> dict:
     """Profiled run + timed repeats of one variant; returns this rank's figures."""
     qf, kf, vf, dof = full
-    single = v.kind == "nosp"
+    single = v.kind in ("nosp", "window1")
     if single:
         if rank != 0:
             dist.barrier()
@@ -226,6 +267,9 @@ def _run_variant(rank, world, v: Variant, S: int, a, full) -> dict:
     cu = _cu(v, S, world, a) if v.kind == "ours" else None
 
     def step():
+        if v.kind == "window1":
+            window_single(v.window)(q, k, vv, do)
+            return
         ctx, fn = _call(v, None, S, cu)  # a fresh context each call (they are single-use)
         with ctx:
             out = fn(q, k, vv)
@@ -331,6 +375,9 @@ def ratios(records: list[dict]) -> list[dict]:
         base = by.get((S, "nosp/1thr"))
         if base and "time_s" in base:
             row["x_ideal"] = r["time_s"] / (base["time_s"] / 2)
+        win = by.get((S, "window/1proc"))
+        if win and "time_s" in win and r["label"] != "window/1proc":
+            row["x_window"] = r["time_s"] / (win["time_s"] / len(r["peak_bytes"]))
         for peer in ("ulysses", "ring", "nosp/1thr"):
             p = by.get((S, peer))
             if p and "time_s" in p:
@@ -395,7 +442,8 @@ def print_compare(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["S", "label", "time_s", "cpu_s", "x_ideal", "t/ulysses", "t/ring", "peak_mb",
+    cols = ["S", "label", "time_s", "cpu_s", "x_ideal", "x_window", "t/ulysses", "t/ring",
+            "peak_mb",
             "mem/ring", "mem/nosp/1thr", "sent_mb", "bytes/model", "bytes==model", "inner==model",
             "mem/model"]
     print(" ".join(f"{c:>24}" if c == "label" else f"{c:>13}" for c in cols))
@@ -461,6 +509,9 @@ def main(argv=None) -> None:
                    help="every rank allocates buffers of 2 MiB and more on transparent huge "
                         "pages (PyTorch's THP_MEM_ALLOC_ENABLE=1): large fresh buffers, such "
                         "as RSA's score rows, then cost 512x fewer page faults")
+    p.add_argument("--window", type=int, default=0,
+                   help="causal sliding window (L, 0): our methods against the one-process "
+                        "windowed attention over P (the peers take no window and are left out)")
     p.add_argument("--out", default="runs/bench_attention")
     a = p.parse_args(argv)
     a.kv_heads = a.kv_heads or a.heads
@@ -477,7 +528,8 @@ def main(argv=None) -> None:
     bad = [U for U in a.head_parallel if a.ranks % U or a.heads % U]
     if bad:
         p.error(f"--head-parallel {bad} must divide --ranks {a.ranks} and --heads {a.heads}")
-    base = default_variants(a.methods, peers)
+    base = window_variants(a.methods, a.window) if a.window else default_variants(a.methods,
+                                                                                    peers)
     if a.only is not None:
         base = [v for v in base if v.label in a.only]
     variants = two_level_variants(base, a.packed_docs, a.head_parallel)
