@@ -26,14 +26,15 @@ backward (recomputed scores, ``dV``, ``dP``, ``dQ``, ``dK``).
 Packed sequences (``AttnShape.cu_seqlens``, see ``packed_shape``): ranks hold the position runs
 of ``megatron_seqpar.layouts`` and pairs of different sequences are never computed (the block
 planner's rule), so per-rank FLOPs follow ``sum(L_i^2)`` of the sequences a rank touches.
-Bytes: MQSP and LSS send what they send unpacked; LightSeq leaves out every transfer
-whose block would be empty (its schedule's ``needed``), so a packed stream of short sequences
-sends less, and RSA stops its rings after the farthest chunk some rank needs (``rsa_steps``).
+Bytes: MQSP sends what it sends unpacked; LightSeq leaves out every transfer whose block
+would be empty (its schedule's ``needed``), so a packed stream of short sequences sends less,
+RSA stops its rings after the farthest chunk some rank needs (``rsa_steps``), and LSS sends
+its K/V only to the ranks that need them (``lss_peers``).
 
 Sliding windows (``AttnShape.window = (left, right)``, -1 = unbounded): pairs outside the band
 are never computed (the block planner skips what the window leaves empty; its band-edge tiles
-compute a little more, not counted), and the same two rules make LightSeq and RSA talk to
-the neighbours the window reaches only.
+compute a little more, not counted), and the same rules make LightSeq, RSA and LSS talk to
+the neighbours the window reaches only (MQSP still gathers every rank's queries).
 
 Two levels (``AttnShape.head_parallel = U > 1``): per rank, the inner level is the head
 all-to-all of ``megatron_seqpar.headpar`` (Q, K, V in and O out in the forward, dO in and dQ,
@@ -367,19 +368,40 @@ def _mqsp(sh: AttnShape, r: int):
     return fwd, bwd, fwd, bwd, act, pairs
 
 
+def lss_peers(sh: AttnShape, r: int) -> tuple[int, int] | None:
+    """``(sources other than r, sinks)``: how many ranks' K/V rank ``r`` receives and how
+    many ranks receive its own (``lss._peers``); None in the dense case (all-gather)."""
+    if sh.window is None and sh.cu_seqlens is None:
+        return None
+    runs = [_positions(sh, j) for j in range(sh.P)]
+    sees = [[_pairs(sh, runs[i], runs[j]) > 0 for j in range(sh.P)] for i in range(sh.P)]
+    if all(map(all, sees)):
+        return None
+    return (sum(sees[r][j] for j in range(sh.P) if j != r),
+            sum(sees[i][r] for i in range(sh.P) if i != r))
+
+
 def _lss(sh: AttnShape, r: int):
     P, KV, a, e = sh.P, sh.kv_bytes, sh.acc, sh.e
-    fwd = (P - 1) * 2 * KV  # one fused all-gather of packed [K, V]
-    # one fused reduce-scatter of packed [dK, dV], after gathering K/V again (lss_regather)
-    bwd = (P - 1) * 2 * KV * a // e + fwd * sh.lss_regather
-    # the gathered K/V, in place (2·S); the backward recycles a regathered buffer of the
-    # accumulation dtype as the dK/dV send buffer, else holds one beside it; then either one
-    # segment's dK/dV with a block's gradients, or the reduce-scatter's receive buffer (2·s
-    # either way); the kernel's scratch
+    peers = lss_peers(sh, r)
+    n_in, n_out = (P - 1, P - 1) if peers is None else peers
+    # one fused all-gather of packed [K, V] (sparse: this rank's to each rank that needs it)
+    fwd, fwd_recv = n_out * 2 * KV, n_in * 2 * KV
+    # one fused reduce-scatter of packed [dK, dV] (sparse: a partial to each source), after
+    # gathering K/V again (lss_regather)
+    bwd = n_in * 2 * KV * a // e + fwd * sh.lss_regather
+    bwd_recv = n_out * 2 * KV * a // e + fwd_recv * sh.lss_regather
+    # the gathered K/V, in place (2·S, sparse: the sources' only); the backward recycles a
+    # regathered buffer of the accumulation dtype as the dK/dV send buffer, else holds one
+    # beside it; then either one segment's dK/dV with a block's gradients, or the
+    # reduce-scatter's receive buffer (2·s either way; sparse: one per sink); the kernel's
+    # scratch
     recycled = sh.lss_regather and a == e
-    act = (_wrapper(sh) + P * 2 * KV + (0 if recycled else P * 2 * KV * a // e)
-           + 2 * KV * a // e + _kernel_scratch(sh, _run_tokens(sh)))
-    return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)
+    rows = n_in + 1
+    act = (_wrapper(sh) + rows * 2 * KV + (0 if recycled else rows * 2 * KV * a // e)
+           + max(1, n_out if peers else 1) * 2 * KV * a // e
+           + _kernel_scratch(sh, _run_tokens(sh)))
+    return fwd, bwd, fwd_recv, bwd_recv, act, _needed_pairs(sh, r)
 
 
 def _lightseq(sh: AttnShape, r: int):

@@ -7,6 +7,12 @@ log-sum-exp. Backward: the same blocks in reverse give dQ locally and this rank'
 every segment's dK/dV, written straight into a packed ``[P, dK; dV]`` buffer that ONE fused
 reduce-scatter returns to the segments' owners. Exact.
 
+Sparse visibility (a sliding window, packed sequences): when some rank's queries see none of
+another rank's keys, the all-gather becomes point-to-point transfers of the packed ``[K; V]``
+to exactly the ranks whose queries see them, and the reduce-scatter becomes the dK/dV partials
+sent back to their owners (``_peers``): a window narrower than a shard then talks to one
+neighbour, and a stream of documents that never cross a rank boundary sends nothing.
+
 ``regather_kv`` (default True): the backward all-gathers K/V again instead of keeping the
 forward's gathered copy, so between forward and backward a rank holds only its own segment
 (``2·s·b·hkv·D``) rather than the whole sequence's (``2·S·b·hkv·D``), for one more all-gather
@@ -53,15 +59,53 @@ class Options(BaseOptions):
     assemble_position_grads: bool = True
 
 
-def _gather_kv(setup, k, v):
-    """``[P, b·s·hkv·(D + Dv)]``: every rank's K and V in the public layout, packed (V's head
-    dim may differ: MLA), ONE all-gather, in place (this rank's K/V are packed straight into
-    their slot of the output)."""
+def _peers(setup, s):
+    """``(sources, sinks)``: the ranks whose keys this rank's queries see (itself included),
+    in rank order, and the other ranks whose queries see this rank's keys; None when every
+    rank sees every rank (the dense case: all-gather and reduce-scatter)."""
+    P, r = setup.world_size, setup.rank
+    if setup.window is None and setup.cu_seqlens is None:
+        return None
+    sees = [[setup.sees(i, j, s) for j in range(P)] for i in range(P)]
+    if all(map(all, sees)):
+        return None
+    return ([j for j in range(P) if sees[r][j] or j == r],
+            [i for i in range(P) if i != r and sees[i][r]])
+
+
+def _gather_kv(setup, k, v, peers):
+    """``[n, b·s·hkv·(D + Dv)]``: K and V of the ``n`` source ranks (every rank when dense) in
+    the public layout, packed (V's head dim may differ: MLA). Dense: ONE all-gather, in place
+    (this rank's K/V packed straight into their slot). Sparse: this rank's row sent to each
+    rank that needs it, the sources' rows received, point to point."""
     comm = setup.comm()
-    kv = k.new_empty(comm.world_size, k.numel() + v.numel())
-    for dst, x in zip(_segment(kv[comm.rank], k.shape, v.shape), (k, v)):
+    sources = range(comm.world_size) if peers is None else peers[0]
+    kv = k.new_empty(len(sources), k.numel() + v.numel())
+    mine = kv[list(sources).index(comm.rank)]
+    for dst, x in zip(_segment(mine, k.shape, v.shape), (k, v)):
         dst.copy_(x)
-    return comm.all_gather_inplace(kv)
+    if peers is None:
+        return comm.all_gather_inplace(kv)
+    comm.post([(mine, i) for i in peers[1]],
+              [(kv[n], j) for n, j in enumerate(sources) if j != comm.rank]).wait()
+    return kv
+
+
+def _return_partials(setup, dkv, peers):
+    """This rank's dK/dV: dense, ONE reduce-scatter of the ``[P, ·]`` partials; sparse, each
+    source's partial sent to it and the partials of the ranks that see this rank's keys
+    received and added to its own."""
+    comm = setup.comm()
+    if peers is None:
+        return comm.reduce_scatter(dkv)
+    sources, sinks = peers
+    own = dkv[sources.index(comm.rank)]
+    got = [torch.empty_like(own) for _ in sinks]
+    comm.post([(dkv[n], j) for n, j in enumerate(sources) if j != comm.rank],
+              list(zip(got, sinks))).wait()
+    for x in got:
+        own += x
+    return own
 
 
 def _segment(row, k_shape, v_shape):
@@ -73,10 +117,12 @@ def _segment(row, k_shape, v_shape):
 
 
 def lss_forward(setup, q, k, v, kpm_all):
-    kv = _gather_kv(setup, k, v)
+    peers = _peers(setup, q.size(2))
+    kv = _gather_kv(setup, k, v, peers)
+    sources = range(setup.world_size) if peers is None else peers[0]
     out = lse = None
-    for j in range(setup.world_size):
-        out, lse = attend(q, setup.runs(setup.rank, q.size(2)), *_segment(kv[j], k.shape, v.shape),
+    for n, j in enumerate(sources):
+        out, lse = attend(q, setup.runs(setup.rank, q.size(2)), *_segment(kv[n], k.shape, v.shape),
                           setup.runs(j, k.size(2)), scale=setup.scale, **setup.mask,
                           kpm=setup.key_pad(kpm_all, j), backend=setup.options.backend,
                           out=out, lse=lse)
@@ -87,8 +133,10 @@ def lss_forward(setup, q, k, v, kpm_all):
 
 
 def lss_backward(setup, dout, q, k, v, out, lse, kpm_all, *saved):
-    P, s = setup.world_size, k.size(2)
-    kv = saved[0] if saved else _gather_kv(setup, k, v)
+    s = k.size(2)
+    peers = _peers(setup, s)
+    sources = range(setup.world_size) if peers is None else peers[0]
+    kv = saved[0] if saved else _gather_kv(setup, k, v, peers)
     cd = acc_dtype(q.dtype)
     # The reduce-scatter's packed send buffer: a regathered K/V buffer of the accumulation
     # dtype is recycled (segment j's dK/dV overwrite its K/V once its blocks are done), so the
@@ -96,9 +144,9 @@ def lss_backward(setup, dout, q, k, v, out, lse, kpm_all, *saved):
     recycle = not saved and kv.dtype == cd
     dkv = kv if recycle else torch.zeros(kv.shape, dtype=cd, device=q.device)
     dq = zeros_public(q, cd)
-    for j in range(P):
-        kj, vj = _segment(kv[j], k.shape, v.shape)
-        acc = {} if recycle else dict(zip(("dk", "dv"), _segment(dkv[j], k.shape, v.shape)))
+    for n, j in enumerate(sources):
+        kj, vj = _segment(kv[n], k.shape, v.shape)
+        acc = {} if recycle else dict(zip(("dk", "dv"), _segment(dkv[n], k.shape, v.shape)))
         _, dk, dv = attend_backward(dout, q, setup.runs(setup.rank, q.size(2)), kj, vj,
                                     setup.runs(j, s), out, lse, scale=setup.scale,
                                     **setup.mask,
@@ -109,7 +157,7 @@ def lss_backward(setup, dout, q, k, v, out, lse, kpm_all, *saved):
             vj.copy_(dv)
         del dk, dv
     del kv  # a regathered copy (if not recycled) goes before the reduce-scatter's output
-    dkv = setup.comm().reduce_scatter(dkv)  # [b·s·hkv·(D + Dv)], one collective
+    dkv = _return_partials(setup, dkv, peers)  # [b·s·hkv·(D + Dv)]
     return (dq, *_segment(dkv, k.shape, v.shape))
 
 

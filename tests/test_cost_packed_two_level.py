@@ -149,7 +149,8 @@ def test_packed_pairs_follow_sum_of_squares():
 
 
 def test_lightseq_contiguous_packed_skips_transfers():
-    """Sequences that never cross a rank boundary leave every K/V transfer out (LightSeq, RSA)."""
+    """Sequences that never cross a rank boundary leave every K/V transfer out (LightSeq, RSA,
+    LSS)."""
     P, s = 4, 64
     inside = packed_shape([s // 2] * (2 * P), P)  # two sequences per rank, none straddling
     assert attention_cost("lightseq", inside).sent == (0,) * P
@@ -160,9 +161,14 @@ def test_lightseq_contiguous_packed_skips_transfers():
     # RSA's rings stop after the farthest chunk a rank needs: none inside, one step across
     assert attention_cost("rsa", inside).sent == (0,) * P
     assert attention_cost("rsa", across).sent_fwd == (2 * kv,) * P  # K and V, one step each
-    # MQSP and LSS send what they send unpacked
-    for m in ("mqsp", "lss"):
-        assert attention_cost(m, inside).sent == attention_cost(m, AttnShape(S=P * s, P=P)).sent
+    # LSS sends its K/V only to the ranks that need them: none inside, the next one across
+    # (forward K/V and again in the backward; the dK/dV partial home to the previous rank,
+    # fp32 like the inputs): the first rank has no partial to return, the last no next rank
+    assert attention_cost("lss", inside).sent == (0,) * P
+    assert attention_cost("lss", across).sent == (4 * kv,) + (6 * kv,) * (P - 2) + (2 * kv,)
+    # MQSP sends what it sends unpacked
+    assert attention_cost("mqsp", inside).sent == \
+        attention_cost("mqsp", AttnShape(S=P * s, P=P)).sent
 
 
 def test_two_level_bytes_per_level():
