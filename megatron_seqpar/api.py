@@ -64,6 +64,20 @@ class Setup:
         return count_blocks(self.runs(i, local_len), self.runs(j, local_len), self.causal,
                             self.window) > 0
 
+    def peers(self, local_len: int):
+        """``(sources, sinks)``: the (outer) ranks whose keys this rank's queries see, itself
+        included, in rank order, and the other ranks whose queries see this rank's keys; None
+        when every rank sees every rank (no window or packing, or one that leaves no pair
+        empty): the dense collectives then apply (LSS's all-gather, MQSP's gathers)."""
+        P, r = self.world_size, self.rank
+        if self.window is None and self.cu_seqlens is None:
+            return None
+        sees = [[self.sees(i, j, local_len) for j in range(P)] for i in range(P)]
+        if all(map(all, sees)):
+            return None
+        return ([j for j in range(P) if sees[r][j] or j == r],
+                [i for i in range(P) if i != r and sees[i][r]])
+
     def runs(self, rank: int, local_len: int) -> tuple[Run, ...]:
         """Position runs of (outer) rank ``rank``'s ``local_len`` tokens."""
         if self.head_parallel == 1:

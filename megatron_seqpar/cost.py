@@ -26,15 +26,15 @@ backward (recomputed scores, ``dV``, ``dP``, ``dQ``, ``dK``).
 Packed sequences (``AttnShape.cu_seqlens``, see ``packed_shape``): ranks hold the position runs
 of ``megatron_seqpar.layouts`` and pairs of different sequences are never computed (the block
 planner's rule), so per-rank FLOPs follow ``sum(L_i^2)`` of the sequences a rank touches.
-Bytes: MQSP sends what it sends unpacked; LightSeq leaves out every transfer whose block
-would be empty (its schedule's ``needed``), so a packed stream of short sequences sends less,
-RSA stops its rings after the farthest chunk some rank needs (``rsa_steps``), and LSS sends
-its K/V only to the ranks that need them (``lss_peers``).
+Bytes: LightSeq leaves out every transfer whose block would be empty (its schedule's
+``needed``), so a packed stream of short sequences sends less, RSA stops its rings after the
+farthest chunk some rank needs (``rsa_steps``), and LSS and MQSP send K/V (queries) only to
+the ranks that need them (``lss_peers``, point to point instead of their collectives).
 
 Sliding windows (``AttnShape.window = (left, right)``, -1 = unbounded): pairs outside the band
 are never computed (the block planner skips what the window leaves empty; its band-edge tiles
 compute a little more, not counted), and the same rules make LightSeq, RSA and LSS talk to
-the neighbours the window reaches only (MQSP still gathers every rank's queries).
+the neighbours the window reaches only (MQSP's queries go to those neighbours too).
 
 Two levels (``AttnShape.head_parallel = U > 1``): per rank, the inner level is the head
 all-to-all of ``megatron_seqpar.headpar`` (Q, K, V in and O out in the forward, dO in and dQ,
@@ -352,6 +352,20 @@ def _mqsp(sh: AttnShape, r: int):
     qc = sh.b * sh.hq * c * sh.D  # elements of one rank's micro-chunk of Q
     stat = sh.b * sh.hq * P * c * a  # one micro-step's row statistics
     rs = lambda n: (P - 1) * n // P
+    peers = lss_peers(sh, r)  # the same (sources, sinks) rule as LSS's: Setup.peers
+    if peers is not None:  # point to point (mqsp._sparse_forward / _sparse_backward)
+        n_src, n_snk = peers
+        lc = sh.b * sh.hq * c * a
+        fwd = m * (n_src * qc * e + n_snk * (qc * a + lc))  # chunk out; (o, lse) back
+        fwd_recv = m * (n_snk * qc * e + n_src * (qc * a + lc))
+        packed = (2 * qc + 2 * sh.b * sh.hq * c) * a  # [Q, dO, lse, δ]
+        bwd = m * (n_src * packed + n_snk * qc * a)  # packed rows out; dQ partials back
+        bwd_recv = m * (n_snk * packed + n_src * qc * a)
+        run = _run_tokens(sh)
+        act = (_wrapper(sh) + (n_snk + 1) * (packed + qc * a) + 3 * qc * a
+               + 2 * (sh.kv_bytes * run // sh.s) * a // e + _kernel_scratch(sh, max(c, run)))
+        pairs = sum(_pairs(sh, _positions(sh, j), _positions(sh, r)) for j in range(P))
+        return fwd, bwd, fwd_recv, bwd_recv, act, pairs
     fwd = m * ((P - 1) * qc * e + (P - 1) * stat + rs(P * qc * a))  # Q, lse gathers; ctx RS
     bwd = m * ((P - 1) * 2 * (qc + sh.b * sh.hq * c) * a + rs(P * qc * a))  # packed gather, dQ
     # the backward's micro-step holds the gathered [q, dO, lse, δ] rows of every rank and

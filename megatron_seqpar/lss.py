@@ -10,7 +10,7 @@ reduce-scatter returns to the segments' owners. Exact.
 Sparse visibility (a sliding window, packed sequences): when some rank's queries see none of
 another rank's keys, the all-gather becomes point-to-point transfers of the packed ``[K; V]``
 to exactly the ranks whose queries see them, and the reduce-scatter becomes the dK/dV partials
-sent back to their owners (``_peers``): a window narrower than a shard then talks to one
+sent back to their owners (``Setup.peers``): a window narrower than a shard then talks to one
 neighbour, and a stream of documents that never cross a rank boundary sends nothing.
 
 ``regather_kv`` (default True): the backward all-gathers K/V again instead of keeping the
@@ -59,20 +59,6 @@ class Options(BaseOptions):
     assemble_position_grads: bool = True
 
 
-def _peers(setup, s):
-    """``(sources, sinks)``: the ranks whose keys this rank's queries see (itself included),
-    in rank order, and the other ranks whose queries see this rank's keys; None when every
-    rank sees every rank (the dense case: all-gather and reduce-scatter)."""
-    P, r = setup.world_size, setup.rank
-    if setup.window is None and setup.cu_seqlens is None:
-        return None
-    sees = [[setup.sees(i, j, s) for j in range(P)] for i in range(P)]
-    if all(map(all, sees)):
-        return None
-    return ([j for j in range(P) if sees[r][j] or j == r],
-            [i for i in range(P) if i != r and sees[i][r]])
-
-
 def _gather_kv(setup, k, v, peers):
     """``[n, b·s·hkv·(D + Dv)]``: K and V of the ``n`` source ranks (every rank when dense) in
     the public layout, packed (V's head dim may differ: MLA). Dense: ONE all-gather, in place
@@ -117,7 +103,7 @@ def _segment(row, k_shape, v_shape):
 
 
 def lss_forward(setup, q, k, v, kpm_all):
-    peers = _peers(setup, q.size(2))
+    peers = setup.peers(q.size(2))
     kv = _gather_kv(setup, k, v, peers)
     sources = range(setup.world_size) if peers is None else peers[0]
     out = lse = None
@@ -134,7 +120,7 @@ def lss_forward(setup, q, k, v, kpm_all):
 
 def lss_backward(setup, dout, q, k, v, out, lse, kpm_all, *saved):
     s = k.size(2)
-    peers = _peers(setup, s)
+    peers = setup.peers(s)
     sources = range(setup.world_size) if peers is None else peers[0]
     kv = saved[0] if saved else _gather_kv(setup, k, v, peers)
     cd = acc_dtype(q.dtype)

@@ -22,6 +22,13 @@ Backward, per micro-step: ONE all-gather of the packed ``[Q, dO, lse, δ]`` chun
 all-reduce, no re-run of the forward, and O does not travel: ``mqsp_backward``), dK/dV
 accumulate locally, and dQ partials are reduce-scattered to their owners.
 
+Sparse visibility (a sliding window, packed sequences; ``Setup.peers``): when some rank's
+queries see none of another rank's keys, the gathers become point-to-point: a micro-chunk of
+queries goes only to the ranks whose keys it sees, each of those returns its partial
+``(o, lse)`` and the owner merges them by log-sum-exp (``_sparse_forward``); the backward sends
+``[Q, dO, lse, δ]`` the same way and gets its dQ partials back (``_sparse_backward``). A window
+narrower than a shard then talks to one neighbour; documents inside a rank send nothing.
+
 Sent per rank and micro-step (elements, ``c = s/m``): forward ``(P-1)·c·b·hq·D`` (Q gather) +
 ``(P-1)/P·P·c·b·hq·D`` (context reduce-scatter, accumulation dtype) + ``(P-1)·P·c·b·hq``
 statistics (lse all-gather); backward ``(P-1)·c·b·hq·(2D+2)`` (gather, accumulation dtype) +
@@ -36,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_seqpar.common import public, to_bhsd
-from megatron_seqpar.kernels import acc_dtype, attend, attend_backward, zeros_public
+from megatron_seqpar.kernels import acc_dtype, attend, attend_backward, merge_, zeros_public
 from megatron_seqpar.layouts import slice_runs
 from megatron_seqpar.method import BaseOptions, Method
 
@@ -135,11 +142,111 @@ def _micro_steps(setup, q, kpm_all):
     return m, s // m, cd, setup.key_pad(kpm_all, setup.rank)
 
 
+def _take(x, pieces):
+    """The rows of ``pieces`` of a public ``[b, s, h, d]`` tensor, one after another (a copy)."""
+    return torch.cat([x[:, a:a + n] for a, n in pieces], dim=1)
+
+
+def _put(dst, pieces, rows):
+    """Write ``rows`` (``_take``'s layout) back into the ``pieces`` of ``dst`` (dim 1, or the
+    last dim for ``[b, h, s]`` statistics when ``dim=-1``)."""
+    for off, (a, n) in _offsets(pieces):
+        dst[:, a:a + n] = rows[:, off:off + n]
+
+
+def _sparse_forward(setup, q, k, v, kpm_all, peers):
+    """Micro-steps with point-to-point transfers (module docstring): this rank's chunk to its
+    sources, the sinks' chunks attended to the local K/V and their ``(o, lse)`` returned, the
+    sources' partials merged into this rank's rows."""
+    comm, r, s = setup.comm(), setup.rank, q.size(2)
+    sources, sinks = peers
+    others = [j for j in sources if j != r]
+    b, hq, _, d = q.shape
+    m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
+    kw = dict(scale=setup.scale, **setup.mask, kpm=kpm, backend=setup.options.backend)
+    out = zeros_public((b, hq, s, v.size(-1)), cd, q.device)
+    lse = torch.empty(b, hq, s, dtype=cd, device=q.device)
+    qp, outp, k_runs = public(q), out.transpose(1, 2), setup.runs(r, s)
+    for i in range(m):
+        pieces = {j: _pieces(setup, j, s, m, i) for j in [r, *sinks]}
+        mine = _take(qp, pieces[r])
+        got = {j: torch.empty_like(mine) for j in sinks}
+        pending = comm.post([(mine, j) for j in others], [(got[j], j) for j in sinks])
+        o, lb = attend(to_bhsd(mine), _piece_runs(setup, r, s, pieces[r]), k, v, k_runs, **kw)
+        pending.wait()
+        sends = []
+        for j in sinks:
+            oj, lj = attend(to_bhsd(got[j]), _piece_runs(setup, j, s, pieces[j]), k, v, k_runs,
+                            **kw)
+            sends += [(public(oj), j), (lj, j)]
+        back = {j: (torch.empty_like(public(o)), torch.empty_like(lb)) for j in others}
+        comm.post(sends, [(x, j) for j in others for x in back[j]]).wait()
+        for j in others:
+            merge_(o, lb, back[j][0].transpose(1, 2), back[j][1])
+        _put(outp, pieces[r], o.transpose(1, 2))
+        _put(lse.transpose(1, 2), pieces[r], lb.transpose(1, 2))
+    if setup.traffic:
+        setup.traffic.add_block_steps(len(sinks) + setup.sees(r, r, s))
+    return out, lse, ()
+
+
+def _sparse_backward(setup, dout, q, k, v, out, lse, kpm_all, peers):
+    """Per micro-step: this rank's ``[Q, dO, lse, δ]`` rows to its sources, the sinks' rows'
+    dQ partials computed against the local K/V (dK/dV accumulate here) and returned, the
+    sources' dQ partials added to this rank's rows."""
+    comm, r, s = setup.comm(), setup.rank, q.size(2)
+    sources, sinks = peers
+    others = [j for j in sources if j != r]
+    b, hq, _, d = q.shape
+    dvd = dout.size(-1)
+    m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
+    kw = dict(scale=setup.scale, **setup.mask, kpm=kpm, backend=setup.options.backend)
+    dq = zeros_public(q, cd)
+    dk, dv = zeros_public(k, cd), zeros_public(v, cd)
+    pub = [public(x).to(cd) for x in (q, dout)] + [lse.to(cd).transpose(1, 2).unsqueeze(-1),
+                                                   (dout.to(cd) * out.to(cd)).sum(-1)
+                                                   .transpose(1, 2).unsqueeze(-1)]
+    widths = (d, dvd, 1, 1)
+    k_runs = setup.runs(r, s)
+    for i in range(m):
+        pieces = {j: _pieces(setup, j, s, m, i) for j in [r, *sinks]}
+        mine = torch.cat([_take(x, pieces[r]).flatten(2) for x in pub], dim=-1)  # [b, c, ·]
+        got = {j: torch.empty_like(mine) for j in sinks}
+        pending = comm.post([(mine, j) for j in others], [(got[j], j) for j in sinks])
+
+        def grads(rows, runs, dq_rows):
+            gq, gdo, glse, gdelta = rows.split([hq * w for w in widths], dim=-1)
+            gq, gdo = (to_bhsd(x.unflatten(-1, (hq, w))) for x, w in ((gq, d), (gdo, dvd)))
+            glse, gdelta = glse.transpose(1, 2), gdelta.transpose(1, 2)
+            norm = gdo.square().sum(-1)  # O as α·dO (mqsp_backward): rowsum(dO∘α·dO) = δ
+            gout = gdo * torch.where(norm > 0, gdelta / norm, 0.0).unsqueeze(-1)
+            attend_backward(gdo.to(q.dtype), gq.to(q.dtype), runs, k, v, k_runs,
+                            gout.to(q.dtype), glse, dq=to_bhsd(dq_rows), dk=dk, dv=dv, **kw)
+
+        own = torch.zeros(b, c, hq, d, dtype=cd, device=q.device)
+        grads(mine, _piece_runs(setup, r, s, pieces[r]), own)
+        pending.wait()
+        sends = []
+        for j in sinks:
+            dqj = torch.zeros_like(own)
+            grads(got[j], _piece_runs(setup, j, s, pieces[j]), dqj)
+            sends.append((dqj, j))
+        back = {j: torch.empty_like(own) for j in others}
+        comm.post(sends, [(back[j], j) for j in others]).wait()
+        for j in others:
+            own += back[j]
+        _put(dq.transpose(1, 2), pieces[r], own)
+    return dq, dk, dv
+
+
 def mqsp_forward(setup, q, k, v, kpm_all):
     """Per micro-step, this rank's pieces are written into its slot of the gather buffer,
     rank j's gathered queries attend the local K/V straight into slot j of the reduce-scatter
     buffer ``[P, b, c, h, D]`` (no rearranging copies). The next micro-step's query gather is
     in flight while a step computes (two gather buffers alive: ``2·P·c`` query rows)."""
+    peers = setup.peers(q.size(2))
+    if peers is not None:
+        return _sparse_forward(setup, q, k, v, kpm_all, peers)
     comm, r, s, P = setup.comm(), setup.rank, q.size(2), setup.world_size
     b, hq, _, d = q.shape
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
@@ -204,6 +311,9 @@ def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
     ``α = δ/|dO|²`` per row (``rowsum(dO∘α·dO) = δ``; a zero row of dO has ``δ = 0`` and
     ``α = 0``). That is ``D - 1`` fewer elements per gathered row and one query-sized buffer
     less per rank slot."""
+    peers = setup.peers(q.size(2))
+    if peers is not None:
+        return _sparse_backward(setup, dout, q, k, v, out, lse, kpm_all, peers)
     comm, r, s, P = setup.comm(), setup.rank, q.size(2), setup.world_size
     b, hq, _, d = q.shape
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
