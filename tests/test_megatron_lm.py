@@ -122,7 +122,8 @@ class TestSeqparFlags:
         assert mlm.validate_seqpar_args(argparse.Namespace(seqpar_method=None)) is None
 
     @pytest.mark.parametrize("over, match", [
-        ({"context_parallel_size": 1}, "--context-parallel-size is 1"),
+        ({"context_parallel_size": 1, "multi_latent_attention": True, "attention_dropout": 0.1},
+         "--attention-dropout 0"),  # MLA: the method runs at CP=1 too, so its rules apply
         ({"cp_comm_type": ["a2a"]}, "drop --cp-comm-type"),
         ({"attention_dropout": 0.1}, "--attention-dropout 0"),
         ({"spec": ["megatron_seqpar.specs", "gpt_lightseq"]}, "drop --spec"),
@@ -143,9 +144,11 @@ class TestSeqparFlags:
             mlm.validate_seqpar_args(megatron_like(**over))
 
     def test_all_conflicts_reported_at_once(self):
-        problems = mlm.seqpar_conflicts(megatron_like(context_parallel_size=1,
+        problems = mlm.seqpar_conflicts(megatron_like(cp_comm_type=["a2a"],
                                                       attention_dropout=0.1))
         assert len(problems) == 2
+        assert mlm.seqpar_conflicts(megatron_like(context_parallel_size=1,
+                                                  attention_dropout=0.1)) == []  # inactive
 
     def test_local_linears_without_apex(self):
         if mlm._has_module("fused_weight_gradient_mlp_cuda"):
@@ -311,8 +314,8 @@ CASES = [
      ("error", "micro_q")),
     ("other-method-flag", ["--seqpar-method", "rsa", "--seqpar-lightseq-balance"], {},
      ("error", "--seqpar-lightseq-balance")),
-    ("cp1", ["--seqpar-method", "lightseq", "--context-parallel-size", "1"],
-     {"world_size": 1}, ("error", "--context-parallel-size is 1")),
+    ("cp1", ["--seqpar-method", "lightseq", "--context-parallel-size", "1"],  # inactive: local
+     {"world_size": 1}, ("ok", "lightseq.Options")),
     ("te-cp-comm", ["--seqpar-method", "lightseq", "--cp-comm-type", "a2a"], {},
      ("error", "drop --cp-comm-type")),
     ("dropout", ["--seqpar-method", "lightseq", "--attention-dropout", "0.1"], {},
