@@ -229,17 +229,39 @@ def _positions(sh: AttnShape, r: int) -> tuple[Run, ...]:
     return local_runs(sh.layout, r, sh.P, sh.s, sh.cu_seqlens)
 
 
+def _positive_sum(a: int, b: int, lo: int, hi: int) -> int:
+    """``sum(max(0, a*i + b) for i in range(lo, hi))`` for a slope ``a`` in {-1, 0, 1}."""
+    if a == 1:
+        lo = max(lo, 1 - b)
+    elif a == -1:
+        hi = min(hi, b)
+    elif b <= 0:
+        return 0
+    if lo >= hi:
+        return 0
+    return (2 * b + a * (lo + hi - 1)) * (hi - lo) // 2
+
+
 def _window_pairs(sh: AttnShape, qr: Run, kr: Run) -> int:
     """Visible pairs of query run ``qr`` and key run ``kr`` (same sequence) under the window:
-    query ``i`` sees keys ``[max(ks, i - left), min(ke - 1, i + right, i if causal)]``."""
+    query ``i`` sees keys ``[max(ks, i - L), min(ke - 1, i + R)]`` (``R = 0`` when causal,
+    unbounded sides infinite), a clamped piecewise-linear count summed in closed form over the
+    stretches between the two bounds' breakpoints (the planner calls this for 100K-token
+    shards)."""
     left, right = sh.window
-    ks, ke, n = kr.start, kr.end, 0
-    for i in range(qr.start, qr.end):
-        lo = ks if left < 0 else max(ks, i - left)
-        hi = ke - 1 if right < 0 else min(ke - 1, i + right)
-        hi = min(hi, i) if sh.causal else hi
-        n += max(0, hi - lo + 1)
-    return n
+    big = 1 << 62
+    L = left if left >= 0 else big
+    R = 0 if sh.causal else (right if right >= 0 else big)
+    ks, ke = kr.start, kr.end
+    cuts = sorted({qr.start, qr.end, *(x for x in (ks + L + 1, ke - R)
+                                       if qr.start < x < qr.end)})
+    total = 0
+    for a, b in zip(cuts, cuts[1:]):
+        lo_slope, hi_slope = int(a > ks + L), int(a <= ke - 1 - R)
+        count = min(ke - 1, a + R) - max(ks, a - L) + 1  # at i = a
+        slope = hi_slope - lo_slope
+        total += _positive_sum(slope, count - slope * a, a, b)
+    return total
 
 
 def _pairs(sh: AttnShape, q_runs, k_runs) -> int:

@@ -24,6 +24,7 @@ class ModelConfig:
     vocab: int = 32000
     gated: bool = False
     causal: bool = True
+    window: int = 0  # causal sliding window (window, 0) on every layer when > 0 (Mistral)
 
     def __post_init__(self):
         if self.kv_heads is None:
@@ -93,13 +94,17 @@ def layer_cost(model: ModelConfig, *, S: int, P: int, method: str, tp: int = 1, 
     if model.heads % tp:
         raise ValueError(f"tp={tp} must divide heads={model.heads}")
     hq, hkv = model.heads // tp, max(1, model.kv_heads // tp)
-    layout = layout or ("zigzag" if method not in ("ulysses", "allgather") else "contiguous")
+    # a causal window makes zigzag pointless (every query sees about `window` keys) and
+    # contiguous shards then talk to their neighbours only
+    zigzag = method not in ("ulysses", "allgather") and not model.window
+    layout = layout or ("zigzag" if zigzag else "contiguous")
+    window = (model.window, 0) if model.window else None
     sh = AttnShape(S=S, P=P, b=b, hq=hq, hkv=hkv, D=model.head_dim, dtype=dtype,
                    causal=model.causal, layout=layout, mqsp_budget_mb=mqsp_budget_mb,
-                   head_parallel=head_parallel)
+                   head_parallel=head_parallel, window=window)
     att = attention_cost("nosp" if P == 1 else method, sh)
     local = attention_cost("nosp", AttnShape(S=sh.s, P=1, b=b, hq=hq, hkv=hkv, D=sh.D,
-                                             dtype=dtype, causal=model.causal))
+                                             dtype=dtype, causal=model.causal, window=window))
     e, s, h = sh.e, sh.s, model.hidden
     base = 34 * s * b * h * e // 2 // tp
     extra = max(0, att.max_act_bytes - local.max_act_bytes)

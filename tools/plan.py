@@ -141,14 +141,18 @@ def max_seqlen(model, cl, *, method, P, tp, step=None, **kw) -> int:
 
 
 def candidates(model: ModelConfig, gpus: int):
-    """(method, P, tp, layout) worth ranking on ``gpus`` GPUs for one sequence."""
+    """(method, P, tp, layout) worth ranking on ``gpus`` GPUs for one sequence (with a
+    sliding window our methods run contiguous: every query sees about the window's keys, and
+    contiguous shards talk to their neighbours only)."""
     tps = [t for t in (1, 2, 4, 8) if model.heads % t == 0 and t <= gpus]
+    ours = "contiguous" if model.window else "zigzag"
     for tp in tps:
         P = gpus // tp
         if P > 1:
             for m in METHODS:
-                yield m, P, tp, "zigzag"
-            yield "lightseq", P, tp, "contiguous"
+                yield m, P, tp, ours
+            if not model.window:
+                yield "lightseq", P, tp, "contiguous"
             yield "ring", P, tp, "zigzag"
             if (model.kv_heads // tp) % P == 0:
                 yield "ulysses", P, tp, "contiguous"
@@ -344,6 +348,9 @@ def main(argv=None) -> None:
     p.add_argument("--ffn", type=int)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--bidirectional", action="store_true")
+    p.add_argument("--window", type=int, default=0,
+                   help="causal sliding window on every layer (e.g. 4096, Mistral): pairs and "
+                        "transfers outside it are not counted; the layout becomes contiguous")
     p.add_argument("--cluster", choices=sorted(CLUSTERS), default="a100-80g")
     p.add_argument("--gpus", type=int, help="GPUs for one sequence (default: the preset's)")
     p.add_argument("--gpu-mem-gb", type=float)
@@ -375,6 +382,8 @@ def main(argv=None) -> None:
                             a.vocab, causal=not a.bidirectional)
     else:
         model = MODELS[a.model]
+    if a.window:
+        model = replace(model, name=f"{model.name}+w{a.window}", window=a.window)
     cl = CLUSTERS[a.cluster]
     over = {k: v for k, v in dict(gpus=a.gpus, mem_gb=a.gpu_mem_gb, intra_gbps=a.intra_gbps,
                                   inter_gbps=a.inter_gbps, peak_tflops=a.peak_tflops,
