@@ -54,6 +54,7 @@ from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, local_runs
 from megatron_seqpar.lightseq import schedule
 from megatron_seqpar.mqsp import pick_micro_chunks
 from megatron_seqpar.registry import METHODS
+from megatron_seqpar.rsa import plan_rows, row_elements
 
 BASELINES = ("ulysses", "ring", "allgather", "nosp")
 ALL = METHODS + BASELINES
@@ -344,7 +345,10 @@ def _rsa(sh: AttnShape, r: int):
     n = rsa_steps(sh) - 1  # transfers per ring
     fwd = 2 * n * KV  # K ring, then V ring
     bwd = 2 * n * KV + 2 * n * KV * a // e  # V and K rings; dV, dK partials home
-    probs = sh.b * sh.hq * sh.s * sh.S * a  # the method: full score rows, kept for backward
+    # the method: its score rows, kept for the backward; the needed blocks only (rsa.plan_rows)
+    plans = plan_rows(_positions(sh, r), [_positions(sh, j) for j in range(sh.P)], sh.causal,
+                      sh.window)
+    probs = sh.b * sh.hq * row_elements(plans) * a
     # the backward's K ring, beside the rows and the wrapper's tensors: dO, the scaled Q and
     # a block's rescaled Q or dQ product (accumulation dtype; the per-block row factors are
     # small), the ring's own dense copy and two receive buffers, and the

@@ -25,12 +25,11 @@ rows are taken as ``dOᵀ·P`` and ``Qᵀ·dS`` (the dV and dK partials travel t
 are then read in their own order, about 13% faster than through a transposed operand here.
 
 Memory per rank: the score/probability rows ``b·hq·s·S`` in the accumulation dtype, kept for
-the backward (allocated whole, stored block by block: each needed block contiguous, in ring
-order; the blocks nobody needs, the buffer's tail, are never written nor read). That
+the backward, of which only the needed blocks are stored (``plan_rows``: each contiguous, in
+ring order; about half the rows for a causal mask, the band for a sliding window). That
 quadratic term is the method, kept faithfully; the other methods exist to avoid it. On CPU
 the rows are fresh memory every call; ``huge_pages`` (default on) asks Linux for transparent
-huge pages for them (``hostmem``: 512x fewer first-touch faults; only the needed blocks, the
-buffer's head, are touched, so only they become resident). Sent per
+huge pages for them (``hostmem``: 512x fewer first-touch faults). Sent per
 rank, forward: ``(P-1)·s·b·hkv·D`` for each of K and V; backward: the same again plus
 ``(P-1)·s·b·hkv·D`` partials of dK and of dV (accumulation dtype).
 
@@ -140,16 +139,22 @@ def _ring_steps(setup, s) -> int:
 
 
 def _blocks(setup, s):
-    """Per source rank ``j``: the ``(rows, columns within j's chunk, kind)`` blocks of this
-    rank's score rows that some query needs; the rest of the rows are never computed nor read
-    (fully masked: later positions, other packed sequences). A diagonal block is cut into
-    row tiles of at least 256 rows (eight per block at most): a tile sees the keys before it
-    in full and its own square causally, so about half of each diagonal is skipped too."""
-    q_runs = setup.runs(setup.rank, s)
+    """This rank's ``plan_rows``."""
+    return plan_rows(setup.runs(setup.rank, s), [setup.runs(j, s) for j in range(setup.world_size)],
+                     setup.causal, setup.window)
+
+
+def plan_rows(q_runs, k_runs_per_rank, causal: bool, window=None):
+    """Per source rank ``j``: the ``(rows, columns within j's chunk, kind)`` blocks of a rank's
+    score rows that some query needs (``kernels.plan_blocks``); the rest of the rows are never
+    computed nor stored (fully masked: later positions, other packed sequences, outside a
+    window). A diagonal block is cut into row tiles of at least 256 rows (eight per block at
+    most): a tile sees the keys before it in full and its own square causally, so about half of
+    each diagonal is skipped too. Pure: the cost model calls it too (``cost._rsa``)."""
     out = []
-    for j in range(setup.world_size):
+    for k_runs in k_runs_per_rank:
         blocks = []
-        for blk in plan_blocks(q_runs, setup.runs(j, s), setup.causal, window=setup.window):
+        for blk in plan_blocks(q_runs, k_runs, causal, window=window):
             n = blk.q.stop - blk.q.start
             if blk.kind != "causal" or n <= 256:
                 blocks.append(blk)
@@ -163,6 +168,12 @@ def _blocks(setup, s):
                 blocks.append(blk._replace(q=rows, k=slice(k0, k0 + rows.stop - rows.start)))
         out.append(blocks)
     return out
+
+
+def row_elements(plans) -> int:
+    """Score-row entries per head and batch row that ``plans`` store: the needed blocks."""
+    return sum((blk.q.stop - blk.q.start) * (blk.k.stop - blk.k.start)
+               for blocks in plans for blk in blocks)
 
 
 def _block_bool_mask(blk, kpm, device):
@@ -270,7 +281,8 @@ def rsa_forward(setup, q, k, v, kpm_all):
     stats, n_stat = _stat_slices(plans)
     dev = device_kind(q)
     qs = (q.to(cd) * (setup.scale * _LOG2E)).reshape(b, hkv, g, s, d)  # scores in base 2
-    probs = torch.empty(b * hkv * g * s * P * s, dtype=cd, device=q.device)  # the s x S rows
+    # the needed blocks of the s x S rows, one after another (causal: about half of them)
+    probs = torch.empty(b * hkv * g * row_elements(plans), dtype=cd, device=q.device)
     if setup.options.huge_pages:
         advise_huge_pages(probs)  # before the first write: fresh memory, faulted 2 MiB at a time
     views = _block_views(probs, plans, b, hkv, g)

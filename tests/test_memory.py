@@ -1,5 +1,5 @@
 """Per-rank peak memory of the attention op (forward + backward): linear in S for MQSP, LSS
-and LightSeq, quadratic (S²/P score rows) for RSA. Measured with the allocation tracker."""
+and LightSeq, quadratic (S²/P score rows, the needed causal half) for RSA. Measured with the allocation tracker."""
 
 import torch
 from distributed import run_on_ranks
@@ -30,8 +30,11 @@ def test_peak_memory_scaling():
         growth = {m: per_rank[m, S2] / per_rank[m, S1] for m in msp.METHODS}
         for m in ("mqsp", "lss", "lightseq"):  # doubling S: at most ~2x, allocator slack 25%
             assert growth[m] < 2.5, (m, growth, per_rank)
-        assert growth["rsa"] > 3.5, (growth, per_rank)  # score rows b·hq·s·S: 4x
-        rows = 1 * 4 * (S2 // 2) * S2 * 4  # b·hq·s·S fp32 bytes
+        # RSA stores the needed blocks of its score rows: causal, about half of b·hq·s·S,
+        # which grows 4x; with the linear terms beside it (~20% of the peak at S2) the peak
+        # grows ~3.3x, where a linear method stays near 2x
+        assert growth["rsa"] > 3.0, (growth, per_rank)
+        rows = 1 * 4 * (S2 // 2) * S2 * 4 // 2  # half of b·hq·s·S fp32 bytes
         assert per_rank["rsa", S2] >= rows
         for m in ("mqsp", "lightseq"):
             assert per_rank[m, S2] * 4 <= per_rank["rsa", S2], per_rank

@@ -30,7 +30,9 @@ Sliding windows (ours; issue 26):
 ``--window L`` runs every method with ``window_size=(L, 0)`` in the contiguous layout (a
 causal window makes zigzag pointless: every query sees about L keys) plus LightSeq in zigzag,
 and ``window/1proc``: the same windowed attention over the whole sequence in one process with
-the package's own kernels (``kernels.attend``), whose time over P is the ideal (``x_window``).
+the package's own kernels (``kernels.attend``), whose time is the ideal: ``x_window`` is the
+wall time over ``T1 / min(P, cores)`` (P ranks on fewer cores cannot beat that) and
+``cpu/window`` the busiest rank's CPU seconds over ``T1``'s CPU seconds ``/ P`` (the work).
 Bytes per rank are compared with the model (``cost.attention_cost`` with the window). The peers
 run no window: PyTorch's ring attention takes ``is_causal`` only (no mask), and
 DeepSpeed-Ulysses' local attention would need an explicit ``[S, S]`` mask (4 GiB in fp32 at
@@ -377,7 +379,12 @@ def ratios(records: list[dict]) -> list[dict]:
             row["x_ideal"] = r["time_s"] / (base["time_s"] / 2)
         win = by.get((S, "window/1proc"))
         if win and "time_s" in win and r["label"] != "window/1proc":
-            row["x_window"] = r["time_s"] / (win["time_s"] / len(r["peak_bytes"]))
+            # wall time against T1 / min(P, cores) (P ranks on fewer cores cannot beat that),
+            # and the busiest rank's CPU seconds against T1's / P (the work, whatever the cores)
+            P = len(r["peak_bytes"])
+            row["x_window"] = r["time_s"] / (win["time_s"] / min(P, os.cpu_count() or P))
+            if r.get("cpu_s") and win.get("cpu_s"):
+                row["cpu/window"] = r["cpu_s"] / (win["cpu_s"] / P)
         for peer in ("ulysses", "ring", "nosp/1thr"):
             p = by.get((S, peer))
             if p and "time_s" in p:
@@ -442,8 +449,8 @@ def print_compare(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["S", "label", "time_s", "cpu_s", "x_ideal", "x_window", "t/ulysses", "t/ring",
-            "peak_mb",
+    cols = ["S", "label", "time_s", "cpu_s", "x_ideal", "x_window", "cpu/window", "t/ulysses",
+            "t/ring", "peak_mb",
             "mem/ring", "mem/nosp/1thr", "sent_mb", "bytes/model", "bytes==model", "inner==model",
             "mem/model"]
     print(" ".join(f"{c:>24}" if c == "label" else f"{c:>13}" for c in cols))
