@@ -321,15 +321,14 @@ def check_window(window) -> tuple[int, int] | None:
     unbounded, the flash-attn / Megatron convention). ``(-1, -1)`` is no window (None)."""
     if window is None:
         return None
+    bad = ValueError(f"window_size must be a pair (left, right) of ints >= -1 (-1 = unbounded), "
+                     f"got {window!r}")
     try:
         left, right = window
     except (TypeError, ValueError):
-        raise ValueError(f"window_size must be a pair (left, right) of ints >= -1 (-1 = "
-                         f"unbounded), got {window!r}") from None
-    ok = all(isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in (left, right))
-    if not ok:
-        raise ValueError(f"window_size must be a pair (left, right) of ints >= -1 (-1 = "
-                         f"unbounded), got {window!r}")
+        raise bad from None
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in (left, right)):
+        raise bad
     return None if (left, right) == (-1, -1) else (left, right)
 
 

@@ -59,9 +59,10 @@ def rsa_rows_hinted(rank, world, huge_pages):
     advise = rsa.advise_huge_pages
     rsa.advise_huge_pages = lambda t: seen.append(advise(t)) or seen[-1]
     try:
-        # rows b·hq·s·S = 1·2·1024·2048 float64 = 32 MiB: just at hostmem.MIN_BYTES
+        # the needed causal blocks of the rows b·hq·s·S = 1·2·1536·3072 float64: 39 MiB
+        # (rsa.row_elements), just above hostmem.MIN_BYTES (32 MiB)
         errs = run_case("rsa", "zigzag", True, 2, 1, 8, False, torch.float64, seed=5, b=1,
-                        S_per_rank=1024, options=msp.method_options("rsa")(huge_pages=huge_pages))
+                        S_per_rank=1536, options=msp.method_options("rsa")(huge_pages=huge_pages))
     finally:
         rsa.advise_huge_pages = advise
     return errs, seen
