@@ -1,5 +1,6 @@
 """Per-rank peak memory of the attention op (forward + backward): linear in S for MQSP, LSS
-and LightSeq, quadratic (S²/P score rows, the needed causal half) for RSA. Measured with the allocation tracker."""
+and LightSeq, quadratic (S²/P score rows, the needed causal half) for RSA. Measured with the
+allocation tracker."""
 
 import torch
 from distributed import run_on_ranks
