@@ -16,6 +16,10 @@ S]``, the same on every rank): ``contiguous`` still gives rank ``r`` stream toke
 ``2P-1-r`` of each sequence, in sequence order (Transformer Engine's
 ``thd_get_partitioned_indices``, which Megatron's ``get_thd_batch_on_this_cp_rank`` uses).
 Without ``cu_seqlens`` the stream is one sequence (``doc`` 0).
+
+``balanced`` (packed streams only): short documents stay whole on one rank, long ones are
+split over all ranks in zigzag pieces, every rank holds exactly ``S/P`` tokens and the largest
+rank's causal work is minimised (``megatron_seqpar.balance``; no padding beyond ``S/P``).
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from megatron_seqpar.balance import assign
 from megatron_seqpar.hostread import host_ints
 
-LAYOUTS = ("contiguous", "zigzag")
+LAYOUTS = ("contiguous", "zigzag", "balanced")
+SEQUENCE_LAYOUTS = ("contiguous", "zigzag")  # the layouts that need no cu_seqlens
 
 
 class Run(NamedTuple):
@@ -56,6 +62,9 @@ def check_cu_seqlens(cu_seqlens, total: int, layout: str, world_size: int):
     (``hostread``: one device sync per step for a CUDA tensor, not one per layer).
     """
     if cu_seqlens is None:
+        if layout == "balanced":
+            raise ValueError("the balanced layout places packed documents: pass cu_seqlens (for "
+                             "one sequence use zigzag or contiguous)")
         return None
     if isinstance(cu_seqlens, torch.Tensor):
         if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or \
@@ -97,6 +106,8 @@ def local_runs(layout: str, rank: int, world_size: int, local_len: int,
     check_layout(layout)
     if cu_seqlens is not None:
         return _packed_runs(layout, rank, world_size, local_len, tuple(cu_seqlens))
+    if layout == "balanced":
+        raise ValueError("the balanced layout needs cu_seqlens (packed documents)")
     if layout == "contiguous" or world_size == 1:
         return (Run(0, rank * local_len, local_len),)
     if local_len % 2:
@@ -111,6 +122,12 @@ def local_runs(layout: str, rank: int, world_size: int, local_len: int,
 @lru_cache(maxsize=256)
 def _packed_runs(layout, rank, world_size, local_len, cu) -> tuple[Run, ...]:
     out: list[Run] = []
+    if layout == "balanced":
+        local = 0
+        for doc, a, b in _balanced(cu, world_size)[rank]:
+            out.append(Run(local, a, b - a, doc))
+            local += b - a
+        return tuple(out)
     if layout == "contiguous" or world_size == 1:
         lo, hi = rank * local_len, (rank + 1) * local_len
         for doc, (a, b) in enumerate(zip(cu, cu[1:])):
@@ -127,6 +144,11 @@ def _packed_runs(layout, rank, world_size, local_len, cu) -> tuple[Run, ...]:
             out.append(Run(local, a + chunk * c, c, doc))
             local += c
     return tuple(out)
+
+
+@lru_cache(maxsize=64)
+def _balanced(cu: tuple[int, ...], world_size: int):
+    return assign(cu, world_size)
 
 
 def slice_runs(runs: tuple[Run, ...], lo: int, hi: int, offset: int = 0) -> tuple[Run, ...]:
@@ -189,7 +211,7 @@ def shard_sequence(x: torch.Tensor, dim: int = 1, group=None, layout: str = "con
             f"{world} ranks); pad or choose a length that is a multiple of {n}"
         )
     cu = check_cu_seqlens(cu_seqlens, x.size(dim), layout, world)
-    if cu is not None and layout == "zigzag" and world > 1:
+    if cu is not None and layout != "contiguous" and (world > 1 or layout == "balanced"):
         idx = positions(local_runs(layout, rank, world, x.size(dim) // world, cu), x.device)
         return x.index_select(dim, idx)
     chunks = x.chunk(n, dim=dim)
@@ -212,7 +234,7 @@ def gather_sequence(x_local: torch.Tensor, dim: int = 1, group=None, layout: str
     dist.all_gather(parts, x_local, group=group)
     s = x_local.size(dim)
     cu = check_cu_seqlens(cu_seqlens, s * world, layout, world)
-    if cu is not None and layout == "zigzag":
+    if cu is not None and layout != "contiguous":
         idx = torch.cat([positions(local_runs(layout, j, world, s, cu), x_local.device)
                          for j in range(world)])
         full = torch.empty_like(torch.cat(parts, dim=dim))

@@ -6,6 +6,7 @@ from distributed import run_on_ranks
 from test_attention_exact import RTOL, run_case
 
 import megatron_seqpar as msp
+from megatron_seqpar.layouts import SEQUENCE_LAYOUTS
 from megatron_seqpar.comm import count_traffic
 from megatron_seqpar.lightseq import schedule
 
@@ -16,7 +17,7 @@ def variant(rank, world, method, layout, options, causal=True, pad=True):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("layout", msp.LAYOUTS)
+@pytest.mark.parametrize("layout", SEQUENCE_LAYOUTS)
 def test_mqsp_micro_q_exact(world, layout):
     # 12 local tokens in 3 micro-chunks of 4: chunk 1 straddles the two zigzag halves
     opts = msp.method_options("mqsp")(micro_q=3)

@@ -30,7 +30,7 @@ def packings(world, layout):
         for n in lens:
             cu.append(cu[-1] + n * u)
         out.append(cu)
-    if layout == "contiguous":  # any lengths: straddling ranks at odd places
+    if layout != "zigzag":  # any lengths: straddling ranks at odd places
         S = S_PER_RANK * world
         out.append([0, 5, 5 + (S - 9) // 2, S - 3, S])
     return out

@@ -15,7 +15,7 @@ from reference import check_sharded, make_padding
 import megatron_seqpar as msp
 from megatron_seqpar.comm import count_traffic
 from megatron_seqpar.kernels import check_window, plan_blocks
-from megatron_seqpar.layouts import Run
+from megatron_seqpar.layouts import SEQUENCE_LAYOUTS, Run
 
 RTOL = 1e-10  # float64: round-off of a few thousand fused multiply-adds stays near 1e-14
 # Window (0, 0) without sinks: every row's softmax is one key, so dq and dk are exactly 0 and
@@ -43,7 +43,7 @@ def run_case(method, layout, causal, window, sinks, dv, pad, seed, *, hq=4, hkv=
 
 def window_matrix(rank, world, method):
     failures, i = [], 0
-    for layout in msp.LAYOUTS:
+    for layout in SEQUENCE_LAYOUTS:
         for window in WINDOWS:
             for causal in (True, False):
                 i += 1
@@ -73,7 +73,7 @@ def packed_and_two_level(rank, world, method):
             out.append((f"packed {layout} {window}", errs))
     if world == 4:
         opts = msp.method_options(method)(head_parallel=2)
-        for layout in msp.LAYOUTS:
+        for layout in SEQUENCE_LAYOUTS:
             errs = run_case(method, layout, True, (5, 0), True, 24, True, seed=6, hq=4, hkv=2,
                             options=opts)
             out.append((f"two levels {layout}", errs))
@@ -120,7 +120,7 @@ def _traffic(rank, world, window, layout):
     return out
 
 
-@pytest.mark.parametrize("layout", msp.LAYOUTS)
+@pytest.mark.parametrize("layout", SEQUENCE_LAYOUTS)
 def test_window_bytes_equal_the_model(layout):
     """Bytes sent and received per rank (fp32, forward + backward, 4 ranks of 16 tokens, causal
     window of 5) equal ``cost.attention_cost``; in the contiguous layout LightSeq sends its

@@ -39,6 +39,7 @@ from reference import check_sharded
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import megatron_seqpar as msp
+from megatron_seqpar.layouts import SEQUENCE_LAYOUTS
 from megatron_seqpar import kernels, kernels_cuda, rsa
 from megatron_seqpar.api import Setup
 
@@ -169,7 +170,7 @@ TOL = 1e-5  # fp32 inputs, float64 emulated kernels: fp32 rounding of outputs an
 
 def _cuda_plan_matrix(rank, world, method):
     failures, ran = [], []
-    for layout in msp.LAYOUTS:
+    for layout in SEQUENCE_LAYOUTS:
         for causal, pad in ((True, False), (False, True), (True, True)):
             S = 16 * world
             kpm = None

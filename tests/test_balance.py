@@ -1,0 +1,138 @@
+"""The ``balanced`` layout's assignment (``megatron_seqpar.balance``): every rank exactly S/P
+tokens, every token once, short documents whole, long ones zigzagged, and the largest rank's
+causal work within 5% of the mean where the documents allow it. Its float64 exactness under
+every method is in ``test_attention_packed.py`` (the layout is one of ``msp.LAYOUTS``), with
+windows and two levels in ``test_attention_windows.py`` / ``test_attention_two_level.py``."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from distributed import run_on_ranks
+
+import megatron_seqpar as msp
+from megatron_seqpar.balance import assign, balance_report, pairs
+
+
+def stream(lengths, P):
+    """cu_seqlens of ``lengths`` with the last trimmed so the total divides by P."""
+    lengths = list(lengths)
+    lengths[-1] -= sum(lengths) % P
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return tuple(cu)
+
+
+def distributions(S, seed=0):
+    """uniform, long-tailed lognormal and the driver's default corpus (Python's help topics,
+    bytes per document, in order), each about S tokens."""
+    from megatron_seqpar.training.data import default_documents
+
+    rng = random.Random(seed)
+    uniform = [rng.randint(S // 64, S // 16) for _ in range(40)]
+    lognormal = [max(1, int(rng.lognormvariate(0, 1.2) * S / 40)) for _ in range(40)]
+    corpus, total = [], 0
+    for doc in default_documents():
+        corpus.append(len(doc.encode("utf-8")))
+        total += corpus[-1]
+        if total >= S:
+            break
+    out = {}
+    for name, lens in (("uniform", uniform), ("lognormal", lognormal), ("corpus", corpus)):
+        scale = S / sum(lens)
+        out[name] = [max(1, round(n * scale)) for n in lens]
+    return out
+
+
+def check_assignment(cu, P):
+    held = assign(cu, P)
+    s = cu[-1] // P
+    seen = torch.zeros(cu[-1], dtype=torch.int32)
+    for pieces in held:
+        assert sum(b - a for _, a, b in pieces) == s
+        for d, a, b in pieces:
+            assert cu[d] <= a < b <= cu[d + 1]
+            seen[a:b] += 1
+    assert bool((seen == 1).all()), "every token exactly once"
+    return held
+
+
+@pytest.mark.parametrize("P", [1, 2, 3, 4, 8])
+def test_every_rank_holds_s_tokens_and_every_token_once(P):
+    S = 96 * P
+    rng = random.Random(P)
+    for _ in range(20):
+        lens = [rng.choice([0, 1, 3, 7, 20, 50, 200, 500]) for _ in range(rng.randint(1, 30))]
+        lens.append(S)  # padded by the trim below to exactly S in all
+        cu = [0]
+        for n in lens:
+            cu.append(min(S, cu[-1] + n))
+        cu[-1] = S
+        check_assignment(tuple(cu), P)
+
+
+def test_short_documents_stay_whole_and_long_ones_are_zigzagged():
+    P, S = 4, 4096
+    cu = stream([3000, *([68] * 16)], P)  # one document much longer than S/P = 1024
+    held = check_assignment(cu, P)
+    owners = {}
+    for r, pieces in enumerate(held):
+        for d, a, b in pieces:
+            owners.setdefault(d, []).append((r, a, b))
+    assert len({r for r, _, _ in owners[0]}) == P  # the long one on every rank...
+    for r in range(P):  # ...in zigzag: an early piece and its mirror on each rank
+        mine = sorted((a, b) for q, a, b in owners[0] if q == r)
+        assert len(mine) == 2
+    whole = [d for d in owners if d != 0 and len(owners[d]) == 1]
+    assert len(whole) >= 14  # at most a couple of the short ones cut where room ran out
+    assert balance_report(cu, P)["max_over_mean"] < 1.05
+
+
+@pytest.mark.parametrize("P", [4, 8])
+def test_balance_beats_zigzag_on_every_distribution(P):
+    """Largest/mean rank causal pairs: balanced within 5% on uniform, long-tailed and the
+    default corpus's document lengths at S=64K; zigzag (every document padded to a multiple
+    of 2P, as Transformer Engine's THD layout needs) for comparison, with its padding."""
+    S = 65536
+    for name, lens in distributions(S).items():
+        cu = stream(lens, P)
+        bal = balance_report(cu, P)
+        padded = stream([-(-n // (2 * P)) * 2 * P for n in lens] + [2 * P], P)
+        zz = balance_report(padded, P, "zigzag")
+        assert bal["max_over_mean"] <= 1.05, (name, bal)
+        assert bal["split"] < zz["split"], (name, bal["split"], zz["split"])
+        print(f"P={P} {name}: balanced {bal['max_over_mean']:.3f} ({bal['split']} of "
+              f"{bal['docs']} documents split), zigzag {zz['max_over_mean']:.3f} "
+              f"({zz['split']} split, {padded[-1] - cu[-1]} padding tokens)")
+
+
+def test_assignment_is_deterministic_and_needs_cu_seqlens():
+    cu = stream([10, 300, 5, 77, 1, 400], 4)
+    assert assign(cu, 4) == assign(tuple(cu), 4)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        msp.shard_sequence(torch.zeros(1, 8), dim=1, layout="balanced")
+    with pytest.raises(ValueError, match="not divisible"):
+        assign((0, 5, 9), 2)
+
+
+def test_pairs_counts_causal_pairs():
+    assert pairs(10, 10, 14) == 1 + 2 + 3 + 4
+    assert pairs(10, 12, 14) == 3 + 4
+    assert pairs(0, 5, 5) == 0
+
+
+def _roundtrip(rank, world, cu):
+    x = torch.arange(cu[-1] * 2, dtype=torch.float64).view(2, cu[-1], 1)
+    local = msp.shard_sequence(x, dim=1, layout="balanced", cu_seqlens=cu)
+    back = msp.gather_sequence(local, dim=1, layout="balanced", cu_seqlens=cu)
+    return local.size(1), bool(torch.equal(back, x))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shard_and_gather_are_inverse(world):
+    cu = list(stream([5, 0, 37, 2, 100, 1, 23, 60], world))
+    for size, same in run_on_ranks(_roundtrip, world, cu):
+        assert same and size == cu[-1] // world
