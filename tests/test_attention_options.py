@@ -6,8 +6,8 @@ from distributed import run_on_ranks
 from test_attention_exact import RTOL, run_case
 
 import megatron_seqpar as msp
-from megatron_seqpar.layouts import SEQUENCE_LAYOUTS
 from megatron_seqpar.comm import count_traffic
+from megatron_seqpar.layouts import SEQUENCE_LAYOUTS
 from megatron_seqpar.lightseq import schedule
 
 

@@ -13,8 +13,8 @@ from distributed import run_on_ranks
 from reference import check_sharded, make_padding
 
 import megatron_seqpar as msp
-from megatron_seqpar.layouts import SEQUENCE_LAYOUTS
 from megatron_seqpar.comm import count_traffic
+from megatron_seqpar.layouts import SEQUENCE_LAYOUTS
 
 RTOL = 1e-10  # float64: round-off of a few thousand fused multiply-adds stays near 1e-14
 

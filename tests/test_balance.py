@@ -75,7 +75,7 @@ def test_every_rank_holds_s_tokens_and_every_token_once(P):
 
 
 def test_short_documents_stay_whole_and_long_ones_are_zigzagged():
-    P, S = 4, 4096
+    P = 4
     cu = stream([3000, *([68] * 16)], P)  # one document much longer than S/P = 1024
     held = check_assignment(cu, P)
     owners = {}

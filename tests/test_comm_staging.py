@@ -14,8 +14,8 @@ import torch
 from distributed import run_on_ranks
 
 import megatron_seqpar as msp
-from megatron_seqpar.layouts import SEQUENCE_LAYOUTS
 from megatron_seqpar.comm import Comm, count_traffic, stage_through_host, staging_enabled
+from megatron_seqpar.layouts import SEQUENCE_LAYOUTS
 
 PKG = pathlib.Path(msp.__file__).parent
 

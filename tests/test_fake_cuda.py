@@ -39,9 +39,9 @@ from reference import check_sharded
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import megatron_seqpar as msp
-from megatron_seqpar.layouts import SEQUENCE_LAYOUTS
 from megatron_seqpar import kernels, kernels_cuda, rsa
 from megatron_seqpar.api import Setup
+from megatron_seqpar.layouts import SEQUENCE_LAYOUTS
 
 _OP = kernels_cuda._op
 _EFF_BWD = torch.ops.aten._efficient_attention_backward.default._schema
