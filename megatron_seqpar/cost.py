@@ -103,6 +103,8 @@ class AttnShape:
             raise ValueError(f"zigzag needs an even local length, got s={self.s}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown layout {self.layout!r}; use one of {LAYOUTS}")
+        if self.layout == "balanced" and self.cu_seqlens is None:
+            raise ValueError("the balanced layout places packed documents: give cu_seqlens")
         if self.cu_seqlens is not None:
             object.__setattr__(self, "cu_seqlens", check_cu_seqlens(
                 tuple(int(x) for x in self.cu_seqlens), self.S, self.layout,

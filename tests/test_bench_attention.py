@@ -53,3 +53,21 @@ def test_bench_attention_window_rows(tmp_path):
     kv = 64 * 2 * 8 * 4  # one rank's K (or V): 64 tokens, 2 heads of 8, fp32
     for k in ("rsa/contig+w", "lightseq/contig+w"):  # forward K/V, backward again + partials
         assert max(sent[k]) == 6 * kv, (k, sent[k])
+
+
+@pytest.mark.own_world
+def test_bench_attention_balanced_rows(tmp_path):
+    """``--packed-docs N --balanced``: the balanced row of a method against its zigzag packed
+    row on the same stream, bytes equal to the model."""
+    import bench_attention
+
+    out = str(tmp_path / "bench")
+    bench_attention.main(["--seqlens", "256", "--ranks", "2", "--heads", "2", "--head-dim", "8",
+                          "--packed-docs", "6", "--doc-lengths", "corpus", "--balanced",
+                          "--only", "lightseq/zigzag", "--peers", "--repeats", "0",
+                          "--out", out])
+    with open(out + ".json") as f:
+        data = json.load(f)
+    (row,) = [r for r in data["compare"] if r["label"] == "lightseq/balanced+packed"]
+    assert row["vs"] == "zigzag+packed" and row["bytes==model"], row
+    assert row["busiest_pred"] < 1.2 and row["time_ratio"] > 0, row

@@ -38,6 +38,11 @@ run no window: PyTorch's ring attention takes ``is_causal`` only (no mask), and
 DeepSpeed-Ulysses' local attention would need an explicit ``[S, S]`` mask (4 GiB in fp32 at
 32K); they are left out with ``--window``.
 
+``--balanced`` (with ``--packed-docs``) adds every method in the ``balanced`` layout on the
+same stream; its compare row is against the method's zigzag packed row: time, busiest rank's
+predicted FLOPs over the mean (``busiest_pred`` balanced, ``flop_pred`` zigzag), peak memory
+and bytes sent. ``--doc-lengths {lognormal,uniform,corpus}`` picks the length distribution.
+
 ``--packed-docs N`` adds a packed copy of every variant (``+packed``: N documents, lengths
 drawn with ``--packed-seed``, multiples of 2P, through ``cu_seqlens``) and prints its time over
 the unpacked one beside the predicted FLOP ratio ``sum(L_i^2)/S^2`` and the busiest rank's
@@ -89,11 +94,20 @@ class Variant:
             raise ValueError(f"unknown variant kind {self.kind!r}")
 
 
-def doc_lengths(S: int, n: int, unit: int, seed: int = 0) -> list[int]:
-    """``n`` document lengths, multiples of ``unit``, summing to ``S``: log-normal weights
-    (sigma 0.8, so lengths vary ~10x), rounded; the longest absorbs the rounding."""
+def doc_lengths(S: int, n: int, unit: int, seed: int = 0, kind: str = "lognormal") -> list[int]:
+    """``n`` document lengths, multiples of ``unit``, summing to ``S``, from weights
+    ``kind``: ``lognormal`` (sigma 0.8, so lengths vary ~10x), ``uniform`` (1 to 4), or
+    ``corpus`` (the driver's default corpus, Python's help topics, bytes per document in
+    order); rounded, the longest absorbs the rounding."""
     rng = random.Random(seed)
-    w = [rng.lognormvariate(0.0, 0.8) for _ in range(n)]
+    if kind == "corpus":
+        from megatron_seqpar.training.data import default_documents
+
+        w = [float(len(d.encode("utf-8"))) for d in default_documents()[:n]]
+    elif kind == "uniform":
+        w = [rng.uniform(1.0, 4.0) for _ in range(n)]
+    else:
+        w = [rng.lognormvariate(0.0, 0.8) for _ in range(n)]
     out = [max(1, round(x / sum(w) * S / unit)) * unit for x in w]
     out[out.index(max(out))] += S - sum(out)
     if min(out) <= 0:
@@ -202,7 +216,7 @@ def _cu(v: Variant, S: int, P: int, a) -> tuple[int, ...] | None:
     if not v.docs:
         return None
     cu = [0]
-    for n in doc_lengths(S, v.docs, 2 * P, a.packed_seed):
+    for n in doc_lengths(S, v.docs, 2 * P, a.packed_seed, a.doc_lengths):
         cu.append(cu[-1] + n)
     return tuple(cu)
 
@@ -404,11 +418,30 @@ def ratios(records: list[dict]) -> list[dict]:
     return rows
 
 
+def _spread(rec: dict) -> float:
+    """The model's busiest rank's attention FLOPs over the mean."""
+    flops = rec["model"].get("flops", [0])
+    return max(flops) / max(1, sum(flops) / len(flops))
+
+
 def compare(records: list[dict]) -> list[dict]:
-    """Packed rows against the same variant unpacked; U > 1 rows against U = 1."""
+    """Packed rows against the same variant unpacked (balanced ones against the method's
+    zigzag packed row); U > 1 rows against U = 1."""
     by = {(r["S"], r["label"]): r for r in records if "time_s" in r}
     rows = []
     for (S, label), r in by.items():
+        if label.endswith("/balanced+packed"):
+            z = by.get((S, label.replace("/balanced+", "/zigzag+")))
+            if z:
+                rows.append({"S": S, "label": label, "vs": "zigzag+packed",
+                             "time_ratio": r["time_s"] / z["time_s"],
+                             "cpu_ratio": r["cpu_s"] / z["cpu_s"] if "cpu_s" in r and "cpu_s"
+                             in z else None, "busiest_pred": _spread(r), "flop_pred": _spread(z),
+                             "mem_ratio": max(r["peak_bytes"]) / max(1, max(z["peak_bytes"])),
+                             "bytes_ratio": max(r.get("traffic_sent", [0])) /
+                             max(1, max(z.get("traffic_sent", [1]))),
+                             "bytes==model": r.get("traffic_sent") == r["model"].get("sent")})
+            continue
         if label.endswith("+packed") and (S, label[:-7]) in by:
             u = by[(S, label[:-7])]
             pairs = lambda rec: max(rec["model"].get("flops", [0]))
@@ -437,7 +470,7 @@ def print_compare(rows: list[dict]) -> None:
     if not rows:
         return
     cols = ["S", "label", "vs", "time_ratio", "cpu_ratio", "flop_pred", "busiest_pred", "t/pred",
-            "cpu/pred", "mem_ratio", "bytes==model"]
+            "cpu/pred", "mem_ratio", "bytes_ratio", "bytes==model"]
     print("\n" + " ".join(f"{c:>22}" if c in ("label", "vs") else f"{c:>12}" for c in cols))
     for r in rows:
         cells = []
@@ -505,6 +538,11 @@ def main(argv=None) -> None:
     p.add_argument("--packed-docs", type=int, default=0,
                    help="also run each of our variants on a packed stream of N documents")
     p.add_argument("--packed-seed", type=int, default=0)
+    p.add_argument("--doc-lengths", choices=("lognormal", "uniform", "corpus"),
+                   default="lognormal", help="with --packed-docs: the length distribution")
+    p.add_argument("--balanced", action="store_true",
+                   help="with --packed-docs: each method also in the balanced layout on the "
+                        "same stream, compared with its zigzag packed row")
     p.add_argument("--kernel-floor", action="store_true",
                    help="with --packed-docs: also time the kernel on each document whole vs "
                         "the whole stream (one process, one thread)")
@@ -540,6 +578,10 @@ def main(argv=None) -> None:
     if a.only is not None:
         base = [v for v in base if v.label in a.only]
     variants = two_level_variants(base, a.packed_docs, a.head_parallel)
+    if a.balanced and a.packed_docs:
+        ours = [m for m in a.methods if any(v.kind == "ours" and v.method == m for v in base)]
+        variants += [Variant(f"{m}/balanced+packed", "ours", m, "balanced", docs=a.packed_docs)
+                     for m in ours]
     if a.thp:  # read by each spawned rank's PyTorch at its first allocation
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
     rows = run_ranks(_worker, a.ranks, a, variants)
@@ -550,7 +592,8 @@ def main(argv=None) -> None:
     floors = []
     if a.kernel_floor and a.packed_docs:
         for S in a.seqlens:
-            f = kernel_floor(S, doc_lengths(S, a.packed_docs, 2 * a.ranks, a.packed_seed), a)
+            f = kernel_floor(S, doc_lengths(S, a.packed_docs, 2 * a.ranks, a.packed_seed,
+                                            a.doc_lengths), a)
             floors.append(f)
             print(f"kernel floor S={S}: documents whole {f['docs_cpu_s']:.3f} CPU s vs stream "
                   f"{f['stream_cpu_s']:.3f} s: ratio {f['ratio']:.3f}, predicted "
