@@ -19,8 +19,8 @@ documents never cost communication unless the balance needs it. The cost of a ra
 causal attention pairs of its queries (``pairs``); the per-token linear work is the same on
 every rank, since every rank holds ``S/P`` tokens.
 
-``balance_report(cu_seqlens, P, layout)`` says what a layout achieves: per-rank pairs and
-tokens, the largest over the mean, and how many documents are split over ranks.
+``layouts.balance_report(cu_seqlens, P, layout)`` says what a layout achieves: per-rank pairs
+and tokens, the largest over the mean, and how many documents are split over ranks.
 """
 
 from __future__ import annotations
@@ -105,24 +105,3 @@ def assign(cu_seqlens: tuple[int, ...], P: int) -> tuple[tuple[tuple[int, int, i
         if max(work) * P <= sum(work) * 1.01:  # within 1% of even: nothing left to gain
             break
     return tuple(tuple(sorted(h)) for h in best[1])
-
-
-def balance_report(cu_seqlens, P: int, layout: str = "balanced") -> dict:
-    """What ``layout`` gives each rank of a packed stream: ``pairs`` (causal attention pairs
-    of its queries), ``tokens``, ``max_over_mean`` of the pairs, and ``split``: documents held
-    by more than one rank (zigzag needs every length a multiple of 2P)."""
-    from megatron_seqpar.layouts import check_cu_seqlens, local_runs
-
-    cu = check_cu_seqlens(cu_seqlens, cu_seqlens[-1], layout, P)
-    s = cu[-1] // P
-    per_rank = [local_runs(layout, r, P, s, cu) for r in range(P)]
-    work = [sum(pairs(cu[run.doc], run.start, run.end) for run in runs) for runs in per_rank]
-    owners: dict[int, set[int]] = {}
-    for r, runs in enumerate(per_rank):
-        for run in runs:
-            owners.setdefault(run.doc, set()).add(r)
-    mean = sum(work) / P
-    return {"layout": layout, "pairs": work, "tokens": [sum(x.length for x in runs)
-                                                        for runs in per_rank],
-            "max_over_mean": max(work) / mean if mean else 1.0,
-            "split": sum(len(o) > 1 for o in owners.values()), "docs": len(owners)}

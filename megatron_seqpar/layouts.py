@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from megatron_seqpar.balance import assign
+from megatron_seqpar.balance import assign, pairs
 from megatron_seqpar.hostread import host_ints
 
 LAYOUTS = ("contiguous", "zigzag", "balanced")
@@ -149,6 +149,25 @@ def _packed_runs(layout, rank, world_size, local_len, cu) -> tuple[Run, ...]:
 @lru_cache(maxsize=64)
 def _balanced(cu: tuple[int, ...], world_size: int):
     return assign(cu, world_size)
+
+
+def balance_report(cu_seqlens, P: int, layout: str = "balanced") -> dict:
+    """What ``layout`` gives each rank of a packed stream: ``pairs`` (causal attention pairs
+    of its queries), ``tokens``, ``max_over_mean`` of the pairs, and ``split``: documents held
+    by more than one rank (zigzag needs every length a multiple of 2P)."""
+    cu = check_cu_seqlens(cu_seqlens, cu_seqlens[-1], layout, P)
+    s = cu[-1] // P
+    per_rank = [local_runs(layout, r, P, s, cu) for r in range(P)]
+    work = [sum(pairs(cu[run.doc], run.start, run.end) for run in runs) for runs in per_rank]
+    owners: dict[int, set[int]] = {}
+    for r, runs in enumerate(per_rank):
+        for run in runs:
+            owners.setdefault(run.doc, set()).add(r)
+    mean = sum(work) / P
+    return {"layout": layout, "pairs": work, "tokens": [sum(x.length for x in runs)
+                                                        for runs in per_rank],
+            "max_over_mean": max(work) / mean if mean else 1.0,
+            "split": sum(len(o) > 1 for o in owners.values()), "docs": len(owners)}
 
 
 def slice_runs(runs: tuple[Run, ...], lo: int, hi: int, offset: int = 0) -> tuple[Run, ...]:

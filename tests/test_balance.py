@@ -13,7 +13,8 @@ import torch
 from distributed import run_on_ranks
 
 import megatron_seqpar as msp
-from megatron_seqpar.balance import assign, balance_report, pairs
+from megatron_seqpar.balance import assign, pairs
+from megatron_seqpar.layouts import balance_report
 
 
 def stream(lengths, P):
