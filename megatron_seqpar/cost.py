@@ -51,7 +51,7 @@ from dataclasses import dataclass, field, replace
 from megatron_seqpar.headpar import kv_heads, two_level_runs
 from megatron_seqpar.kernels import check_window
 from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, local_runs
-from megatron_seqpar.lightseq import schedule
+from megatron_seqpar.lightseq import kv_range, schedule
 from megatron_seqpar.mqsp import pick_micro_chunks
 from megatron_seqpar.registry import METHODS
 from megatron_seqpar.rsa import plan_rows, row_elements
@@ -449,13 +449,19 @@ def _lss(sh: AttnShape, r: int):
 def _lightseq(sh: AttnShape, r: int):
     Q, KV, a, e, L = sh.q_bytes, sh.kv_bytes, sh.acc, sh.e, sh.lse_acc
     steps = lightseq_steps(sh, r)
+    runs = [_positions(sh, j) for j in range(sh.P)]
+    # a K/V step moves the part of the shard that the receiver's blocks read (kv_range)
+    part = lambda i, j: (lambda lo, hi: (hi - lo) / sh.s)(*kv_range(runs[i], runs[j], sh.causal,
+                                                                   sh.window))
     f_send = {"kv_to": 2 * KV, "q_to": Q, "q_from": Q * a // e + L}
     f_recv = {"kv_from": 2 * KV, "q_from": Q, "q_to": Q * a // e + L}
     b_send = {"kv_to": 2 * KV, "q_to": 3 * Q + L, "kv_from": 2 * KV * a // e,
               "q_from": Q * a // e}
     b_recv = {"kv_from": 2 * KV, "q_from": 3 * Q + L, "kv_to": 2 * KV * a // e,
               "q_to": Q * a // e}
-    tot = lambda table: sum(table.get(k, 0) for st in steps for k in st)
+    share = {"kv_to": lambda p: part(p, r), "kv_from": lambda p: part(r, p)}
+    tot = lambda table: sum(round(table[k] * share[k](p)) if k in share else table.get(k, 0)
+                            for st in steps for k, p in st.items() if k in table)
     n_kv = min(2, sum("kv_from" in st for st in steps))  # K/V receive slots
     n_q = min(2, sum("q_from" in st for st in steps))  # shipped [q, dO, O, lse] slots
     # the op works on views of q, k, v, dO (no copies); during the backward it holds out and

@@ -34,7 +34,8 @@ from typing import NamedTuple
 import torch
 
 from megatron_seqpar.common import public
-from megatron_seqpar.kernels import attend, attend_backward, merge_
+from megatron_seqpar.kernels import KeyPad, attend, attend_backward, merge_, plan_blocks
+from megatron_seqpar.layouts import slice_runs
 from megatron_seqpar.method import BaseOptions, Method
 
 
@@ -116,6 +117,33 @@ def _finish_returns(returns, consume):
         consume(bufs)
 
 
+def kv_range(q_runs, k_runs, causal: bool, window=None) -> tuple[int, int]:
+    """The local key range ``[lo, hi)`` of a K/V buffer that the visible blocks of ``q_runs``
+    read (``(0, 0)`` when none): only that part of a shard travels, and only its dK/dV come
+    home. A sliding window narrower than a shard sends the neighbour's last ``left`` keys;
+    packed documents, the keys of the documents that cross. Pure: the cost model uses it."""
+    blocks = plan_blocks(q_runs, k_runs, causal, window=window)
+    if not blocks:
+        return 0, 0
+    return min(b.k.start for b in blocks), max(b.k.stop for b in blocks)
+
+
+def _first(buf: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` tokens' worth of a public ``[b, s, h, d]`` buffer, as a contiguous
+    ``[b, n, h, d]`` (a receive buffer for a part of a shard)."""
+    b, _, h, d = buf.shape
+    return buf.view(-1)[:b * n * h * d].view(b, n, h, d)
+
+
+def _cut_pad(pad, lo: int, hi: int):
+    """A key padding (``kernels.KeyPad`` or None) for keys ``[lo, hi)`` of its buffer."""
+    if pad is None:
+        return None
+    ranges = None if pad.ranges is None else tuple(
+        (max(a, lo) - lo, min(b, hi) - lo) for a, b in pad.ranges if a < hi and lo < b)
+    return None if ranges == () else KeyPad(pad.mask[:, lo:hi], ranges)
+
+
 def lightseq_forward(setup, q, k, v, kpm_all):
     """Forward over ``[b, h, s, d]`` views: ``(out, lse, ())`` in the accumulation dtype.
 
@@ -127,6 +155,7 @@ def lightseq_forward(setup, q, k, v, kpm_all):
     runs = lambda i: setup.runs(i, s)
     kpm = lambda i: setup.key_pad(kpm_all, i)
     tally = setup.traffic.add_block_steps if setup.traffic else (lambda n=1: None)
+    span = lambda i, j: kv_range(runs(i), runs(j), setup.causal, setup.window)
 
     steps = _steps(setup, s)
     kv_slot, n_kv = _slots(steps, "kv_from")
@@ -142,9 +171,14 @@ def lightseq_forward(setup, q, k, v, kpm_all):
 
     def post(t):
         st = steps[t]
-        sends = [(own_k, st.kv_to), (own_v, st.kv_to)] if st.kv_to is not None else []
+        sends, recvs = [], []
+        if st.kv_to is not None:  # the part of our K/V that rank kv_to's blocks read
+            lo, hi = span(st.kv_to, r)
+            sends += [(own_k[:, lo:hi], st.kv_to), (own_v[:, lo:hi], st.kv_to)]
         sends += [(own_q, st.q_to)] if st.q_to is not None else []
-        recvs = [(b, st.kv_from) for b in kv_buf[kv_slot[t]]] if st.kv_from is not None else []
+        if st.kv_from is not None:
+            lo, hi = span(r, st.kv_from)
+            recvs += [(_first(b, hi - lo), st.kv_from) for b in kv_buf[kv_slot[t]]]
         recvs += [(q_buf[q_slot[t]], st.q_from)] if st.q_from is not None else []
         return comm.post(sends, recvs)
 
@@ -160,8 +194,10 @@ def lightseq_forward(setup, q, k, v, kpm_all):
         pending.wait()
         sends, recvs = [], []
         if st.kv_from is not None:
-            kb, vb = (x.transpose(1, 2) for x in kv_buf[kv_slot[t]])
-            o, lb = attend(q, runs(r), kb, vb, runs(st.kv_from), kpm=kpm(st.kv_from), **kw)
+            lo, hi = span(r, st.kv_from)
+            kb, vb = (_first(x, hi - lo).transpose(1, 2) for x in kv_buf[kv_slot[t]])
+            o, lb = attend(q, runs(r), kb, vb, slice_runs(runs(st.kv_from), lo, hi),
+                           kpm=_cut_pad(kpm(st.kv_from), lo, hi), **kw)
             merge_(out, lse, o, lb)
             tally(setup.sees(r, st.kv_from, s))
         if st.q_from is not None:
@@ -185,6 +221,7 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
     kw = dict(scale=setup.scale, **setup.mask, backend=setup.options.backend)
     runs = lambda i: setup.runs(i, s)
     kpm = lambda i: setup.key_pad(kpm_all, i)
+    span = lambda i, j: kv_range(runs(i), runs(j), setup.causal, setup.window)
 
     steps = _steps(setup, s)
     kv_slot, n_kv = _slots(steps, "kv_from")
@@ -204,15 +241,21 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
 
     def post(t):
         st = steps[t]
-        sends = [(own_k, st.kv_to), (own_v, st.kv_to)] if st.kv_to is not None else []
+        sends, recvs = [], []
+        if st.kv_to is not None:
+            lo, hi = span(st.kv_to, r)
+            sends += [(own_k[:, lo:hi], st.kv_to), (own_v[:, lo:hi], st.kv_to)]
         sends += [(x, st.q_to) for x in own_q] if st.q_to is not None else []
-        recvs = [(b, st.kv_from) for b in kv_buf[kv_slot[t]]] if st.kv_from is not None else []
+        if st.kv_from is not None:
+            lo, hi = span(r, st.kv_from)
+            recvs += [(_first(b, hi - lo), st.kv_from) for b in kv_buf[kv_slot[t]]]
         recvs += [(b, st.q_from) for b in q_buf[q_slot[t]]] if st.q_from is not None else []
         return comm.post(sends, recvs)
 
-    def consume(bufs):  # partials arrive in the public layout
-        for kind, buf in bufs:
-            {"q": dq, "k": dk, "v": dv}[kind].add_(buf.transpose(1, 2))
+    def consume(bufs):  # partials arrive in the public layout, for keys [lo, lo + n)
+        for kind, lo, buf in bufs:
+            grad = {"q": dq, "k": dk, "v": dv}[kind]
+            grad[:, :, lo:lo + buf.size(1)].add_(buf.transpose(1, 2))
 
     pending = post(0) if steps else None  # in flight while the local block computes
     dq, dk, dv = attend_backward(dout, q, runs(r), k, v, runs(r), out, lse, kpm=kpm(r), **kw)
@@ -226,9 +269,11 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
         pending.wait()
         sends, recvs = [], []
         if st.kv_from is not None:
-            kb, vb = (x.transpose(1, 2) for x in kv_buf[kv_slot[t]])
-            _, dkp, dvp = attend_backward(dout, q, runs(r), kb, vb, runs(st.kv_from), out, lse,
-                                          kpm=kpm(st.kv_from), dq=dq, **kw)
+            lo, hi = span(r, st.kv_from)
+            kb, vb = (_first(x, hi - lo).transpose(1, 2) for x in kv_buf[kv_slot[t]])
+            _, dkp, dvp = attend_backward(dout, q, runs(r), kb, vb,
+                                          slice_runs(runs(st.kv_from), lo, hi), out, lse,
+                                          kpm=_cut_pad(kpm(st.kv_from), lo, hi), dq=dq, **kw)
             # dK/dV partials go home in the public layout, where the kernel's output is dense
             sends += [(public(dkp), st.kv_from), (public(dvp), st.kv_from)]
             del dkp, dvp  # only the in-flight sends keep them: freed once settled
@@ -244,11 +289,13 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
             else:
                 kv_ret = kv_ret or [dk.new_empty(own_k.shape), dv.new_empty(own_v.shape)]
                 ret = kv_ret
-            recvs += [(("k", ret[0]), st.kv_to), (("v", ret[1]), st.kv_to)]
+            lo, hi = span(st.kv_to, r)  # the part of our keys that went there
+            recvs += [(("k", lo, _first(ret[0], hi - lo)), st.kv_to),
+                      (("v", lo, _first(ret[1], hi - lo)), st.kv_to)]
         if st.q_to is not None:
             q_ret = q_ret or [torch.empty_like(public(dq))]
-            recvs.append((("q", q_ret[0]), st.q_to))
-        returns = (comm.post(sends, [(b, p) for (_, b), p in recvs]), [kb for kb, _ in recvs],
+            recvs.append((("q", 0, q_ret[0]), st.q_to))
+        returns = (comm.post(sends, [(x[2], p) for x, p in recvs]), [x for x, _ in recvs],
                    sends)
         pending = nxt
     _finish_returns(returns, consume)

@@ -156,7 +156,9 @@ def test_lightseq_contiguous_packed_skips_transfers():
     across = packed_shape([s // 2] + [s] * (P - 1) + [s // 2], P)  # each straddles two ranks
     sent = attention_cost("lightseq", across).sent_fwd
     kv = AttnShape(S=P * s, P=P).kv_bytes
-    assert sent == (2 * kv,) * (P - 1) + (0,)  # only to the next rank, once
+    # only to the next rank, once, and only the straddling sequence's keys: the second half
+    # of the shard (lightseq.kv_range)
+    assert sent == (kv,) * (P - 1) + (0,)
     # RSA's rings stop after the farthest chunk a rank needs: none inside, one step across
     assert attention_cost("rsa", inside).sent == (0,) * P
     assert attention_cost("rsa", across).sent_fwd == (2 * kv,) * P  # K and V, one step each
@@ -184,8 +186,18 @@ def test_two_level_bytes_per_level():
     R = 2
     outer_kv = 4 * s * (h2 // 4) * 64 * e  # U·s tokens, h'/U heads
     assert c.outer.shape.P == R and c.outer.shape.hq == 2
-    # K/V out, K/V again in the backward and dK/dV partials home (fp32 = input dtype)
-    assert c.outer_sent == ((R - 1) * 6 * outer_kv,) * 8
+    # K/V out, K/V again in the backward and dK/dV partials home (fp32 = input dtype), each
+    # only the part of the shard the other outer rank's blocks read (lightseq.kv_range: outer
+    # rank 0's queries read all of rank 1's keys, rank 1's only the first 7/8 of rank 0's)
+    from megatron_seqpar.headpar import two_level_runs
+    from megatron_seqpar.lightseq import kv_range
+
+    runs = [two_level_runs("zigzag", j, 8, 4, 4 * s) for j in range(R)]
+    part = [[(lambda lo, hi: (hi - lo) / (4 * s))(*kv_range(runs[i], runs[j], True))
+             for j in range(R)] for i in range(R)]
+    assert part[0][1] == 1 and part[1][0] == 7 / 8
+    want = [round(4 * outer_kv * part[1 - r][r] + 2 * outer_kv * part[r][1 - r]) for r in range(R)]
+    assert c.outer_sent == tuple(want[r // 4] for r in range(8))
     one = attention_cost("lightseq", AttnShape(S=4096, P=8, b=1, hq=8, hkv=2, D=64,
                                                layout="zigzag"))
     assert max(c.outer_sent) < max(one.sent)
