@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_seqpar import headpar
 from megatron_seqpar.comm import Comm, Traffic, current_traffic, failure_hint, staging_enabled
 from megatron_seqpar.headpar import TwoLevelGroups, check_split, two_level_runs
-from megatron_seqpar.kernels import check_window, count_blocks, key_pad
+from megatron_seqpar.kernels import check_window, count_blocks, key_pad, peers, sees_matrix
 from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, check_layout, local_runs
 from megatron_seqpar.registry import METHODS, get
 
@@ -69,14 +69,14 @@ class Setup:
         included, in rank order, and the other ranks whose queries see this rank's keys; None
         when every rank sees every rank (no window or packing, or one that leaves no pair
         empty): the dense collectives then apply (LSS's all-gather, MQSP's gathers)."""
-        P, r = self.world_size, self.rank
         if self.window is None and self.cu_seqlens is None:
             return None
-        sees = [[self.sees(i, j, local_len) for j in range(P)] for i in range(P)]
-        if all(map(all, sees)):
-            return None
-        return ([j for j in range(P) if sees[r][j] or j == r],
-                [i for i in range(P) if i != r and sees[i][r]])
+        return peers(self.sees_matrix(local_len), self.rank)
+
+    def sees_matrix(self, local_len: int) -> list[list[bool]]:
+        """``kernels.sees_matrix`` of the (outer) ranks: ``[i][j]`` = ``sees(i, j)``."""
+        return sees_matrix([self.runs(j, local_len) for j in range(self.world_size)],
+                           self.causal, self.window)
 
     def runs(self, rank: int, local_len: int) -> tuple[Run, ...]:
         """Position runs of (outer) rank ``rank``'s ``local_len`` tokens."""

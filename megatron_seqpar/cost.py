@@ -49,7 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from megatron_seqpar.headpar import kv_heads, two_level_runs
-from megatron_seqpar.kernels import check_window
+from megatron_seqpar.kernels import check_window, peers, ring_steps, sees_matrix
 from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, local_runs
 from megatron_seqpar.lightseq import kv_range, schedule
 from megatron_seqpar.mqsp import pick_micro_chunks
@@ -336,10 +336,7 @@ def rsa_steps(sh: AttnShape) -> int:
     chunk some rank needs, else ``P``."""
     if sh.window is None and sh.cu_seqlens is None:
         return sh.P
-    runs = [_positions(sh, j) for j in range(sh.P)]
-    far = [(i - j) % sh.P for i in range(sh.P) for j in range(sh.P)
-           if _pairs(sh, runs[i], runs[j]) > 0]
-    return 1 + max(far, default=0)
+    return ring_steps(_sees(sh))
 
 
 def _rsa(sh: AttnShape, r: int):
@@ -380,9 +377,9 @@ def _mqsp(sh: AttnShape, r: int):
     qc = sh.b * sh.hq * c * sh.D  # elements of one rank's micro-chunk of Q
     stat = sh.b * sh.hq * P * c * a  # one micro-step's row statistics
     rs = lambda n: (P - 1) * n // P
-    peers = lss_peers(sh, r)  # the same (sources, sinks) rule as LSS's: Setup.peers
-    if peers is not None:  # point to point (mqsp._sparse_forward / _sparse_backward)
-        n_src, n_snk = peers
+    counts = lss_peers(sh, r)  # the same (sources, sinks) rule as LSS's: Setup.peers
+    if counts is not None:  # point to point (mqsp._sparse_forward / _sparse_backward)
+        n_src, n_snk = counts
         lc = sh.b * sh.hq * c * a
         fwd = m * (n_src * qc * e + n_snk * (qc * a + lc))  # chunk out; (o, lse) back
         fwd_recv = m * (n_snk * qc * e + n_src * (qc * a + lc))
@@ -415,18 +412,19 @@ def lss_peers(sh: AttnShape, r: int) -> tuple[int, int] | None:
     many ranks receive its own (``lss._peers``); None in the dense case (all-gather)."""
     if sh.window is None and sh.cu_seqlens is None:
         return None
-    runs = [_positions(sh, j) for j in range(sh.P)]
-    sees = [[_pairs(sh, runs[i], runs[j]) > 0 for j in range(sh.P)] for i in range(sh.P)]
-    if all(map(all, sees)):
-        return None
-    return (sum(sees[r][j] for j in range(sh.P) if j != r),
-            sum(sees[i][r] for i in range(sh.P) if i != r))
+    found = peers(_sees(sh), r)
+    return None if found is None else (len(found[0]) - 1, len(found[1]))
+
+
+def _sees(sh: AttnShape) -> list[list[bool]]:
+    """``kernels.sees_matrix`` of the shape's ranks: the rule the methods use."""
+    return sees_matrix([_positions(sh, j) for j in range(sh.P)], sh.causal, sh.window)
 
 
 def _lss(sh: AttnShape, r: int):
     P, KV, a, e = sh.P, sh.kv_bytes, sh.acc, sh.e
-    peers = lss_peers(sh, r)
-    n_in, n_out = (P - 1, P - 1) if peers is None else peers
+    counts = lss_peers(sh, r)
+    n_in, n_out = (P - 1, P - 1) if counts is None else counts
     # one fused all-gather of packed [K, V] (sparse: this rank's to each rank that needs it)
     fwd, fwd_recv = n_out * 2 * KV, n_in * 2 * KV
     # one fused reduce-scatter of packed [dK, dV] (sparse: a partial to each source), after
@@ -441,7 +439,7 @@ def _lss(sh: AttnShape, r: int):
     recycled = sh.lss_regather and a == e
     rows = n_in + 1
     act = (_wrapper(sh) + rows * 2 * KV + (0 if recycled else rows * 2 * KV * a // e)
-           + max(1, n_out if peers else 1) * 2 * KV * a // e
+           + max(1, n_out if counts else 1) * 2 * KV * a // e
            + _kernel_scratch(sh, _run_tokens(sh)))
     return fwd, bwd, fwd_recv, bwd_recv, act, _needed_pairs(sh, r)
 
@@ -450,9 +448,11 @@ def _lightseq(sh: AttnShape, r: int):
     Q, KV, a, e, L = sh.q_bytes, sh.kv_bytes, sh.acc, sh.e, sh.lse_acc
     steps = lightseq_steps(sh, r)
     runs = [_positions(sh, j) for j in range(sh.P)]
-    # a K/V step moves the part of the shard that the receiver's blocks read (kv_range)
-    part = lambda i, j: (lambda lo, hi: (hi - lo) / sh.s)(*kv_range(runs[i], runs[j], sh.causal,
-                                                                   sh.window))
+
+    def part(i, j):  # a K/V step moves the part of the shard that the receiver reads
+        lo, hi = kv_range(runs[i], runs[j], sh.causal, sh.window)
+        return (hi - lo) / sh.s
+
     f_send = {"kv_to": 2 * KV, "q_to": Q, "q_from": Q * a // e + L}
     f_recv = {"kv_from": 2 * KV, "q_from": Q, "q_to": Q * a // e + L}
     b_send = {"kv_to": 2 * KV, "q_to": 3 * Q + L, "kv_from": 2 * KV * a // e,

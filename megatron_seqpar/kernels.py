@@ -601,3 +601,29 @@ def attend_backward(dout, q, q_runs, k, v, k_runs, out, lse, *, scale, causal, k
 def count_blocks(q_runs, k_runs, causal: bool, window=None) -> int:
     """How many kernel calls ``attend`` makes (0 means the pair is skipped)."""
     return len(plan_blocks(q_runs, k_runs, causal, window=window))
+
+
+def sees_matrix(runs_per_rank, causal: bool, window=None) -> list[list[bool]]:
+    """``[i][j]``: whether rank ``i``'s queries see any of rank ``j``'s keys (a non-empty
+    block), from the ranks' position runs alone: the same on every rank, and the one rule
+    behind ``Setup.peers``, RSA's ring length and the cost model's transfers."""
+    return [[count_blocks(qr, kr, causal, window) > 0 for kr in runs_per_rank]
+            for qr in runs_per_rank]
+
+
+def peers(sees, rank: int):
+    """``(sources, sinks)`` of ``rank`` in a ``sees_matrix``: the ranks whose keys its queries
+    see, itself included, in rank order, and the other ranks whose queries see its keys; None
+    when every rank sees every rank (the dense collectives then apply)."""
+    if all(map(all, sees)):
+        return None
+    P = len(sees)
+    return ([j for j in range(P) if sees[rank][j] or j == rank],
+            [i for i in range(P) if i != rank and sees[i][rank]])
+
+
+def ring_steps(sees) -> int:
+    """Steps of a ring ``r -> r+1`` that brings every rank the chunks its queries see: rank
+    ``j``'s chunk reaches rank ``i`` at step ``(i - j) mod P``."""
+    P = len(sees)
+    return 1 + max(((i - j) % P for i in range(P) for j in range(P) if sees[i][j]), default=0)

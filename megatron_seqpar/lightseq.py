@@ -28,6 +28,7 @@ no step synchronises with the host.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -155,7 +156,8 @@ def lightseq_forward(setup, q, k, v, kpm_all):
     runs = lambda i: setup.runs(i, s)
     kpm = lambda i: setup.key_pad(kpm_all, i)
     tally = setup.traffic.add_block_steps if setup.traffic else (lambda n=1: None)
-    span = lambda i, j: kv_range(runs(i), runs(j), setup.causal, setup.window)
+    # each pair's key range once per call (post, compute and returns all read it)
+    span = functools.cache(lambda i, j: kv_range(runs(i), runs(j), setup.causal, setup.window))
 
     steps = _steps(setup, s)
     kv_slot, n_kv = _slots(steps, "kv_from")
@@ -221,7 +223,8 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
     kw = dict(scale=setup.scale, **setup.mask, backend=setup.options.backend)
     runs = lambda i: setup.runs(i, s)
     kpm = lambda i: setup.key_pad(kpm_all, i)
-    span = lambda i, j: kv_range(runs(i), runs(j), setup.causal, setup.window)
+    # each pair's key range once per call (post, compute and returns all read it)
+    span = functools.cache(lambda i, j: kv_range(runs(i), runs(j), setup.causal, setup.window))
 
     steps = _steps(setup, s)
     kv_slot, n_kv = _slots(steps, "kv_from")

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_seqpar.hostmem import advise_huge_pages
-from megatron_seqpar.kernels import acc_dtype, block_mask, device_kind, plan_blocks
+from megatron_seqpar.kernels import acc_dtype, block_mask, device_kind, plan_blocks, ring_steps
 from megatron_seqpar.method import BaseOptions, Method
 
 # the K ring works in base 2 (scores times log2(e), then exp2: about 3x cheaper than exp on
@@ -131,11 +131,9 @@ def _ring_steps(setup, s) -> int:
     ``i`` at step ``(i - j) mod P``, so the ring stops after the farthest chunk some rank's
     queries see. A sliding window narrower than a shard needs 2 steps (one neighbour) in the
     contiguous layout; without a window or packed sequences, ``P``."""
-    P = setup.world_size
     if setup.window is None and setup.cu_seqlens is None:
-        return P
-    far = [(i - j) % P for i in range(P) for j in range(P) if setup.sees(i, j, s)]
-    return 1 + max(far, default=0)
+        return setup.world_size
+    return ring_steps(setup.sees_matrix(s))
 
 
 def _blocks(setup, s):
