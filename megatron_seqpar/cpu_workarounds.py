@@ -59,6 +59,11 @@ The shims, each with the reason it exists:
    a ``MagicMock`` stand-in: ``isinstance(x, <mock>)`` raises ``TypeError``, so MLA cannot be
    built without TE. The shim puts a class there that no module is an instance of (only when
    ``TELinear`` is not a class). Reached by any MLA model on this machine.
+7c. ``null_streams``: ``torch.cuda.Stream`` / ``current_stream`` / ``default_stream`` /
+   ``stream`` are no-ops; CPU work is in program order. megatron-core's DDP makes a side
+   stream for the all-reduce across distributed-optimizer instances
+   (``--num-distributed-optimizer-instances`` > 1: LSS with the distributed optimizer at
+   DP > 1), and Megatron-LM's ``get_model`` builds DDP on one.
 
 Megatron-LM's ``megatron.training`` (its ``pretrain()`` loop: initialisation, Megatron's own
 optimizer, schedules, ``finalize_model_grads``, logging, checkpoints) needs a few more, in
@@ -78,8 +83,7 @@ these patch the checkout's ``megatron`` package):
    ``'torch.cuda.FloatTensor'``; the mixed-precision optimizer sorts parameters by those names).
    Megatron's own optimizer (``get_megatron_optimizer``: Adam with fp32 grad-norm clipping)
    therefore runs unchanged; nothing is computed differently.
-11. ``null_streams``: ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` are no-ops
-    (``get_model`` builds DDP on a side stream); CPU work is in program order.
+11. (moved to 7c: megatron-core's own DDP needs it too.)
 12. ``dataset_helpers``: ``compile_helpers`` would run ``make`` inside the checkout (which
     needs pybind11 and a writable checkout); instead every rank imports the ``helpers_cpp``
     extension built into the installed megatron-core wheel of the same version (its
@@ -170,7 +174,7 @@ def _setattr(obj, name: str, value):
 
 @contextlib.contextmanager
 def cpu_shims():
-    """Install shims 1-7 above; undo them on exit, even on error."""
+    """Install shims 1-7c above; undo them on exit, even on error."""
     from megatron.core.fusions import fused_softmax
     from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
     from megatron.core.tensor_parallel import random as tp_random
@@ -188,6 +192,10 @@ def cpu_shims():
         patch(tp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
         patch(torch.cuda, "synchronize", lambda *a, **k: None)
         patch(fused_softmax, "get_sliding_window_causal_mask", sliding_window_mask)
+        patch(torch.cuda, "Stream", _NullStream)  # 7c
+        patch(torch.cuda, "current_stream", lambda *a, **k: _NullStream())
+        patch(torch.cuda, "default_stream", lambda *a, **k: _NullStream())
+        patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
         if not isinstance(mla.TELinear, type):  # 7b
             patch(mla, "TELinear", _NoTELinear)
         new = vars(WrappedTorchNorm)["__new__"]  # the staticmethod itself, restored as is
@@ -203,7 +211,7 @@ def _is_cuda(device) -> bool:
 
 
 class CudaToCpu(torch.overrides.TorchFunctionMode):
-    """Shim 9: a torch function mode that puts every ``"cuda"`` tensor on the CPU.
+    """Shim 10: a torch function mode that puts every ``"cuda"`` tensor on the CPU.
 
     Tensor factories called with ``device="cuda"`` (or ``torch.device("cuda", i)``), and
     ``Tensor.to("cuda")`` / ``Tensor.cuda()`` (so ``Module.cuda()`` too), get the CPU instead.
@@ -229,7 +237,7 @@ class CudaToCpu(torch.overrides.TorchFunctionMode):
 
 
 class _NullStream:
-    """Shim 10: ``torch.cuda.Stream`` / ``current_stream()`` on CPU, where work is in order."""
+    """Shim 7c: ``torch.cuda.Stream`` / ``current_stream()`` on CPU, where work is in order."""
 
     def __init__(self, *args, **kwargs):
         pass
@@ -292,9 +300,6 @@ def training_cpu_shims():
               lambda *a, **k: init(*a, **dict(k, allow_no_cuda=True)))
         patch(torch.cuda, "device_count", lambda: 1)  # 9
         patch(torch.cuda, "set_device", lambda *a, **k: None)
-        patch(torch.cuda, "Stream", _NullStream)  # 11
-        patch(torch.cuda, "current_stream", lambda *a, **k: _NullStream())
-        patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
         if _prebuilt_dataset_helpers():  # 12, on every rank: only rank 0 calls compile_helpers
             stack.callback(sys.modules.pop, "megatron.core.datasets.helpers_cpp", None)
         patch(dataset_utils, "compile_helpers", _prebuilt_dataset_helpers)

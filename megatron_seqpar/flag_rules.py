@@ -48,7 +48,8 @@ class View:
 DEFAULTS = dict(context_parallel_size=1, tensor_model_parallel_size=1,
                 pipeline_model_parallel_size=1, position_embedding_type="learned_absolute",
                 attention_dropout=0.0, softmax_type="vanilla", transformer_impl="local",
-                create_attention_mask_in_dataloader=True, num_distributed_optimizer_instances=1)
+                create_attention_mask_in_dataloader=True, num_distributed_optimizer_instances=1,
+                data_parallel_size=1, use_distributed_optimizer=False)
 
 
 @dataclass(frozen=True)
@@ -301,11 +302,23 @@ def local_persistent_norm_needs_apex(v):
 # ----------------------------------------------------------------------------- LSS's gradients
 @rule(MEGATRON_LM)
 def lss_gradient_reduction(v):
+    """Without the distributed optimizer LSS re-points DDP to the pure DP group and averages
+    over CP in finalize (``megatron.lss_grad``); with it, the two levels are Megatron's own
+    distributed-optimizer instances: one instance per DP replica, sharded over its CP group
+    (reduce-scatter over the sequence group, then all-reduce of the shard over DP)."""
     if v.seqpar_method != "lss":
         return None
-    if v.num_distributed_optimizer_instances != 1:
-        return "--seqpar-method lss needs --num-distributed-optimizer-instances 1"
-    if v.use_distributed_optimizer:
-        return ("--seqpar-method lss re-points DDP's gradient reduction to the pure DP group, "
-                "but the distributed optimizer shards over DP x CP; drop "
-                "--use-distributed-optimizer")
+    if not v.use_distributed_optimizer:
+        if v.num_distributed_optimizer_instances != 1:
+            return "--seqpar-method lss needs --num-distributed-optimizer-instances 1"
+        return None
+    if v.options.get("assemble_position_grads") is False:
+        return ("--seqpar-method lss with --use-distributed-optimizer reduce-scatters whole "
+                "gradients over the sequence group, which assembles position-embedding rows; "
+                "drop --no-seqpar-lss-assemble-position-grads")
+    dp = v.data_parallel_size
+    if v.num_distributed_optimizer_instances != dp:
+        return (f"--seqpar-method lss with --use-distributed-optimizer averages over the "
+                f"sequence group first, then over DP={dp}, through Megatron's distributed-"
+                f"optimizer instances (one per DP replica, sharded over its CP group): pass "
+                f"--num-distributed-optimizer-instances {dp}")

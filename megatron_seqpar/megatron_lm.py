@@ -211,14 +211,20 @@ def install_lss_grad_averaging(model_chunks, *, assemble_position_grads: bool = 
 
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     lss_grad.install_lss_grad_averaging(chunks, assemble_position_grads=assemble_position_grads)
+    cp, dp = (parallel_state.get_context_parallel_world_size(),
+              parallel_state.get_data_parallel_world_size())
+    if chunks[0].ddp_config.use_distributed_optimizer:
+        _print_rank_0(
+            f"{LSS_INSTALLED_LOG}: CP={cp} reduce-scatter in each distributed-optimizer "
+            f"instance (the CP group), then the shard all-reduced over DP={dp} across "
+            "instances; position-embedding gradients assembled over CP")
+        return
     finalize = get_model_config(chunks[0]).finalize_model_grads_func
     rows = ("assembled over CP" if assemble_position_grads else
             "owned per segment (exact only with --clip-grad 0, not resumable)")
     _print_rank_0(
-        f"{LSS_INSTALLED_LOG}: CP={parallel_state.get_context_parallel_world_size()} average "
-        f"in {getattr(finalize, '__qualname__', finalize)}, then DDP buckets over "
-        f"DP={parallel_state.get_data_parallel_world_size()}; position-embedding gradients "
-        f"{rows}")
+        f"{LSS_INSTALLED_LOG}: CP={cp} average in {getattr(finalize, '__qualname__', finalize)}, "
+        f"then DDP buckets over DP={dp}; position-embedding gradients {rows}")
 
 
 def _print_rank_0(text: str) -> None:

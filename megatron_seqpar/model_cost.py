@@ -127,3 +127,39 @@ def layer_cost(model: ModelConfig, *, S: int, P: int, method: str, tp: int = 1, 
     busiest = max(range(P), key=lambda r: att.sent[r])
     return LayerCost(att, att.sent[busiest], tp_bytes, act, peak, attn, linear,
                      att.inner_sent[busiest])
+
+
+@dataclass(frozen=True)
+class GradReduceBytes:
+    """Bytes one rank sends per step to reduce gradients (and, with a distributed optimizer,
+    to gather the updated parameters back), by level."""
+
+    level1: int  # over the sequence (CP) group
+    level2: int  # over the pure data-parallel group
+    param_gather: int = 0  # distributed optimizer: all-gather of updated parameters
+
+    @property
+    def total(self) -> int:
+        return self.level1 + self.level2 + self.param_gather
+
+
+def lss_grad_bytes(n: int, w: int, P: int, D: int, *, distributed_optimizer: bool = False,
+                   w_param: int | None = None, position_elements: int = 0,
+                   assemble: bool = True) -> GradReduceBytes:
+    """LSS double averaging of ``n`` gradient elements of ``w`` bytes at CP=``P``, DP=``D``,
+    with bandwidth-optimal ring collectives (all-reduce sends 2(k-1)/k of its payload,
+    reduce-scatter and all-gather (k-1)/k):
+
+    * DDP (``megatron.lss_grad``): level 1 all-reduces the whole buffer over CP (owned rows,
+      ``assemble=False``: all but the ``position_elements``), level 2 DDP's all-reduce over DP;
+    * distributed optimizer (one instance per DP replica, sharded over its CP group): level 1
+      is the reduce-scatter over CP, level 2 the all-reduce of the 1/P shard over DP, then
+      the updated parameters (``w_param`` bytes each) are all-gathered over CP.
+    """
+    if distributed_optimizer:
+        wp = w if w_param is None else w_param
+        return GradReduceBytes(level1=(P - 1) * n * w // P,
+                               level2=2 * (D - 1) * (n // P) * w // D,
+                               param_gather=(P - 1) * n * wp // P)
+    n1 = n if assemble else n - position_elements
+    return GradReduceBytes(level1=2 * (P - 1) * n1 * w // P, level2=2 * (D - 1) * n * w // D)

@@ -59,7 +59,7 @@ def test_a_shared_rule_reads_the_same_on_both_routes(cfg, ns, model, fragment):
 def test_the_driver_stops_at_the_first_the_megatron_lm_route_lists_all():
     args = argparse.Namespace(**{**MLM, "seqpar_method": "lss", "attention_dropout": 0.1,
                                  "context_parallel_size": 1, "use_distributed_optimizer": True,
-                                 "multi_latent_attention": True})
+                                 "data_parallel_size": 2, "multi_latent_attention": True})
     names = [n for n, _ in flag_rules.broken(flag_rules.View(flag_rules.MEGATRON_LM, "bert",
                                                                args))]
     assert names == ["no_attention_dropout", "mla_is_gpt",

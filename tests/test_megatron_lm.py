@@ -119,6 +119,10 @@ class TestSeqparFlags:
 
     def test_valid_namespace_passes(self):
         assert mlm.validate_seqpar_args(megatron_like()) == msp.method_options("lightseq")()
+        for dp in (1, 2):  # LSS + distributed optimizer: one instance per DP replica
+            assert mlm.validate_seqpar_args(megatron_like(
+                seqpar_method="lss", use_distributed_optimizer=True, data_parallel_size=dp,
+                num_distributed_optimizer_instances=dp)) == msp.method_options("lss")()
         assert mlm.validate_seqpar_args(argparse.Namespace(seqpar_method=None)) is None
 
     @pytest.mark.parametrize("over, match", [
@@ -138,6 +142,11 @@ class TestSeqparFlags:
           "create_attention_mask_in_dataloader": False,
           "seqpar_lss_assemble_position_grads": False}, "assemble-position-grads"),
         ({"use_legacy_models": True}, "--use-legacy-models"),
+        ({"seqpar_method": "lss", "use_distributed_optimizer": True, "data_parallel_size": 2},
+         "--num-distributed-optimizer-instances 2"),
+        ({"seqpar_method": "lss", "use_distributed_optimizer": True,
+          "seqpar_lss_assemble_position_grads": False},
+         "drop --no-seqpar-lss-assemble-position-grads"),
     ])
     def test_conflicts_name_the_fix(self, over, match):
         with pytest.raises(mlm.SeqParArgumentError, match=match):
@@ -307,7 +316,15 @@ CASES = [
      ("ok", "colossalai_compat=True")),
     ("lss", ["--seqpar-method", "lss"], {}, ("ok", "lss.Options")),
     ("lss-dist-opt", ["--seqpar-method", "lss", "--use-distributed-optimizer"], {},
-     ("error", "drop --use-distributed-optimizer")),
+     ("ok", "lss.Options")),  # DP=1: the one optimizer instance is the CP group
+    ("lss-dist-opt-dp2", ["--seqpar-method", "lss", "--use-distributed-optimizer"],
+     {"world_size": 4}, ("error", "--num-distributed-optimizer-instances 2")),
+    ("lss-dist-opt-instances", ["--seqpar-method", "lss", "--use-distributed-optimizer",
+                                "--num-distributed-optimizer-instances", "2"],
+     {"world_size": 4}, ("ok", "lss.Options")),
+    ("lss-dist-opt-owned", ["--seqpar-method", "lss", "--use-distributed-optimizer",
+                            "--no-seqpar-lss-assemble-position-grads"], {},
+     ("error", "drop --no-seqpar-lss-assemble-position-grads")),
     ("bert", ["--seqpar-method", "lss"], {"model": "bert"}, ("ok", "lss.Options")),
     ("bad-method", ["--seqpar-method", "ulysses"], {}, ("error", "invalid choice")),
     ("bad-value", ["--seqpar-method", "mqsp", "--seqpar-mqsp-micro-q", "0"], {},
@@ -550,18 +567,18 @@ class MegatronLoop:
             argv += ["--spec", "local"]  # Megatron's local BERT layers (default needs TE)
         return argv
 
-    def run(self, model, cp, method=None, *, clip=1.0, tp=1, extra=()) -> LoopRun:
+    def run(self, model, cp, method=None, *, clip=1.0, tp=1, dp=1, extra=()) -> LoopRun:
         """CP=1 is plain Megatron-LM (its local core attention); CP=2 GPT runs without
         ``extra`` flags save at iteration ``SAVE_AT`` for the checkpoint tests (saving changes
         no number)."""
-        key = (model, cp, method, clip, tp, tuple(extra))
+        key = (model, cp, method, clip, tp, dp, tuple(extra))
         if key not in self.runs:
             argv = self._argv(model, cp, method, clip, tp) + list(extra)
-            if model == "gpt" and cp == 2 and tp == 1 and not extra:
+            if model == "gpt" and cp == 2 and tp == 1 and dp == 1 and not extra:
                 argv += ["--save", str(self.work / f"ckpt-{method}-{clip}"),
                          "--save-interval", str(SAVE_AT)]
             script = "pretrain_bert.py" if model == "bert" else "pretrain_gpt.py"
-            self.runs[key] = self._launch(script, cp * tp, argv)
+            self.runs[key] = self._launch(script, cp * tp * dp, argv)
         return self.runs[key]
 
     def resume(self, saved_by: str, method: str, *, clip=1.0) -> LoopRun:
@@ -745,6 +762,35 @@ class TestMegatronLM:
         assert "position-embedding gradients owned per segment" in run.log, run.tail
         for it in range(1, ITERS + 1):
             assert run.grad_norm[it] < ref.grad_norm[it] - GRAD_NORM_TOL, (it, run.grad_norm)
+
+    # ---------------------------------------------- LSS with the distributed optimizer (27)
+    @pytest.mark.slow
+    @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+    def test_lss_distributed_optimizer_cp2_equals_cp1(self, loop, overlap):
+        """``--use-distributed-optimizer`` (with and without ``--overlap-grad-reduce
+        --overlap-param-gather``): at DP=1 the one optimizer instance is the CP group, so
+        Megatron's reduce-scatter is LSS's level 1; CP=2 logs CP=1's losses and grad norm."""
+        flags = ("--use-distributed-optimizer",) + (
+            ("--overlap-grad-reduce", "--overlap-param-gather") if overlap else ())
+        ref, run = loop.run("gpt", 1, extra=flags), loop.run("gpt", 2, "lss", extra=flags)
+        _print_rows(f"lss distributed optimizer{' overlap' if overlap else ''}", "lss", ref, run)
+        _assert_same_losses(run, ref, range(1, ITERS + 1))
+        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        assert (f"{LSS_LOG}: CP=2 reduce-scatter in each distributed-optimizer instance (the CP "
+                "group), then the shard all-reduced over DP=1") in run.log, run.tail
+
+    @pytest.mark.slow
+    def test_lss_distributed_optimizer_dp2_cp2_equals_dp2(self, loop):
+        """World 4, DP=2 x CP=2, ``--num-distributed-optimizer-instances 2``: one optimizer
+        instance per DP replica, sharded over its CP group (level 1), the shards all-reduced
+        over DP (level 2); the same losses and grad norm as DP=2 x CP=1."""
+        ref = loop.run("gpt", 1, dp=2, extra=("--use-distributed-optimizer",))
+        run = loop.run("gpt", 2, "lss", dp=2, extra=(
+            "--use-distributed-optimizer", "--num-distributed-optimizer-instances", "2"))
+        _print_rows("lss distributed optimizer DP=2", "lss", ref, run)
+        _assert_same_losses(run, ref, range(1, ITERS + 1))
+        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        assert "then the shard all-reduced over DP=2 across instances" in run.log, run.tail
 
     # ---------------------------------------------- today's attention (issue 26), CP=1 (27)
     @pytest.mark.slow

@@ -46,10 +46,11 @@ TOL = 1e-9
 
 
 # ----------------------------------------------------------------------------- model helpers
-def init_parallel(tp=1, cp=1):
+def init_parallel(tp=1, cp=1, instances=1):
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp,
+                                 num_distributed_optimizer_instances=instances,
                                  create_gloo_process_groups=False)
 
 
@@ -158,21 +159,33 @@ def lss_owned(lss_double) -> bool:
     return isinstance(lss_double, str) and lss_double.endswith("-owned")
 
 
+def _optimizer_instances() -> int:
+    """What ``init_parallel(instances=...)`` made (one group across instances, or none)."""
+    from megatron.core import parallel_state as ps
+
+    inter = ps.get_inter_distributed_optimizer_instance_group(check_initialized=False)
+    return inter.size() if inter is not None else 1
+
+
 def ddp_wrap(config, model, lss_double=False):
     """Stock DDP (False), ``lss_ddp`` ("ddp"/True/"overlap") or stock DDP +
-    ``install_lss_grad_averaging`` ("install", what Megatron-LM gets); a ``-owned`` suffix
-    installs the owned position-embedding variant."""
+    ``install_lss_grad_averaging`` ("install", what Megatron-LM gets; "distopt" and
+    "distopt-overlap" with the distributed optimizer, whose instances are LSS's levels); a
+    ``-owned`` suffix installs the owned position-embedding variant."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_seqpar.megatron.lss_grad import install_lss_grad_averaging, lss_ddp
 
     route = lss_route(lss_double)
-    ddp_cfg = DistributedDataParallelConfig(overlap_grad_reduce=route == "overlap",
-                                            use_distributed_optimizer=False)
+    distopt = isinstance(route, str) and route.startswith("distopt")
+    ddp_cfg = DistributedDataParallelConfig(
+        overlap_grad_reduce=route in ("overlap", "distopt-overlap"),
+        use_distributed_optimizer=distopt,
+        num_distributed_optimizer_instances=_optimizer_instances() if distopt else 1)
     if route in (True, "ddp", "overlap"):
         return lss_ddp(config, ddp_cfg, model)
     ddp = DistributedDataParallel(config, ddp_cfg, model)
-    if route == "install":
+    if route == "install" or distopt:
         install_lss_grad_averaging([ddp], assemble_position_grads=not lss_owned(lss_double))
     return ddp
 
@@ -219,6 +232,9 @@ def run_case(kind, method, *, tp, cp, dp, b=B, lss_double=False):
     loss.backward()
     if lss_route(lss_double) == "install":
         config.finalize_model_grads_func([model])  # set by install_lss_grad_averaging
+    elif str(lss_double).startswith("distopt"):
+        model.finish_grad_sync()  # Megatron's own two levels: RS over CP, AR over DP
+        gather_optimizer_shards(model)
     elif lss_double:
         lss_finalize_model_grads(ps.get_context_parallel_group(),
                                  assemble_position_grads=not lss_owned(lss_double))([model])
@@ -229,8 +245,23 @@ def run_case(kind, method, *, tp, cp, dp, b=B, lss_double=False):
             coords)
 
 
+def gather_optimizer_shards(ddp_model):
+    """After a distributed-optimizer reduction each rank holds only its shard of each bucket
+    (the one its optimizer steps); all-gather the shards over the optimizer instance so that
+    ``grads_of`` reads whole gradients."""
+    import torch.distributed as dist
+    from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+    for group in ddp_model.bucket_groups:
+        intra = group.intra_distributed_optimizer_instance_group
+        for bucket in group.buckets:
+            shards = shard_buffer(bucket.grad_data, intra.size())
+            dist.all_gather_into_tensor(bucket.grad_data, shards[intra.rank()].clone(),
+                                        group=intra)
+
+
 # ----------------------------------------------------------------------------- workers
-def _worker(rank, world_size, tp, cp, cases):
+def _worker(rank, world_size, tp, cp, cases, instances=1):
     from megatron.core import parallel_state as ps
 
     from megatron_seqpar import cpu_workarounds
@@ -238,7 +269,7 @@ def _worker(rank, world_size, tp, cp, cases):
     dp = world_size // (tp * cp)
     out = {}
     with cpu_workarounds.cpu_shims():
-        init_parallel(tp=tp, cp=cp)
+        init_parallel(tp=tp, cp=cp, instances=instances)
         try:
             for kind, method, lss_double in cases:
                 t0 = time.perf_counter()
@@ -314,8 +345,8 @@ def compare(kind, res, ref, cp, lss_double):
     return err_l, err_g
 
 
-def _check(tp, cp, world, oracle, cases, label, expect_fail=False):
-    results = run_on_ranks(_worker, world, tp, cp, cases, timeout=420)
+def _check(tp, cp, world, oracle, cases, label, expect_fail=False, instances=1):
+    results = run_on_ranks(_worker, world, tp, cp, cases, instances, timeout=420)
     dp = world // (tp * cp)
     rows, bad = [], []
     for case in cases:
@@ -326,13 +357,17 @@ def _check(tp, cp, world, oracle, cases, label, expect_fail=False):
         secs = max(res[case][-1] for res in results)
         name = method + {False: "", True: "+double-avg", "ddp": "+double-avg",
                          "install": "+double-avg(installed)",
-                         "overlap": "+double-avg(overlap)"}[lss_route(lss_double)]
+                         "overlap": "+double-avg(overlap)",
+                         "distopt": "+double-avg(distributed optimizer)",
+                         "distopt-overlap": "+double-avg(distributed optimizer, overlap)",
+                         }[lss_route(lss_double)]
         name += "-owned" if lss_owned(lss_double) else ""
         rows.append({"config": label, "method": name, "model": kind, "max_rel_err_logits": el,
                      "max_rel_err_grads": eg, "seconds": round(secs, 2)})
         if (el < TOL and eg < TOL) == expect_fail:
             bad.append(rows[-1])
-    modes = (True, "install", "overlap", "ddp-owned", "install-owned", "overlap-owned")
+    modes = (True, "install", "overlap", "ddp-owned", "install-owned", "overlap-owned",
+             "distopt", "distopt-overlap")
     for kind, mode in ((k, m) for k in MODELS for m in modes):
         a, b = (kind, "lss", False), (kind, "lss", mode)  # double avg == plain Megatron CP
         if a in cases and b in cases:
@@ -401,6 +436,100 @@ def test_negative_controls_cp2(oracle):
     cases = [("bert-localpos", "lightseq", False), ("gpt-learned-localpos", "lightseq", False)]
     rows = _check(1, 2, 2, oracle, cases, "CP=2 control", expect_fail=True)
     assert all(r["max_rel_err_logits"] > 1e-3 for r in rows)
+
+
+@pytest.mark.parametrize("cp, world", [(2, 2), (2, 4)], ids=["cp2", "cp2xdp2"])
+def test_lss_distributed_optimizer(oracle, cp, world):
+    """LSS with megatron-core's distributed optimizer (issue 27): one optimizer instance per DP
+    replica, sharded over its CP group, so DDP's reduce-scatter is level 1 (sequence group) and
+    the all-reduce across instances level 2 (DP); every rank's shard, gathered, is the
+    single-process gradient, with and without overlap. (No plain-DDP case beside it: with
+    optimizer instances, megatron-core's DDP reduces over the instance group whether or not
+    the optimizer is distributed.)"""
+    cases = [(k, "lss", "distopt") for k in ("gpt-learned", "bert")]
+    cases += [("gpt-learned", "lss", "distopt-overlap")]
+    dp = world // cp
+    _check(1, cp, world, oracle, cases, f"CP={cp} x DP={dp} distributed optimizer",
+           instances=dp)
+
+
+def _lss_distopt_wrong_instances(rank, world_size):
+    from megatron.core import parallel_state as ps
+
+    from megatron_seqpar import cpu_workarounds
+
+    with cpu_workarounds.cpu_shims():
+        init_parallel(cp=2)  # one optimizer instance over DP x CP: a single level
+        try:
+            config = make_config(cp=2)
+            ddp_wrap(config, build_model("gpt-learned", "lss", config), "distopt")
+        except ValueError as e:
+            return str(e)
+        finally:
+            ps.destroy_model_parallel()
+    return None
+
+
+def test_lss_distributed_optimizer_needs_one_instance_per_replica():
+    msgs = run_on_ranks(_lss_distopt_wrong_instances, 4)
+    assert all(m and "--num-distributed-optimizer-instances 2" in m for m in msgs), msgs
+
+
+def _lss_distopt_bytes(rank, world_size):
+    """Bytes this rank sends per level of LSS with the distributed optimizer at CP=2 x DP=2,
+    read from the collectives megatron-core's buckets call (ring formulas per call)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import param_and_grad_buffer as pgb
+
+    from megatron_seqpar import cpu_workarounds
+
+    sent = {"level1": 0, "level2": 0, "param_gather": 0}
+
+    def record(level, factor, fn):
+        def call(out_or_t, *args, group=None, **kwargs):
+            k = group.size()
+            # the whole buffer: reduce-scatter's input, all-reduce's tensor, all-gather's output
+            t = args[0] if level == "level1" else out_or_t
+            sent[level] += factor * (k - 1) * t.numel() * t.element_size() // k
+            return fn(out_or_t, *args, group=group, **kwargs)
+        return call
+
+    with cpu_workarounds.cpu_shims():
+        init_parallel(cp=2, instances=2)
+        try:
+            config = make_config(cp=2)
+            model = ddp_wrap(config, build_model("gpt-learned", "lss", config), "distopt")
+            n = sum(b.grad_data.numel() for g in model.bucket_groups for b in g.buckets)
+            d = ps.get_data_parallel_rank()
+            batch = get_batch({k: v[d * B:(d + 1) * B] for k, v in
+                               global_batch("gpt-learned", 2 * B).items()})
+            loss, _, _ = forward_loss("gpt-learned", model, batch, 2 * B * S, 2 * B, 2, 2, False)
+            loss.backward()
+            saved = (pgb.dist_reduce_scatter_func, dist.all_reduce, pgb.dist_all_gather_func)
+            pgb.dist_reduce_scatter_func = record("level1", 1, saved[0])
+            dist.all_reduce = record("level2", 2, saved[1])
+            pgb.dist_all_gather_func = record("param_gather", 1, saved[2])
+            try:
+                model.finish_grad_sync()
+                model.start_param_sync(force_sync=True)
+            finally:
+                pgb.dist_reduce_scatter_func, dist.all_reduce, pgb.dist_all_gather_func = saved
+            return sent, n
+        finally:
+            ps.destroy_model_parallel()
+
+
+def test_lss_distributed_optimizer_bytes_per_level():
+    """The bytes each level sends (measured at the collectives) are the model's
+    (``model_cost.lss_grad_bytes``): reduce-scatter over CP, all-reduce of the 1/P shard over
+    DP, all-gather of the parameters over CP; float64 buffers (the parity tests' models)."""
+    from megatron_seqpar.model_cost import lss_grad_bytes
+
+    for sent, n in run_on_ranks(_lss_distopt_bytes, 4, timeout=180):
+        want = lss_grad_bytes(n, 8, 2, 2, distributed_optimizer=True)
+        assert sent == {"level1": want.level1, "level2": want.level2,
+                        "param_gather": want.param_gather}, (sent, want)
 
 
 def _lss_level1(rank, world_size, assemble):

@@ -45,6 +45,12 @@ How it sits on Megatron:
     grads, PP embedding grads, per-token scaling). With ``overlap_grad_reduce`` the DP
     reduction has already started in backward; both levels are linear, so the CP average then
     runs after it with the same result.
+  * With megatron-core's distributed optimizer nothing is re-pointed: one optimizer instance
+    per DP replica (``num_distributed_optimizer_instances`` = DP size), sharded over its CP
+    group, makes Megatron's own reduction the two levels (reduce-scatter over CP, then the
+    shard all-reduced over DP across instances); ``install_lss_grad_averaging`` only checks the
+    groups (``check_distributed_optimizer_levels``, with the bytes per level). Position rows are
+    assembled (the reduce-scatter sums whole buffers); the owned variant is not offered there.
 
 Collectives and bytes per step, N = parameters with grad, E = position-embedding elements,
 w = bytes per grad element, P = CP size, D = DP size (ring all-reduce sends 2(n-1)/n x payload):
@@ -145,9 +151,11 @@ def install_lss_grad_averaging(model_chunks, seq_group=None, dp_group=None, *,
     re-pointed from the DP x CP group to the pure DP group (pre-scale adjusted, see
     ``_level2_scaling``) and ``config.finalize_model_grads_func`` becomes
     ``lss_finalize_model_grads(seq_group, assemble_position_grads=...)``. Groups default to
-    ``parallel_state``'s. Needs
-    ``use_distributed_optimizer=False`` (the optimizer's shards follow the DP x CP group) and
-    no expert-parallel buffers; raises ``ValueError`` otherwise. No collective.
+    ``parallel_state``'s. Needs no expert-parallel buffers; raises ``ValueError`` otherwise.
+    No collective.
+
+    With the distributed optimizer nothing is re-pointed: the two levels are Megatron's own
+    distributed-optimizer instances (``check_distributed_optimizer_levels``).
     """
     from megatron.core import parallel_state
     from megatron.core.utils import get_model_config
@@ -155,12 +163,12 @@ def install_lss_grad_averaging(model_chunks, seq_group=None, dp_group=None, *,
     seq_group = seq_group or parallel_state.get_context_parallel_group()
     dp_group = dp_group or parallel_state.get_data_parallel_group(with_context_parallel=False)
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+    if chunks[0].ddp_config.use_distributed_optimizer:
+        check_distributed_optimizer_levels(chunks, seq_group, dp_group)
+        return
     config = get_model_config(chunks[0])
     for chunk in chunks:
         ddp_config = chunk.ddp_config
-        if ddp_config.use_distributed_optimizer:
-            raise ValueError("LSS double averaging on Megatron-LM-built DDP needs "
-                             "--use-distributed-optimizer off (shards follow DP x CP)")
         if getattr(chunk, "expert_parallel_bucket_groups", None):
             raise ValueError("LSS double averaging does not support expert-parallel params")
         factor = _level2_scaling(config, ddp_config, dp_group.size(), seq_group.size())
@@ -170,6 +178,45 @@ def install_lss_grad_averaging(model_chunks, seq_group=None, dp_group=None, *,
                 bucket.gradient_scaling_factor = factor
     config.finalize_model_grads_func = lss_finalize_model_grads(
         seq_group, assemble_position_grads=assemble_position_grads)
+
+
+def check_distributed_optimizer_levels(model_chunks, seq_group, dp_group) -> None:
+    """LSS with megatron-core's distributed optimizer: Megatron's reduction already averages
+    in LSS's two levels when each distributed-optimizer instance is one DP replica's CP group
+    (``--num-distributed-optimizer-instances`` = DP size; Megatron's rank order puts a CP
+    group's ranks next to each other, so its intra-instance groups are the CP groups):
+
+      * level 1, the sequence group: each bucket's reduce-scatter over the intra-instance
+        group (the CP group; SUM after DDP's ``1/(D·P)`` pre-scale), which leaves each CP rank
+        the sum of its 1/P shard, position-embedding rows assembled;
+      * level 2, pure DP: the all-reduce of that shard over the inter-instance group (the DP
+        group of the same CP rank); at DP=1 there is no second level.
+
+    Bytes per rank and step (N gradient elements of w bytes, P = CP, D = DP): level 1 sends
+    (P-1)/P·N·w, level 2 2(D-1)/D·N/P·w; the optimizer then all-gathers updated parameters over
+    the CP group, (P-1)/P·N·w_param (stock Megatron: reduce-scatter and all-gather over all of
+    DP x CP). Each DP replica holds one full optimizer state, 1/P of it per rank.
+
+    Checks that every bucket group reduces over exactly those groups and raises ``ValueError``
+    naming the fix otherwise (e.g. ``--num-distributed-optimizer-instances`` not the DP size).
+    No collective.
+    """
+    cp_ranks = dist.get_process_group_ranks(seq_group)
+    dp_ranks = dist.get_process_group_ranks(dp_group)
+    for chunk in model_chunks:
+        if getattr(chunk, "expert_parallel_bucket_groups", None):
+            raise ValueError("LSS double averaging does not support expert-parallel params")
+        for group in chunk.bucket_groups:
+            intra = dist.get_process_group_ranks(group.intra_distributed_optimizer_instance_group)
+            inter = getattr(group, "inter_distributed_optimizer_instance_group", None)
+            inter = dist.get_process_group_ranks(inter) if inter is not None else [dist.get_rank()]
+            if (intra, inter) != (cp_ranks, dp_ranks):
+                raise ValueError(
+                    f"LSS with the distributed optimizer needs each optimizer instance to be "
+                    f"one DP replica's CP group (ranks {cp_ranks}), then an all-reduce over the "
+                    f"DP group (ranks {dp_ranks}); DDP reduces over ranks {intra}, then {inter}: "
+                    f"pass --num-distributed-optimizer-instances {len(dp_ranks)} (Megatron's "
+                    "default --order keeps a CP group's ranks together)")
 
 
 def _ddp_buffers(model_chunk):
