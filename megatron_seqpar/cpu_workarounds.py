@@ -64,6 +64,17 @@ The shims, each with the reason it exists:
    stream for the all-reduce across distributed-optimizer instances
    (``--num-distributed-optimizer-instances`` > 1: LSS with the distributed optimizer at
    DP > 1), and Megatron-LM's ``get_model`` builds DDP on one.
+7d. ``moe_without_te``: ``moe_utils`` imports ``te_general_gemm`` with the other Transformer
+   Engine fusions inside one ``try``; without TE the import fails before the name is bound,
+   and the router's ``RouterGatingLinearFunction`` then reads it (``NameError: name
+   'te_general_gemm' is not defined``). The shim binds it to None (only when it is missing),
+   which selects the router's own ``torch.mm``/``addmm`` path. Reached by any MoE layer
+   (``--num-experts``) without TE, at any CP size.
+7e. ``moe_host_splits``: the all-to-all token dispatcher moves its split sizes "to the
+   host" with ``moe_utils.maybe_move_tensor_to_cpu(..., as_numpy=True)``, which only acts on
+   CUDA tensors; on CPU they stay tensors and ``all_to_all_single`` rejects a tensor as its
+   split sizes. The shim (in ``token_dispatcher``, where it is called) converts CPU tensors
+   the same way. Reached by ``--moe-token-dispatcher-type alltoall`` with EP > 1.
 
 Megatron-LM's ``megatron.training`` (its ``pretrain()`` loop: initialisation, Megatron's own
 optimizer, schedules, ``finalize_model_grads``, logging, checkpoints) needs a few more, in
@@ -174,11 +185,12 @@ def _setattr(obj, name: str, value):
 
 @contextlib.contextmanager
 def cpu_shims():
-    """Install shims 1-7c above; undo them on exit, even on error."""
+    """Install shims 1-7e above; undo them on exit, even on error."""
     from megatron.core.fusions import fused_softmax
     from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer import multi_latent_attention as mla
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     with contextlib.ExitStack() as stack:
@@ -198,6 +210,10 @@ def cpu_shims():
         patch(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
         if not isinstance(mla.TELinear, type):  # 7b
             patch(mla, "TELinear", _NoTELinear)
+        if "te_general_gemm" not in vars(moe_utils):  # 7d
+            moe_utils.te_general_gemm = None
+            stack.callback(delattr, moe_utils, "te_general_gemm")
+        patch(token_dispatcher, "maybe_move_tensor_to_cpu", _host_copy)  # 7e
         new = vars(WrappedTorchNorm)["__new__"]  # the staticmethod itself, restored as is
         WrappedTorchNorm.__new__ = staticmethod(_sp_torch_norm(new.__func__))
         stack.callback(setattr, WrappedTorchNorm, "__new__", new)
@@ -236,14 +252,51 @@ class CudaToCpu(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """``maybe_move_tensor_to_cpu`` for CPU tensors too (shim 7e): what it returns for a CUDA
+    tensor (a host tensor, or its numpy array), so split sizes are host sequences."""
+    if torch.is_tensor(tensor):
+        tensor = tensor.cpu()
+        return tensor.numpy() if as_numpy else tensor
+    return tensor
+
+
+class _NullEvent:
+    """What ``_NullStream.record_event`` returns: already complete."""
+
+    def synchronize(self):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
 class _NullStream:
-    """Shim 7c: ``torch.cuda.Stream`` / ``current_stream()`` on CPU, where work is in order."""
+    """Shim 7c: ``torch.cuda.Stream`` / ``current_stream()`` on CPU, where work is in order.
+
+    All of them are one stream (equal to each other): code that asks "am I on a side
+    stream?" (MoE's token dispatcher, before its device-to-host copies) hears no."""
 
     def __init__(self, *args, **kwargs):
         pass
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _NullStream)
+
+    def __hash__(self) -> int:
+        return 0
+
     def wait_stream(self, *args, **kwargs):
         pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs) -> _NullEvent:
+        return _NullEvent()
 
     def synchronize(self):
         pass

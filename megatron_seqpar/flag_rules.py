@@ -86,6 +86,15 @@ def method_active(v) -> bool:
                                                        or bool(get("multi_latent_attention", 0)))
 
 
+INACTIVE_LOG = "megatron-seqpar: CP=1"
+
+
+def inactive_note(method: str, attention: str) -> str:
+    """The one line both routes print when ``--seqpar-method`` is inactive (CP=1)."""
+    return (f"{INACTIVE_LOG}: --seqpar-method {method} is inactive at CP=1: {attention} (the "
+            "same flags work at CP > 1)")
+
+
 def check_all(view: View) -> list[str]:
     return [msg for _, msg in broken(view)]
 
@@ -252,8 +261,6 @@ _refuse("experimental_attention_variant",
         "--experimental-attention-variant is not supported; drop it")
 _refuse("heterogeneous_layers_config_path",
         "--heterogeneous-layers-config-path is not supported; drop it")
-_refuse("num_experts", "--num-experts (MoE) is not wired into the Megatron-LM route yet; drop "
-        "it or build the model with megatron_seqpar.specs yourself")
 _refuse("mtp_num_layers", "--mtp-num-layers is not supported; drop it")
 
 

@@ -52,14 +52,18 @@ from megatron_seqpar.flags import (  # noqa: F401  (the patched scripts' names, 
 from megatron_seqpar.layouts import shard_sequence
 from megatron_seqpar.megatron import lss_grad
 from megatron_seqpar.megatron.parallel_state import sequence_group
-from megatron_seqpar.specs import get_bert_layer_spec, get_gpt_layer_spec
+from megatron_seqpar.specs import (
+    get_bert_layer_spec,
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_spec,
+)
 from megatron_seqpar.training.data import pack_documents
 
 BERT_MODEL = "megatron_seqpar.megatron.bert:SeqParBertModel"  # the CP-aware BertModel
 LSS_INSTALLED_LOG = "megatron-seqpar: LSS double gradient averaging installed"
 CHECKPOINT_LOG = "megatron-seqpar: checkpoint"
 TWO_LEVEL_LOG = "megatron-seqpar: two levels"
-INACTIVE_LOG = "megatron-seqpar: CP=1"
+INACTIVE_LOG = flag_rules.INACTIVE_LOG
 
 
 def extra_args_provider(parser):
@@ -115,15 +119,19 @@ def validate_seqpar_args(args, *, model: str = "gpt"):
     return options
 
 
-def gpt_layer_spec_from_args(args, config=None):
-    """Our GPT layer spec for Megatron-LM ``args`` (validated first); ``config`` is unused.
+def gpt_layer_spec_from_args(args, config=None, vp_stage=None):
+    """Our GPT layer spec for Megatron-LM ``args`` (validated first).
 
     ``--transformer-impl transformer_engine`` starts from megatron-core's TE layer spec,
-    ``local`` from the local one (honouring ``--normalization``, ``--qk-layernorm``).
+    ``local`` from the local one (honouring ``--normalization``, ``--qk-layernorm``). With
+    ``--num-experts`` it is Megatron-LM's MoE decoder block spec for ``config`` and
+    ``vp_stage`` (``specs.get_gpt_decoder_block_spec``), our core attention in every layer.
     """
 
     options = validate_seqpar_args(args, model="gpt")
     te = args.transformer_impl == "transformer_engine"
+    if getattr(args, "num_experts", None):
+        return _moe_block_spec(args, config, vp_stage, options, te)
     kwargs = {"qk_layernorm": getattr(args, "qk_layernorm", False),
               "qk_l2_norm": getattr(args, "qk_l2_norm", False),
               "multi_latent_attention": bool(getattr(args, "multi_latent_attention", False))}
@@ -144,6 +152,19 @@ def gpt_layer_spec_from_args(args, config=None):
                               **kwargs)
 
 
+def _moe_block_spec(args, config, vp_stage, options, te):
+    kwargs = {"normalization": getattr(args, "normalization", None),
+              "qk_l2_norm": getattr(args, "qk_l2_norm", False), "vp_stage": vp_stage}
+    if not flag_rules.method_active(args):
+        _note_inactive(args)
+        from megatron.core.models.gpt import gpt_layer_specs as g
+
+        return g.get_gpt_decoder_block_spec(config, use_transformer_engine=te, **kwargs)
+    _note_two_level(args)
+    return get_gpt_decoder_block_spec(args.seqpar_method, config, options=options,
+                                      transformer_engine=te, **kwargs)
+
+
 def bert_layer_spec_from_args(args):
     """Our BERT layer spec for Megatron-LM ``args`` (validated first)."""
 
@@ -161,8 +182,8 @@ def bert_layer_spec_from_args(args):
 
 def _note_inactive(args) -> None:
     """Rank 0 prints ``INACTIVE_LOG``: the method does nothing at CP=1."""
-    _print_rank_0(f"{INACTIVE_LOG}: --seqpar-method {args.seqpar_method} is inactive at CP=1: "
-                  "plain Megatron-LM with its local attention (the same flags work at CP > 1)")
+    _print_rank_0(flag_rules.inactive_note(args.seqpar_method,
+                                           "plain Megatron-LM with its local attention"))
 
 
 def _note_two_level(args) -> None:

@@ -130,3 +130,22 @@ def test_bert_samples_are_padded(tmp_path):
     """The BERT parity runs really contain padding (short samples) and masked tokens."""
     pads, masked = run_on_ranks(_count_pads, 1, str(tmp_path))[0]
     assert pads > 0 and masked > 0
+
+
+@pytest.mark.megatron
+def test_method_at_cp1_is_inactive(gpt_ref):
+    """Issue 27: ``--seqpar-method`` at CP=1 is accepted and inactive on our driver too: the
+    run is megatron-core's local attention (the CP=1 reference's losses, exactly), and rank 0's
+    one line says so; a CP sweep keeps one command line."""
+    from megatron_seqpar.training.driver import inactive_line
+
+    tmp, ref = gpt_ref
+    kw = dict(TINY, model="gpt", seq_length=128, data_cache_path=str(tmp / "data"),
+              seqpar_method="lightseq", log_dir=str(tmp / "inactive"))
+    cfg = TrainConfig(world_size=1, **kw)
+    assert cfg.attention_method is None
+    assert "--seqpar-method lightseq is inactive at CP=1" in inactive_line(cfg)
+    assert run_on_ranks(_train, 1, kw)[0] == ref  # the same code path: bit for bit
+    assert inactive_line(TrainConfig(world_size=2, **dict(kw, context_parallel_size=2))) is None
+    mla = TrainConfig(world_size=1, **dict(kw, multi_latent_attention=True))
+    assert mla.attention_method == "lightseq" and inactive_line(mla) is None

@@ -151,8 +151,8 @@ def install_lss_grad_averaging(model_chunks, seq_group=None, dp_group=None, *,
     re-pointed from the DP x CP group to the pure DP group (pre-scale adjusted, see
     ``_level2_scaling``) and ``config.finalize_model_grads_func`` becomes
     ``lss_finalize_model_grads(seq_group, assemble_position_grads=...)``. Groups default to
-    ``parallel_state``'s. Needs no expert-parallel buffers; raises ``ValueError`` otherwise.
-    No collective.
+    ``parallel_state``'s. Expert parameters (MoE) keep Megatron's own reduction (see
+    ``_ddp_buffers``). No collective.
 
     With the distributed optimizer nothing is re-pointed: the two levels are Megatron's own
     distributed-optimizer instances (``check_distributed_optimizer_levels``).
@@ -169,8 +169,6 @@ def install_lss_grad_averaging(model_chunks, seq_group=None, dp_group=None, *,
     config = get_model_config(chunks[0])
     for chunk in chunks:
         ddp_config = chunk.ddp_config
-        if getattr(chunk, "expert_parallel_bucket_groups", None):
-            raise ValueError("LSS double averaging does not support expert-parallel params")
         factor = _level2_scaling(config, ddp_config, dp_group.size(), seq_group.size())
         for group in chunk.bucket_groups:
             group.data_parallel_group = dp_group
@@ -204,9 +202,7 @@ def check_distributed_optimizer_levels(model_chunks, seq_group, dp_group) -> Non
     cp_ranks = dist.get_process_group_ranks(seq_group)
     dp_ranks = dist.get_process_group_ranks(dp_group)
     for chunk in model_chunks:
-        if getattr(chunk, "expert_parallel_bucket_groups", None):
-            raise ValueError("LSS double averaging does not support expert-parallel params")
-        for group in chunk.bucket_groups:
+        for group in chunk.bucket_groups:  # dense parameters; experts: see _ddp_buffers
             intra = dist.get_process_group_ranks(group.intra_distributed_optimizer_instance_group)
             inter = getattr(group, "inter_distributed_optimizer_instance_group", None)
             inter = dist.get_process_group_ranks(inter) if inter is not None else [dist.get_rank()]
@@ -220,10 +216,15 @@ def check_distributed_optimizer_levels(model_chunks, seq_group, dp_group) -> Non
 
 
 def _ddp_buffers(model_chunk):
-    buffers = list(getattr(model_chunk, "buffers", [])) + list(
-        getattr(model_chunk, "expert_parallel_buffers", [])
-    )
-    if not buffers:
+    """The dense grad buffers of a DDP chunk: the ones LSS averages in two levels.
+
+    Expert parameters (MoE) are not among them: Megatron reduces their grad buffers over the
+    expert data-parallel group, which already spans the CP and DP ranks of one expert shard
+    (megatron-core folds CP into expert data parallelism), in one level, exact, and LSS leaves
+    that reduction as it is (neither re-pointed nor averaged over CP first).
+    """
+    buffers = list(getattr(model_chunk, "buffers", []))
+    if not buffers and not getattr(model_chunk, "expert_parallel_buffers", None):
         raise ValueError("LSS double averaging needs a megatron-core DistributedDataParallel model")
     return buffers
 

@@ -147,6 +147,14 @@ class TrainConfig:
                            self.global_batch_size // (self.micro_batch_size * dp))
 
     @property
+    def attention_method(self) -> str | None:
+        """The method that runs the attention: ``seqpar_method``, or None (megatron-core's
+        local attention) where it is inactive: at CP=1, except with MLA (``flag_rules``) or
+        packed documents (cu_seqlens, which the local attention cannot take)."""
+        active = flag_rules.method_active(self) or self.reset_attention_mask
+        return self.seqpar_method if active else None
+
+    @property
     def causal(self) -> bool:
         return self.model == "gpt"
 

@@ -49,6 +49,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megatron_seqpar import flag_rules
 from megatron_seqpar.comm import count_traffic, free_port
 from megatron_seqpar.megatron.lss_grad import (
     assemble_owned_rows,
@@ -210,7 +211,7 @@ def _forward(cfg: TrainConfig, model, batch):
     """Per-token losses ``[b, s_local]`` of one micro-batch shard."""
     if cfg.model == "gpt":
         mask = None
-        if cfg.seqpar_method is None:  # Megatron's local attention: explicit causal mask
+        if cfg.attention_method is None:  # Megatron's local attention: explicit causal mask
             s = batch["tokens"].size(1)
             mask = torch.ones(s, s, dtype=torch.bool, device=batch["tokens"].device).triu(1)
             mask = mask[None, None]
@@ -451,6 +452,14 @@ def _init_process_group(cfg: TrainConfig, device: str) -> None:
                             rank=rank, world_size=world, timeout=timeout)
 
 
+def inactive_line(cfg: TrainConfig) -> str | None:
+    """What rank 0 prints when ``--seqpar-method`` is inactive (CP=1: megatron-core's local
+    attention runs, ``TrainConfig.attention_method``), so a CP sweep keeps one command line."""
+    if cfg.seqpar_method is not None and cfg.attention_method is None:
+        return flag_rules.inactive_note(cfg.seqpar_method, "megatron-core's local attention")
+    return None
+
+
 def main(argv=None, model: str = "gpt", cpu_shims=None) -> int:
     """Entry point of ``examples/pretrain_{gpt,bert}.py`` and ``python -m
     megatron_seqpar.pretrain_{gpt,bert}`` (``main_gpt`` / ``main_bert``): parse, validate,
@@ -479,6 +488,8 @@ def main(argv=None, model: str = "gpt", cpu_shims=None) -> int:
         return 2
     if note and rank0:
         print(note, flush=True)
+    if rank0 and (line := inactive_line(cfg)):
+        print(line, flush=True)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
     _init_process_group(cfg, device)

@@ -59,12 +59,13 @@ def transformer_config(cfg, device: str):
 
 
 def layer_spec(cfg):
-    """The transformer-layer ``ModuleSpec``: ours for ``--seqpar-method``, else Megatron's."""
-    if cfg.seqpar_method is not None:
+    """The transformer-layer ``ModuleSpec``: ours for an active ``--seqpar-method``, else
+    Megatron's (also for a method inactive at CP=1)."""
+    if cfg.attention_method is not None:
         if cfg.model == "gpt":
-            return specs.get_gpt_layer_spec(cfg.seqpar_method, options=cfg.method_options(),
+            return specs.get_gpt_layer_spec(cfg.attention_method, options=cfg.method_options(),
                                             multi_latent_attention=cfg.multi_latent_attention)
-        return specs.get_bert_layer_spec(cfg.seqpar_method, options=cfg.method_options())
+        return specs.get_bert_layer_spec(cfg.attention_method, options=cfg.method_options())
     if cfg.model == "gpt":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -75,7 +76,7 @@ def layer_spec(cfg):
 
 
 def _bert_class(cfg):
-    if cfg.seqpar_method is None:  # megatron-core's own BertModel (CP=1)
+    if cfg.attention_method is None:  # megatron-core's own BertModel (CP=1)
         from megatron.core.models.bert.bert_model import BertModel
 
         return BertModel
