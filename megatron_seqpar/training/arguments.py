@@ -99,6 +99,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     bf16: bool = False
+    use_distributed_optimizer: bool = False  # megatron-core's, sharded over DP x CP (CUDA)
     fp64: bool = False  # ours: float64 parameters and activations (CPU), for exactness checks
     recompute_granularity: str | None = None
     recompute_method: str | None = None
@@ -153,6 +154,15 @@ class TrainConfig:
         packed documents (cu_seqlens, which the local attention cannot take)."""
         active = flag_rules.method_active(self) or self.reset_attention_mask
         return self.seqpar_method if active else None
+
+    @property
+    def optimizer_instances(self) -> int:
+        """megatron-core's ``num_distributed_optimizer_instances``: for LSS with the
+        distributed optimizer at CP > 1 one per DP replica (each sharded over its CP group,
+        so Megatron's reduce-scatter is LSS's level 1 and the all-reduce across instances
+        level 2, ``megatron.lss_grad.check_distributed_optimizer_levels``); else 1."""
+        lss = self.seqpar_method == "lss" and self.context_parallel_size > 1
+        return self.data_parallel_size if lss and self.use_distributed_optimizer else 1
 
     @property
     def causal(self) -> bool:
@@ -254,6 +264,17 @@ def validate(c: TrainConfig) -> None:
     need(c.distributed_backend in (None, "gloo", "nccl"), "--distributed-backend gloo or nccl")
     need(c.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be positive")
     need(not (c.bf16 and c.fp64), "--bf16 and --fp64 exclude each other")
+    need(not (c.use_distributed_optimizer and c.resolved_device() == "cpu"),
+         "--use-distributed-optimizer is megatron-core's optimizer, which our driver runs on "
+         "CUDA only (the CPU path uses torch.optim); drop it on CPU")
+    need(not (c.use_distributed_optimizer and c.seqpar_method == "lss"
+              and dict(c.seqpar_options).get("assemble_position_grads") is False),
+         "--seqpar-method lss with --use-distributed-optimizer reduce-scatters whole gradients "
+         "over the sequence group, which assembles position-embedding rows; drop "
+         "--no-seqpar-lss-assemble-position-grads")
+    need(not (c.use_distributed_optimizer and (c.save or c.load)),
+         "--use-distributed-optimizer with --save/--load is not supported by our driver yet "
+         "(Megatron-LM's pretrain_gpt.py saves it); drop one of them")
     need(not (c.bf16 and c.resolved_device() == "cpu"),
          "--bf16 needs a CUDA device (the CPU path uses torch.optim in fp32); drop --bf16")
     need(c.resolved_backend() != "nccl" or c.resolved_device() == "cuda",
@@ -369,6 +390,9 @@ def build_parser(model: str = "gpt") -> argparse.ArgumentParser:
         help="Megatron's sequence parallelism inside the TP group (norms, dropout and "
         "embeddings on 1/TP of the tokens); needs --tensor-model-parallel-size > 1")
     add("--bf16", action="store_true")
+    add("--use-distributed-optimizer", action="store_true",
+        help="megatron-core's distributed optimizer (CUDA); with LSS one instance per DP "
+        "replica, sharded over its CP group: the two levels of its gradient averaging")
     add("--fp64", action="store_true",
         help="float64 parameters and activations (ours; for exactness checks on CPU)")
     add("--untie-embeddings-and-output-weights", action="store_true")

@@ -161,6 +161,7 @@ class _CudaOptimizer:
                              weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
                              adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
                              clip_grad=cfg.clip_grad, bf16=cfg.bf16,
+                             use_distributed_optimizer=cfg.use_distributed_optimizer,
                              params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
         self.opt = get_megatron_optimizer(oc, [model], use_gloo_process_groups=False)
 
@@ -248,6 +249,7 @@ def train(cfg: TrainConfig, *, device: str | None = None, quiet: bool = False) -
                                  hierarchical_context_parallel_sizes=(
                                      list(cfg.hierarchical_context_parallel_sizes or ()) or None),
                                  create_gloo_process_groups=False,
+                                 num_distributed_optimizer_instances=cfg.optimizer_instances,
                                  distributed_timeout_minutes=cfg.distributed_timeout_minutes)
     try:
         rank = dist.get_rank()

@@ -19,7 +19,11 @@ import torch
 
 from megatron_seqpar import specs
 from megatron_seqpar.megatron.bert import SeqParBertModel
-from megatron_seqpar.megatron.lss_grad import lss_ddp, lss_finalize_model_grads
+from megatron_seqpar.megatron.lss_grad import (
+    install_lss_grad_averaging,
+    lss_ddp,
+    lss_finalize_model_grads,
+)
 
 
 def transformer_config(cfg, device: str):
@@ -134,8 +138,15 @@ def build_model(cfg, device: str):
         module.double()
     module.to(device)
     # fp32 grad buffers (Megatron's choice for bf16); with --fp64 they keep float64
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=not cfg.fp64)
-    if cfg.seqpar_method == "lss" and cfg.context_parallel_size > 1:
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=not cfg.fp64, use_distributed_optimizer=cfg.use_distributed_optimizer,
+        num_distributed_optimizer_instances=cfg.optimizer_instances)
+    if (cfg.seqpar_method == "lss" and cfg.context_parallel_size > 1
+            and cfg.use_distributed_optimizer):  # Megatron's instances are the two levels
+        model = DistributedDataParallel(config, ddp_config, module)
+        install_lss_grad_averaging([model])  # checks the groups, re-points nothing
+        finalize = finalize_model_grads
+    elif cfg.seqpar_method == "lss" and cfg.context_parallel_size > 1:
         from megatron.core import parallel_state
 
         model = lss_ddp(config, ddp_config, module)
