@@ -31,6 +31,28 @@ def test_bench_attention_thp_reaches_every_rank(tmp_path, monkeypatch):
     assert all(x["thp"] and x["time_s"] > 0 for x in rec["ranks"].values()), rec["ranks"]
     (row,) = data["ratios"]
     assert row["bytes==model"], row
+    assert row["spread"] == 1.0  # --repeats 0: the profiled call alone
+
+
+@pytest.mark.own_world
+def test_bench_attention_reports_each_calls_spread(tmp_path):
+    """Issue 29: each variant's time is the median of ``--repeats`` calls (the slowest rank's
+    time per call) and ``spread`` their max/min, in the record, the ratios and the table."""
+    import bench_attention
+
+    out = str(tmp_path / "bench")
+    bench_attention.main(["--seqlens", "64", "--ranks", "2", "--heads", "2", "--head-dim", "8",
+                          "--methods", "lightseq", "--only", "lightseq/zigzag", "--peers",
+                          "--repeats", "3", "--out", out])
+    with open(out + ".json") as f:
+        data = json.load(f)
+    (rec,) = [r for r in data["records"] if r["label"] == "lightseq/zigzag"]
+    per_rank = [x["times_s"] for x in rec["ranks"].values()]
+    assert all(len(t) == 3 for t in per_rank)
+    want = [max(t) for t in zip(*per_rank)]
+    assert rec["times_s"] == want and rec["time_s"] == sorted(want)[1]
+    (row,) = [r for r in data["ratios"] if r["label"] == "lightseq/zigzag"]
+    assert row["spread"] == max(want) / min(want) >= 1.0
 
 
 @pytest.mark.own_world

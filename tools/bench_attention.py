@@ -12,8 +12,10 @@ prints a table of RATIOS against the baselines of the same run ("ideal" = half t
 single-process time), and writes ``<out>.json`` and ``<out>.png``.
 
 The first call of every variant is the profiled one (memory and bytes); the next ``--repeats``
-are timed without the profiler. A variant whose predicted memory exceeds ``--max-gb`` is
-skipped (RSA keeps ``s x S`` score rows, so it leaves the table at long lengths).
+(default 5) are timed without the profiler, each at its slowest rank: ``time_s`` is their
+median and ``spread`` their max/min (the per-call jitter, issue 29). A variant whose
+predicted memory exceeds ``--max-gb`` is skipped (RSA keeps ``s x S`` score rows, so it
+leaves the table at long lengths).
 
 Packed streams and two levels (ours only; ratios of the same run):
 
@@ -68,7 +70,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from baselines import BASELINES  # noqa: E402
-from measure import measure, run_ranks, time_call  # noqa: E402
+from measure import measure, median, run_ranks, time_calls  # noqa: E402
 
 from megatron_seqpar.comm import count_traffic  # noqa: E402
 from megatron_seqpar.cost import AttnShape, attention_cost, packed_flop_ratio  # noqa: E402
@@ -305,8 +307,9 @@ def _run_variant(rank, world, v: Variant, S: int, a, full) -> dict:
                rss_peak_bytes=m.rss_peak_bytes, calls=m.calls,
                profiled_time_s=time.perf_counter() - t0)
     c0 = time.process_time()
-    res["time_s"] = (time_call(step, repeats=a.repeats, warmup=0, barrier=barrier)
-                     if a.repeats else res["profiled_time_s"])
+    res["times_s"] = (time_calls(step, repeats=a.repeats, warmup=0, barrier=barrier)
+                      if a.repeats else [res["profiled_time_s"]])
+    res["time_s"] = median(res["times_s"])
     # CPU seconds of this process per call (every thread): on a shared machine the wall time
     # follows the other jobs' load, the CPU time far less (barrier waits add a little)
     res["cpu_s"] = (time.process_time() - c0) / max(1, a.repeats)
@@ -361,7 +364,12 @@ def collect(rows: list[dict], world: int) -> list[dict]:
     for rec in table.values():
         ranks = [rec["ranks"][i] for i in sorted(rec["ranks"]) if "time_s" in rec["ranks"][i]]
         if ranks:
-            rec["time_s"] = max(x["time_s"] for x in ranks)
+            # each iteration's time is its slowest rank's; the median and the spread (max/min)
+            # are over those
+            per_call = [max(t) for t in zip(*(x["times_s"] for x in ranks))]
+            rec["times_s"] = per_call
+            rec["time_s"] = median(per_call)
+            rec["spread"] = max(per_call) / min(per_call)
             if all("cpu_s" in x for x in ranks):
                 rec["cpu_s"] = max(x["cpu_s"] for x in ranks)
             rec["peak_bytes"] = [x["peak_bytes"] for x in ranks]
@@ -385,7 +393,8 @@ def ratios(records: list[dict]) -> list[dict]:
         if "time_s" not in r:
             continue
         S = r["S"]
-        row = {"S": S, "label": r["label"], "time_s": r["time_s"], "cpu_s": r.get("cpu_s"),
+        row = {"S": S, "label": r["label"], "time_s": r["time_s"], "spread": r["spread"],
+               "cpu_s": r.get("cpu_s"),
                "peak_mb": max(r["peak_bytes"]) / 2**20,
                "sent_mb": max(r["sent_bytes"]) / 2**20}
         base = by.get((S, "nosp/1thr"))
@@ -482,8 +491,8 @@ def print_compare(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["S", "label", "time_s", "cpu_s", "x_ideal", "x_window", "cpu/window", "t/ulysses",
-            "t/ring", "peak_mb",
+    cols = ["S", "label", "time_s", "spread", "cpu_s", "x_ideal", "x_window", "cpu/window",
+            "t/ulysses", "t/ring", "peak_mb",
             "mem/ring", "mem/nosp/1thr", "sent_mb", "bytes/model", "bytes==model", "inner==model",
             "mem/model"]
     print(" ".join(f"{c:>24}" if c == "label" else f"{c:>13}" for c in cols))
@@ -532,8 +541,9 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="*", default=None,
                    help="ours (default: every method megatron_seqpar.METHODS has)")
     p.add_argument("--peers", nargs="*", default=["nosp", "ulysses", "ring", "allgather"])
-    p.add_argument("--repeats", type=int, default=2,
-                   help="timed runs after the profiled one (0: report the profiled run's time)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs after the profiled one, each timed at its slowest rank; "
+                   "time_s is their median, spread their max/min (0: the profiled run's time)")
     p.add_argument("--max-gb", type=float, default=3.0, help="skip variants predicted above")
     p.add_argument("--packed-docs", type=int, default=0,
                    help="also run each of our variants on a packed stream of N documents")

@@ -238,8 +238,10 @@ def run_ranks(worker, ranks: int, *args) -> list:
     return rows
 
 
-def time_call(fn, *, repeats: int = 3, warmup: int = 1, barrier=None) -> float:
-    """Median wall time of ``fn()`` in seconds (``barrier()`` before each run if given)."""
+def time_calls(fn, *, repeats: int = 3, warmup: int = 1, barrier=None) -> list[float]:
+    """Wall time of each of ``repeats`` calls of ``fn()`` in seconds, in call order
+    (``barrier()`` before and after each run if given, so a rank's time includes waiting for
+    the slowest one)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -251,5 +253,13 @@ def time_call(fn, *, repeats: int = 3, warmup: int = 1, barrier=None) -> float:
         if barrier is not None:
             barrier()
         times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    return times
+
+
+def median(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2]
+
+
+def time_call(fn, *, repeats: int = 3, warmup: int = 1, barrier=None) -> float:
+    """Median wall time of ``fn()`` in seconds (``barrier()`` before each run if given)."""
+    return median(time_calls(fn, repeats=repeats, warmup=warmup, barrier=barrier))
