@@ -657,6 +657,14 @@ def _print_rows(what: str, method: str, ref: LoopRun, run: LoopRun) -> None:
           f"{[run.lm[i] for i in sorted(run.lm)]}, max |diff| {diff:.1e}")
 
 
+def _assert_row(what: str, method: str, ref: LoopRun, run: LoopRun) -> None:
+    """A compatibility-matrix row: print it, then ``run``'s losses and grad norm against
+    ``ref``'s over every iteration."""
+    _print_rows(what, method, ref, run)
+    _assert_same_losses(run, ref, range(1, ITERS + 1))
+    _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+
+
 def _assert_same_losses(run: LoopRun, ref: LoopRun, iterations):
     _assert_same(run.lm, ref.lm, iterations)
     if ref.sop:  # BERT's sentence-order loss
@@ -808,9 +816,7 @@ class TestMegatronLM:
                  "--expert-model-parallel-size", str(ep))
         ref = loop.run("gpt", 1, dp=ep, extra=flags)
         run = loop.run("gpt", 2, method, extra=flags)
-        _print_rows(f"moe {dispatcher} EP={ep}", method, ref, run)
-        _assert_same_losses(run, ref, range(1, ITERS + 1))
-        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        _assert_row(f"moe {dispatcher} EP={ep}", method, ref, run)
 
     # ---------------------------------------------- multi-node launch (27)
     @pytest.mark.slow
@@ -838,9 +844,7 @@ class TestMegatronLM:
         run = LoopRun.parse(proc.stdout + proc.stderr)
         assert proc.returncode == 0, run.tail
         ref = loop.run("gpt", 2, "lightseq", dp=2)
-        _print_rows("slurm 2 nodes", "lightseq", ref, run)
-        _assert_same_losses(run, ref, range(1, ITERS + 1))
-        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        _assert_row("slurm 2 nodes", "lightseq", ref, run)
 
     # ---------------------------------------------- pipeline stages (27)
     @pytest.mark.slow
@@ -850,9 +854,7 @@ class TestMegatronLM:
         of the same two stages at CP=1 (Megatron-LM's 1F1B schedule, gloo point-to-point
         between stages)."""
         ref, run = loop.run("gpt", 1, pp=2), loop.run("gpt", 2, method, pp=2)
-        _print_rows("PP=2", method, ref, run)
-        _assert_same_losses(run, ref, range(1, ITERS + 1))
-        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        _assert_row("PP=2", method, ref, run)
 
     @pytest.mark.slow
     @pytest.mark.parametrize("method", msp.METHODS)
@@ -861,9 +863,7 @@ class TestMegatronLM:
         stages' losses at CP=1 (Megatron-LM's interleaved 1F1B schedule)."""
         ref = loop.run("gpt", 1, pp=2, extra=INTERLEAVED_FLAGS)
         run = loop.run("gpt", 2, method, pp=2, extra=INTERLEAVED_FLAGS)
-        _print_rows("interleaved PP=2", method, ref, run)
-        _assert_same_losses(run, ref, range(1, ITERS + 1))
-        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        _assert_row("interleaved PP=2", method, ref, run)
 
     # ---------------------------------------------- the full grid, bf16, TP sequence parallel
     @pytest.mark.slow
@@ -874,9 +874,7 @@ class TestMegatronLM:
         the same grid at CP=1 (world 4)."""
         kw = dict(tp=2, pp=2) if grid == "tp2xpp2" else dict(dp=2, pp=2)
         ref, run = loop.run("gpt", 1, **kw), loop.run("gpt", 2, method, **kw)
-        _print_rows(grid, method, ref, run)
-        _assert_same_losses(run, ref, range(1, ITERS + 1))
-        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        _assert_row(grid, method, ref, run)
 
     @pytest.mark.slow
     @pytest.mark.parametrize("method", msp.METHODS)
@@ -895,9 +893,7 @@ class TestMegatronLM:
         losses and grad norm of TP=2 x CP=1 with the same flag."""
         ref = loop.run("gpt", 1, tp=2, extra=("--sequence-parallel",))
         run = loop.run("gpt", 2, method, tp=2, extra=("--sequence-parallel",))
-        _print_rows("TP=2 sequence parallel", method, ref, run)
-        _assert_same_losses(run, ref, range(1, ITERS + 1))
-        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        _assert_row("TP=2 sequence parallel", method, ref, run)
 
     # ---------------------------------------------- LSS with the distributed optimizer (27)
     @pytest.mark.slow
@@ -909,9 +905,7 @@ class TestMegatronLM:
         flags = ("--use-distributed-optimizer",) + (
             ("--overlap-grad-reduce", "--overlap-param-gather") if overlap else ())
         ref, run = loop.run("gpt", 1, extra=flags), loop.run("gpt", 2, "lss", extra=flags)
-        _print_rows(f"lss distributed optimizer{' overlap' if overlap else ''}", "lss", ref, run)
-        _assert_same_losses(run, ref, range(1, ITERS + 1))
-        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        _assert_row(f"lss distributed optimizer{' overlap' if overlap else ''}", "lss", ref, run)
         assert (f"{LSS_LOG}: CP=2 reduce-scatter in each distributed-optimizer instance (the CP "
                 "group), then the shard all-reduced over DP=1") in run.log, run.tail
 
@@ -922,9 +916,7 @@ class TestMegatronLM:
         over DP x CP, nothing of ours on the gradients): CP=2 logs CP=1's losses."""
         flags = ("--use-distributed-optimizer",)
         ref, run = loop.run("gpt", 1, extra=flags), loop.run("gpt", 2, method, extra=flags)
-        _print_rows("distributed optimizer", method, ref, run)
-        _assert_same_losses(run, ref, range(1, ITERS + 1))
-        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        _assert_row("distributed optimizer", method, ref, run)
 
     @pytest.mark.slow
     def test_lss_distributed_optimizer_dp2_cp2_equals_dp2(self, loop):
@@ -934,9 +926,7 @@ class TestMegatronLM:
         ref = loop.run("gpt", 1, dp=2, extra=("--use-distributed-optimizer",))
         run = loop.run("gpt", 2, "lss", dp=2, extra=(
             "--use-distributed-optimizer", "--num-distributed-optimizer-instances", "2"))
-        _print_rows("lss distributed optimizer DP=2", "lss", ref, run)
-        _assert_same_losses(run, ref, range(1, ITERS + 1))
-        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        _assert_row("lss distributed optimizer DP=2", "lss", ref, run)
         assert "then the shard all-reduced over DP=2 across instances" in run.log, run.tail
 
     # ---------------------------------------------- today's attention (issue 26), CP=1 (27)
@@ -955,9 +945,7 @@ class TestMegatronLM:
         own local attention, CP=2 each method; the same ``lm loss`` and grad norm."""
         ref, run = (loop.run("gpt", cp, m, extra=WINDOW_FLAGS) for cp, m in ((1, None),
                                                                            (2, method)))
-        _print_rows("window+sinks", method, ref, run)
-        _assert_same_losses(run, ref, range(1, ITERS + 1))
-        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        _assert_row("window+sinks", method, ref, run)
 
     @pytest.mark.slow
     @pytest.mark.parametrize("method", msp.METHODS)
@@ -967,9 +955,7 @@ class TestMegatronLM:
         ref = loop.run("gpt", 1, "lightseq", extra=MLA_FLAGS)
         assert "our provider runs MLA as plain local attention" in ref.log, ref.tail
         run = loop.run("gpt", 2, method, extra=MLA_FLAGS)
-        _print_rows("mla", method, ref, run)
-        _assert_same_losses(run, ref, range(1, ITERS + 1))
-        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+        _assert_row("mla", method, ref, run)
 
     @pytest.mark.slow
     def test_checkpoint_resume_same_method(self, loop):
