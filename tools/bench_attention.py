@@ -306,9 +306,11 @@ def _run_variant(rank, world, v: Variant, S: int, a, full) -> dict:
     res.update(peak_bytes=m.peak_bytes, sent_bytes=m.sent_bytes, recv_bytes=m.recv_bytes,
                rss_peak_bytes=m.rss_peak_bytes, calls=m.calls,
                profiled_time_s=time.perf_counter() - t0)
-    c0 = time.process_time()
-    res["times_s"] = (time_calls(step, repeats=a.repeats, warmup=0, barrier=barrier)
-                      if a.repeats else [res["profiled_time_s"]])
+    c0, usage = time.process_time(), []
+    res["times_s"] = (time_calls(step, repeats=a.repeats, warmup=0, barrier=barrier,
+                                 usage=usage) if a.repeats else [res["profiled_time_s"]])
+    res["call_cpu_s"] = [round(c, 4) for c, _ in usage]  # per call: CPU seconds, page faults
+    res["call_faults"] = [f for _, f in usage]
     res["time_s"] = median(res["times_s"])
     # CPU seconds of this process per call (every thread): on a shared machine the wall time
     # follows the other jobs' load, the CPU time far less (barrier waits add a little)

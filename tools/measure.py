@@ -238,21 +238,31 @@ def run_ranks(worker, ranks: int, *args) -> list:
     return rows
 
 
-def time_calls(fn, *, repeats: int = 3, warmup: int = 1, barrier=None) -> list[float]:
+def time_calls(fn, *, repeats: int = 3, warmup: int = 1, barrier=None,
+               usage: list | None = None) -> list[float]:
     """Wall time of each of ``repeats`` calls of ``fn()`` in seconds, in call order
     (``barrier()`` before and after each run if given, so a rank's time includes waiting for
-    the slowest one)."""
+    the slowest one). ``usage``, if given, gets one ``(cpu_s, minor_faults)`` per call: this
+    process's CPU seconds (every thread) and first-touch page faults during the call, which
+    tell a slow call that computed more or faulted fresh memory in from one that waited."""
+    import resource
+
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         if barrier is not None:
             barrier()
+        r0, c0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
         t0 = time.perf_counter()
         fn()
+        t1 = time.perf_counter()
+        if usage is not None:
+            usage.append((time.process_time() - c0,
+                          resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0))
         if barrier is not None:
             barrier()
-        times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0 if barrier is not None else t1 - t0)
     return times
 
 
