@@ -307,6 +307,15 @@ def local_persistent_norm_needs_apex(v):
 
 
 # ----------------------------------------------------------------------------- LSS's gradients
+@rule(*BOTH)
+def lss_owned_rows_vs_distributed_optimizer(v):
+    if (v.seqpar_method == "lss" and v.use_distributed_optimizer
+            and v.options.get("assemble_position_grads") is False):
+        return ("--seqpar-method lss with --use-distributed-optimizer reduce-scatters whole "
+                "gradients over the sequence group, which assembles position-embedding rows; "
+                "drop --no-seqpar-lss-assemble-position-grads")
+
+
 @rule(MEGATRON_LM)
 def lss_gradient_reduction(v):
     """Without the distributed optimizer LSS re-points DDP to the pure DP group and averages
@@ -319,10 +328,6 @@ def lss_gradient_reduction(v):
         if v.num_distributed_optimizer_instances != 1:
             return "--seqpar-method lss needs --num-distributed-optimizer-instances 1"
         return None
-    if v.options.get("assemble_position_grads") is False:
-        return ("--seqpar-method lss with --use-distributed-optimizer reduce-scatters whole "
-                "gradients over the sequence group, which assembles position-embedding rows; "
-                "drop --no-seqpar-lss-assemble-position-grads")
     dp = v.data_parallel_size
     if v.num_distributed_optimizer_instances != dp:
         return (f"--seqpar-method lss with --use-distributed-optimizer averages over the "

@@ -129,6 +129,12 @@ def kv_range(q_runs, k_runs, causal: bool, window=None) -> tuple[int, int]:
     return min(b.k.start for b in blocks), max(b.k.stop for b in blocks)
 
 
+def _spans(setup, runs):
+    """``span(i, j)``: ``kv_range`` of rank ``i``'s queries against rank ``j``'s keys, each
+    pair computed once per call (posts, computes and returns all read it)."""
+    return functools.cache(lambda i, j: kv_range(runs(i), runs(j), setup.causal, setup.window))
+
+
 def _first(buf: torch.Tensor, n: int) -> torch.Tensor:
     """The first ``n`` tokens' worth of a public ``[b, s, h, d]`` buffer, as a contiguous
     ``[b, n, h, d]`` (a receive buffer for a part of a shard)."""
@@ -156,8 +162,7 @@ def lightseq_forward(setup, q, k, v, kpm_all):
     runs = lambda i: setup.runs(i, s)
     kpm = lambda i: setup.key_pad(kpm_all, i)
     tally = setup.traffic.add_block_steps if setup.traffic else (lambda n=1: None)
-    # each pair's key range once per call (post, compute and returns all read it)
-    span = functools.cache(lambda i, j: kv_range(runs(i), runs(j), setup.causal, setup.window))
+    span = _spans(setup, runs)
 
     steps = _steps(setup, s)
     kv_slot, n_kv = _slots(steps, "kv_from")
@@ -223,8 +228,7 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
     kw = dict(scale=setup.scale, **setup.mask, backend=setup.options.backend)
     runs = lambda i: setup.runs(i, s)
     kpm = lambda i: setup.key_pad(kpm_all, i)
-    # each pair's key range once per call (post, compute and returns all read it)
-    span = functools.cache(lambda i, j: kv_range(runs(i), runs(j), setup.causal, setup.window))
+    span = _spans(setup, runs)
 
     steps = _steps(setup, s)
     kv_slot, n_kv = _slots(steps, "kv_from")

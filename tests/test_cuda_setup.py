@@ -97,7 +97,9 @@ def test_every_model_build_goes_through_build_model():
         assert "build_model(" in (ROOT / "tools" / tool).read_text()
 
 
-def _train_on_cuda(rank, world_size, log_dir):
+def _train_on_cuda(rank, world_size, log_dir, **over):
+    """``driver.train(device="cuda")`` on the emulated device: a tiny LightSeq run of two
+    steps, or the ``TrainConfig`` fields ``over`` changes."""
     import logging
     import warnings
 
@@ -111,10 +113,11 @@ def _train_on_cuda(rank, world_size, log_dir):
     # the tracker's fork warns that the CPU generator moved inside it: here the CUDA
     # generator IS the CPU one
     logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
-    cfg = TrainConfig(num_layers=1, hidden_size=32, num_attention_heads=2, seq_length=32,
-                      micro_batch_size=1, global_batch_size=1, world_size=1,
-                      seqpar_method="lightseq", device="cpu", train_iters=2,
-                      progress_bar=False, plot=False, log_dir=log_dir)
+    cfg = TrainConfig(**{**dict(num_layers=1, hidden_size=32, num_attention_heads=2,
+                                seq_length=32, micro_batch_size=1, global_batch_size=1,
+                                world_size=world_size, seqpar_method="lightseq", device="cpu",
+                                train_iters=2, progress_bar=False, plot=False, log_dir=log_dir),
+                         **over})
     fork = CudaRNGStatesTracker.__dict__["fork"]
     with cpu_shims(), real_rng_tracker(fork), CudaToCpu():
         return driver.train(cfg, device="cuda", quiet=True)
@@ -127,28 +130,6 @@ def test_the_driver_cuda_route_trains(tmp_path):
     assert len(losses) == 2 and all(x == x and 0 < x < 20 for x in losses)
 
 
-def _train_distopt_on_cuda(rank, world_size, log_dir, cp, method):
-    import logging
-    import warnings
-
-    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
-
-    from megatron_seqpar.cpu_workarounds import CudaToCpu, cpu_shims
-    from megatron_seqpar.training import driver
-    from megatron_seqpar.training.arguments import TrainConfig
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
-    cfg = TrainConfig(num_layers=2, hidden_size=32, num_attention_heads=2, seq_length=32,
-                      micro_batch_size=1, global_batch_size=2, world_size=world_size,
-                      context_parallel_size=cp, seqpar_method=method, device="cuda",
-                      use_distributed_optimizer=True, train_iters=4, lr=1e-3,
-                      progress_bar=False, plot=False, log_dir=f"{log_dir}/{cp}-{world_size}")
-    fork = CudaRNGStatesTracker.__dict__["fork"]
-    with cpu_shims(), real_rng_tracker(fork), CudaToCpu():
-        return driver.train(cfg, device="cuda", quiet=True)
-
-
 @pytest.mark.parametrize("world", [2, 4], ids=["cp2", "cp2xdp2"])
 def test_driver_lss_distributed_optimizer_matches_cp1(tmp_path, world):
     """Issue 27: our driver's ``--use-distributed-optimizer`` (megatron-core's optimizer, the
@@ -157,8 +138,12 @@ def test_driver_lss_distributed_optimizer_matches_cp1(tmp_path, world):
     distributed optimizer over DP). fp32: the runs differ in the order of sums only (attention
     merges, reduce-scatter vs all-reduce), ~1e-7 relative per step; 4 Adam steps at lr 1e-3 stay
     within 1e-5 (a missing or doubled level moves the loss by > 1e-3 within 2 steps)."""
-    dp = world // 2
-    ref = run_on_ranks(_train_distopt_on_cuda, dp, str(tmp_path), 1, None)[0]
-    got = run_on_ranks(_train_distopt_on_cuda, world, str(tmp_path), 2, "lss")[0]
+    def run(cp, method):
+        return run_on_ranks(_train_on_cuda, world // 2 * cp, str(tmp_path / f"{cp}-{world}"),
+                            num_layers=2, global_batch_size=2, context_parallel_size=cp,
+                            seqpar_method=method, device="cuda", use_distributed_optimizer=True,
+                            train_iters=4, lr=1e-3)[0]
+
+    ref, got = run(1, None), run(2, "lss")
     assert len(got) == len(ref) == 4
     assert max(abs(a - b) for a, b in zip(got, ref)) <= 1e-5, (got, ref)

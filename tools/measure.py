@@ -256,13 +256,12 @@ def time_calls(fn, *, repeats: int = 3, warmup: int = 1, barrier=None,
         r0, c0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
         t0 = time.perf_counter()
         fn()
-        t1 = time.perf_counter()
-        if usage is not None:
+        if usage is not None:  # this rank's own work, before waiting for the others
             usage.append((time.process_time() - c0,
                           resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0))
         if barrier is not None:
             barrier()
-        times.append(time.perf_counter() - t0 if barrier is not None else t1 - t0)
+        times.append(time.perf_counter() - t0)
     return times
 
 

@@ -267,11 +267,6 @@ def validate(c: TrainConfig) -> None:
     need(not (c.use_distributed_optimizer and c.resolved_device() == "cpu"),
          "--use-distributed-optimizer is megatron-core's optimizer, which our driver runs on "
          "CUDA only (the CPU path uses torch.optim); drop it on CPU")
-    need(not (c.use_distributed_optimizer and c.seqpar_method == "lss"
-              and dict(c.seqpar_options).get("assemble_position_grads") is False),
-         "--seqpar-method lss with --use-distributed-optimizer reduce-scatters whole gradients "
-         "over the sequence group, which assembles position-embedding rows; drop "
-         "--no-seqpar-lss-assemble-position-grads")
     need(not (c.use_distributed_optimizer and (c.save or c.load)),
          "--use-distributed-optimizer with --save/--load is not supported by our driver yet "
          "(Megatron-LM's pretrain_gpt.py saves it); drop one of them")

@@ -141,12 +141,12 @@ def build_model(cfg, device: str):
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=not cfg.fp64, use_distributed_optimizer=cfg.use_distributed_optimizer,
         num_distributed_optimizer_instances=cfg.optimizer_instances)
-    if (cfg.seqpar_method == "lss" and cfg.context_parallel_size > 1
-            and cfg.use_distributed_optimizer):  # Megatron's instances are the two levels
+    lss = cfg.seqpar_method == "lss" and cfg.context_parallel_size > 1
+    if lss and cfg.use_distributed_optimizer:  # Megatron's instances are the two levels
         model = DistributedDataParallel(config, ddp_config, module)
         install_lss_grad_averaging([model])  # checks the groups, re-points nothing
         finalize = finalize_model_grads
-    elif cfg.seqpar_method == "lss" and cfg.context_parallel_size > 1:
+    elif lss:
         from megatron.core import parallel_state
 
         model = lss_ddp(config, ddp_config, module)
