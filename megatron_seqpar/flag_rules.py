@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DRIVER, MEGATRON_LM = "driver", "megatron_lm"
+PACKINGS = ("zigzag", "balanced")  # --seqpar-packing (megatron.thd.PACKINGS)
 BOTH = (DRIVER, MEGATRON_LM)
 
 
@@ -49,7 +50,8 @@ DEFAULTS = dict(context_parallel_size=1, tensor_model_parallel_size=1,
                 pipeline_model_parallel_size=1, position_embedding_type="learned_absolute",
                 attention_dropout=0.0, softmax_type="vanilla", transformer_impl="local",
                 create_attention_mask_in_dataloader=True, num_distributed_optimizer_instances=1,
-                data_parallel_size=1, use_distributed_optimizer=False)
+                data_parallel_size=1, use_distributed_optimizer=False,
+                seqpar_packing="zigzag")
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,22 @@ def documents_vs_lss_owned_rows(v):
         return ("--no-seqpar-lss-assemble-position-grads owns position rows per CP segment, "
                 "but with --reset-attention-mask / --reset-position-ids a segment's positions "
                 "are not its own rows; drop --no-seqpar-lss-assemble-position-grads")
+
+
+@rule(*BOTH)
+def balanced_packs_documents(v):
+    if v.seqpar_packing == "balanced" and not v.reset_attention_mask:
+        return ("--seqpar-packing balanced places packed documents over the CP ranks; add "
+                "--reset-attention-mask (documents end at EOD) or drop --seqpar-packing")
+
+
+@rule(*BOTH)
+def balanced_positions(v):
+    if v.seqpar_packing == "balanced" and v.position_embedding_type != "learned_absolute":
+        return (f"--seqpar-packing balanced with --position-embedding-type "
+                f"{v.position_embedding_type}: not yet (megatron-core's packed RoPE assumes "
+                "the zigzag layout); use --position-embedding-type learned_absolute or "
+                "--seqpar-packing zigzag")
 
 
 @rule(*BOTH)

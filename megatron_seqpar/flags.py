@@ -1,6 +1,8 @@
 """The ``--seqpar-*`` flags, defined once for our driver and for Megatron-LM's parser.
 
     --seqpar-method {rsa,mqsp,lss,lightseq}    attention on the context-parallel axis
+    --seqpar-packing {zigzag,balanced}         CP layout of packed documents (with
+                                               --reset-attention-mask; zigzag = TE's)
     --seqpar-backend NAME                      block-kernel backend (every method)
     --seqpar-<method>-<field> VALUE            a method's own option, e.g. --seqpar-mqsp-micro-q 4
     --[no-]seqpar-<method>-<bool field>        e.g. --no-seqpar-lightseq-balance
@@ -16,6 +18,7 @@ import argparse
 import dataclasses
 
 from megatron_seqpar.api import method_options
+from megatron_seqpar.flag_rules import PACKINGS
 from megatron_seqpar.kernels import BACKEND_NAMES
 from megatron_seqpar.method import BaseOptions
 from megatron_seqpar.registry import METHODS
@@ -66,6 +69,12 @@ def add_seqpar_args(parser):
     group.add_argument("--seqpar-method", choices=METHODS, default=None,
                        help="exact sequence-parallel attention on the context-parallel axis "
                        "(needs --context-parallel-size > 1)")
+    group.add_argument("--seqpar-packing", choices=PACKINGS, default="zigzag",
+                       help="with --reset-attention-mask: how packed documents are cut over "
+                       "the CP ranks; zigzag (Transformer Engine's: every document in 2*CP "
+                       "chunks) or balanced (short documents whole on one rank, long ones "
+                       "split, even causal work, no per-document padding; learned absolute "
+                       "positions)")
     for flag, dest, method, f in option_flags():
         kind = _field_kind(f)
         where = f"--seqpar-method {method}" if method else "every --seqpar-method"

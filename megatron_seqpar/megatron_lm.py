@@ -52,6 +52,7 @@ from megatron_seqpar.flags import (  # noqa: F401  (the patched scripts' names, 
 from megatron_seqpar.layouts import shard_sequence
 from megatron_seqpar.megatron import lss_grad
 from megatron_seqpar.megatron.parallel_state import sequence_group
+from megatron_seqpar.megatron.thd import packed_seq_params
 from megatron_seqpar.specs import (
     get_bert_layer_spec,
     get_gpt_decoder_block_spec,
@@ -352,7 +353,8 @@ def packs_documents(args) -> bool:
 DOCUMENT_KEYS = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
 
 
-def document_batch_on_this_cp_rank(batch: dict, eod: int | None = None):
+def document_batch_on_this_cp_rank(batch: dict, eod: int | None = None,
+                                   layout: str = "zigzag"):
     """``(batch, PackedSeqParams)``: the patched ``pretrain_gpt.get_batch`` with
     ``--reset-attention-mask`` (``packs_documents``), in place of ``get_batch_on_this_cp_rank``.
 
@@ -362,14 +364,16 @@ def document_batch_on_this_cp_rank(batch: dict, eod: int | None = None):
     (cut after every EOD, ``eod`` defaulting to the tokenizer's) padded to a multiple of 2*CP
     with loss-masked pads (``megatron_seqpar.training.data.pack_documents``), then this CP
     rank's zigzag share of every sequence (Transformer Engine's THD partitioning, through
-    ``shard_sequence(..., cu_seqlens=)``; no TE needed). Returns the same keys in the same
-    order (``attention_mask`` None) and ``PackedSeqParams(qkv_format="thd")`` with global
-    ``cu_seqlens_q`` (real lengths) and ``cu_seqlens_q_padded``. No collective; the dense
+    ``shard_sequence(..., cu_seqlens=)``; no TE needed). ``layout="balanced"``
+    (``--seqpar-packing balanced``): no per-document padding, this rank's share of the
+    balanced layout (``megatron_seqpar.balance``). Returns the same keys in the same
+    order (``attention_mask`` None) and ``PackedSeqParams(qkv_format="thd")`` (for balanced
+    ``thd.SeqParPackedSeqParams``, which says the layout) with global ``cu_seqlens_q`` (real
+    lengths) and ``cu_seqlens_q_padded``. No collective; the dense
     ``S x S`` mask is never built. Megatron-LM divides each CP rank's loss by that rank's own
     token count unless ``--calculate-per-token-loss``; pass it for the CP=1 gradient.
     """
     from megatron.core import parallel_state
-    from megatron.core.packed_seq_params import PackedSeqParams
 
     if set(batch) != set(DOCUMENT_KEYS):
         raise ValueError(f"--reset-attention-mask with --seqpar-method packs a GPT batch of "
@@ -384,8 +388,9 @@ def document_batch_on_this_cp_rank(batch: dict, eod: int | None = None):
         eod = get_tokenizer().eod
     group = parallel_state.get_context_parallel_group()
     cp = group.size()
+    zigzag = layout == "zigzag" and cp > 1
     packed = pack_documents({k: batch[k] for k in DOCUMENT_KEYS if k != "attention_mask"},
-                            eod=eod, unit=2 * cp if cp > 1 else 1)
+                            eod=eod, unit=2 * cp if zigzag else 1, stream_multiple=cp)
     device = batch["tokens"].device
     cu = packed.pop("cu_seqlens").to(device)
     cu_pad = packed.pop("cu_seqlens_padded").to(device)
@@ -394,12 +399,9 @@ def document_batch_on_this_cp_rank(batch: dict, eod: int | None = None):
     for key in batch:
         x = packed.get(key)
         if x is not None and cp > 1:
-            x = shard_sequence(x, dim=1, group=group, layout="zigzag", cu_seqlens=cu_pad)
+            x = shard_sequence(x, dim=1, group=group, layout=layout, cu_seqlens=cu_pad)
         out[key] = x
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                             cu_seqlens_q_padded=cu_pad, cu_seqlens_kv_padded=cu_pad,
-                             max_seqlen_q=longest, max_seqlen_kv=longest)
-    return out, params
+    return out, packed_seq_params(cu, cu_pad, longest, layout)
 
 
 def bert_batch_on_this_cp_rank(tokens, types, loss_mask, lm_labels, padding_mask):

@@ -197,7 +197,7 @@ def test_a_step_reads_its_masks_and_boundaries_once(monkeypatch):
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
     reads.clear()
     for _ in range(4):
-        assert thd.packed_attention_args(params, 8, 0, 1) == ((0, 5, 8), None)
+        assert thd.packed_attention_args(params, 8, 0, 1) == ((0, 5, 8), None, "contiguous")
     assert reads == ["tolist"]
 
 

@@ -43,6 +43,12 @@ SHARED = [
     (dict(position_embedding_type="rope"), dict(position_embedding_type="rope"), "bert",
      "learned_absolute only"),
     (dict(eod_mask_loss=True), dict(eod_mask_loss=True), "bert", "GPT flags"),
+    (dict(seqpar_packing="balanced"), dict(seqpar_packing="balanced"), "gpt",
+     "add --reset-attention-mask"),
+    (dict(seqpar_packing="balanced", reset_attention_mask=True, position_embedding_type="rope"),
+     dict(seqpar_packing="balanced", reset_attention_mask=True, position_embedding_type="rope",
+          create_attention_mask_in_dataloader=False), "gpt",
+     "use --position-embedding-type learned_absolute or --seqpar-packing zigzag"),
 ]
 
 

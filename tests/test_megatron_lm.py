@@ -216,7 +216,7 @@ class TestBertHelpers:
             assert abs(out["sop_grad"] - 2.0) < 1e-12
 
 
-def _document_batch_case(rank, world_size):
+def _document_batch_case(rank, world_size, layout="zigzag"):
     """The patched get_batch's document packing on CP=world_size: this rank's THD share."""
     from megatron.core import parallel_state as ps
 
@@ -232,10 +232,10 @@ def _document_batch_case(rank, world_size):
         batch = {"tokens": tokens, "labels": tokens.roll(-1, 1),
                  "loss_mask": (tokens != EOD).float(), "attention_mask": None,
                  "position_ids": torch.arange(24).expand(2, 24)}
-        got, params = mlm.document_batch_on_this_cp_rank(dict(batch), eod=EOD)
+        got, params = mlm.document_batch_on_this_cp_rank(dict(batch), eod=EOD, layout=layout)
         full = pack_documents({k: v for k, v in batch.items() if k != "attention_mask"},
-                              eod=EOD, unit=2 * world_size)
-        back = {k: msp.gather_sequence(got[k], dim=1, layout="zigzag",
+                              eod=EOD, unit=2 * world_size if layout == "zigzag" else 1)
+        back = {k: msp.gather_sequence(got[k], dim=1, layout=layout,
                                        group=ps.get_context_parallel_group(),
                                        cu_seqlens=params.cu_seqlens_q_padded)
                 for k in ("tokens", "labels", "loss_mask", "position_ids")}
@@ -244,7 +244,8 @@ def _document_batch_case(rank, world_size):
                 "total": int(full["cu_seqlens_padded"][-1]),
                 "same": all(torch.equal(back[k], full[k]) for k in back),
                 "cu": params.cu_seqlens_q.tolist() == full["cu_seqlens"].tolist(),
-                "cu_pad": params.cu_seqlens_q_padded.tolist()}
+                "cu_pad": params.cu_seqlens_q_padded.tolist(),
+                "layout": getattr(params, "layout", "zigzag")}
     finally:
         ps.destroy_model_parallel()
 
@@ -261,6 +262,18 @@ def test_document_batch_on_this_cp_rank():
                                "position_ids"] and out["mask"] and out["format"] == "thd"
         assert out["same"] and out["cu"] and out["local"] * 2 == out["total"]
         assert all((b - a) % 4 == 0 for a, b in zip(out["cu_pad"], out["cu_pad"][1:]))
+
+
+@pytest.mark.megatron
+def test_document_batch_balanced():
+    """``--seqpar-packing balanced``: no per-document padding (the pieces are the documents:
+    lengths 4, 1, 6, 13 and 21, 3 on the two rows), each rank holds half of the stream in the
+    balanced layout, and the params say so (the provider reads the layout from them)."""
+    outs = run_on_ranks(_document_batch_case, 2, "balanced")
+    for out in outs:
+        assert out["mask"] and out["format"] == "thd" and out["layout"] == "balanced"
+        assert out["same"] and out["cu"] and out["local"] * 2 == out["total"] == 48
+        assert out["cu_pad"] == [0, 4, 5, 11, 24, 45, 48]
 
 
 # ------------------------------------------------------------------------------ Megatron-LM
@@ -1032,6 +1045,23 @@ class TestMegatronLM:
         plain = loop.run("gpt-docs", 1, extra=("--calculate-per-token-loss",))
         with pytest.raises(LossMismatch):  # the document mask really changes the run
             _assert_same_losses(plain, ref, range(1, ITERS + 1))
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("method, cp", [(m, 2) for m in msp.METHODS]
+                             + [("lightseq", 4), ("mqsp", 4)])
+    def test_documents_balanced_equal_cp1(self, loop, method, cp):
+        """``--seqpar-packing balanced``: documents whole on one rank or split, no
+        per-document padding; CP=2 (every method) and CP=4 log CP=1's losses and grad norms
+        (Megatron-LM's own dense document mask at CP=1; tolerance as above)."""
+        ref = loop.run("gpt-docs", 1, extra=DOC_FLAGS)
+        run = loop.run("gpt-docs", cp, method,
+                       extra=(*DOC_FLAGS, "--no-create-attention-mask-in-dataloader",
+                              "--seqpar-packing", "balanced"))
+        worst = max(abs(run.lm[i] - ref.lm[i]) for i in ref.lm)
+        print(f"documents balanced {method} CP={cp}: lm loss CP=1 {ref.lm[1]} -> "
+              f"{ref.lm[ITERS]}, max |diff| {worst:.1e}")
+        _assert_same_losses(run, ref, range(1, ITERS + 1))
+        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
 
 
 class _Crafted:

@@ -12,8 +12,10 @@ our ``thd.get_thd_batch_on_this_cp_rank`` (no Transformer Engine), builds the sa
 (same seed, float64) with our spec for one method, wraps it in megatron-core DDP and checks
 on every rank: this rank's logits of real tokens against the oracle's, the global loss, and
 every parameter gradient after DDP's reduction (TP shards gathered). Worlds: CP=1, CP=2,
-CP=3, TP=2 x CP=2. Everything is float64: 1e-9 relative to the largest reference magnitude
-(as tests/test_megatron_parity.py; measured errors are ~1e-15).
+CP=3, TP=2 x CP=2, and CP=4 for the balanced layout (``--seqpar-packing balanced``: its own
+stream ``BALANCED_DOCS`` without per-document padding, learned positions, every method; a
+mutated assignment must fail). Everything is float64: 1e-9 relative to the largest reference
+magnitude (as tests/test_megatron_parity.py; measured errors are ~1e-15).
 
 Loss convention (Megatron's): per rank ``sum(token losses * loss_mask) / N_real * CP``, so
 DDP's average over CP gives the global gradient.
@@ -47,78 +49,85 @@ V = 96  # vocabulary (test_megatron_parity.V)
 # shorter than a rank's shard (5 real tokens; a shard is 54 or 36 tokens), one of a single
 # token, one made only of padding. Padded lengths: multiples of 12 = 2*CP for CP = 2 and 3.
 DOCS = ((29, 36), (5, 12), (12, 12), (1, 12), (17, 24), (0, 12))
+# The balanced layout (--seqpar-packing balanced) needs no per-document padding: lengths that
+# are not multiples of 2*CP, one document (31) longer than a rank's share at CP=3 and 4 (24,
+# 18 tokens), tiny ones, a piece of padding only; 72 tokens divide by CP = 2, 3, 4.
+BALANCED_DOCS = ((29, 31), (5, 5), (13, 13), (1, 1), (17, 20), (0, 2))
 TOL = 1e-9
-CONTROLS = ("one-sequence",)  # variants that must FAIL the checks (negative controls)
+# variants that must FAIL the checks (negative controls): the row told it is one sequence; the
+# balanced layout's tokens shifted by one on every rank (a mutated assignment)
+CONTROLS = ("one-sequence", "balanced-mutated")
 
 
-def packing():
+def docs_of(variant) -> tuple:
+    return BALANCED_DOCS if variant and variant.startswith("balanced") else DOCS
+
+
+def packing(docs=DOCS):
     real = [0]
     padded = [0]
-    for n, p in DOCS:
+    for n, p in docs:
         real.append(real[-1] + n)
         padded.append(padded[-1] + p)
     return (torch.tensor(real, dtype=torch.int32), torch.tensor(padded, dtype=torch.int32),
-            max(p for _, p in DOCS))
+            max(p for _, p in docs))
 
 
-def packed_batch():
+def packed_batch(docs=DOCS):
     """The global THD row: tokens, labels, loss_mask (1 = real), position_ids restarting."""
     g = torch.Generator().manual_seed(11)
-    _, cu_pad, _ = packing()
+    _, cu_pad, _ = packing(docs)
     T = int(cu_pad[-1])
     tokens = torch.randint(0, V, (1, T), generator=g)
     labels = torch.randint(0, V, (1, T), generator=g)
     loss_mask = torch.zeros(1, T, dtype=torch.float64)
     position_ids = torch.zeros(1, T, dtype=torch.long)
-    for (n, p), a in zip(DOCS, cu_pad.tolist()):
+    for (n, p), a in zip(docs, cu_pad.tolist()):
         loss_mask[0, a:a + n] = 1.0
         position_ids[0, a:a + p] = torch.arange(p)
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
             "position_ids": position_ids}
 
 
-def n_real():
-    return sum(n for n, _ in DOCS)
-
-
-def _loss(logits, labels, loss_mask):
+def _loss(logits, labels, loss_mask, docs=DOCS):
     import torch.nn.functional as F
 
     tok = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), reduction="none")
-    return (tok * loss_mask.reshape(-1)).sum() / n_real()
+    return (tok * loss_mask.reshape(-1)).sum() / sum(n for n, _ in docs)
 
 
 # ----------------------------------------------------------------------------- oracle
-def _oracle_worker(rank, world_size, kinds):
-    """CP=1, every document alone (BSHD, megatron's local spec); stream logits + grads."""
+def _oracle_worker(rank, world_size, cases):
+    """CP=1, every document alone (BSHD, megatron's local spec); stream logits + grads, per
+    ``(kind, docs)``."""
     from megatron.core import parallel_state as ps
 
     from megatron_seqpar import cpu_workarounds
 
-    full = packed_batch()
-    _, cu_pad, _ = packing()
     out = {}
     with cpu_workarounds.cpu_shims():
         init_parallel()
         try:
-            for kind in kinds:
+            for kind, docs in cases:
+                full = packed_batch(docs)
+                _, cu_pad, _ = packing(docs)
                 config = make_config()
                 model = ddp_wrap(config, build_model(kind, None, config))
                 model.zero_grad_buffer()
                 logits_stream = torch.zeros(full["tokens"].size(1), V, dtype=torch.float64)
                 total = 0.0
-                for (n, _), a in zip(DOCS, cu_pad.tolist()):
+                for (n, _), a in zip(docs, cu_pad.tolist()):
                     if n == 0:
                         continue
                     sl = slice(a, a + n)
                     mask = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)[None, None]
                     logits = model(full["tokens"][:, sl], torch.arange(n)[None], mask)
-                    loss = _loss(logits, full["labels"][:, sl], full["loss_mask"][:, sl])
+                    loss = _loss(logits, full["labels"][:, sl], full["loss_mask"][:, sl], docs)
                     loss.backward()  # DDP accumulates main_grad over the documents
                     total += float(loss)
                     logits_stream[sl] = logits[0].detach()
                 model.finish_grad_sync()
-                out[kind] = (logits_stream, total, grads_of(model))
+                out[(kind, docs)] = (logits_stream, total, grads_of(model))
         finally:
             ps.destroy_model_parallel()
     return out
@@ -126,7 +135,8 @@ def _oracle_worker(rank, world_size, kinds):
 
 @pytest.fixture(scope="module")
 def oracle():
-    return run_on_ranks(_oracle_worker, 1, ("gpt-rope", "gpt-learned"), timeout=300)[0]
+    cases = (("gpt-rope", DOCS), ("gpt-learned", DOCS), ("gpt-learned", BALANCED_DOCS))
+    return run_on_ranks(_oracle_worker, 1, cases, timeout=300)[0]
 
 
 # ----------------------------------------------------------------------------- packed runs
@@ -137,38 +147,46 @@ def run_packed(kind, method, *, tp, cp, variant=None):
     checkpointing (``megatron_seqpar.megatron.checkpointing``; kept out + lse are used in
     backward). ``variant="one-sequence"`` (a negative control): the model is told the row is
     ONE sequence (``cu_seqlens = [0, T]``), so attention crosses documents and RoPE positions
-    run on; the checks must catch it."""
+    run on; the checks must catch it. ``variant="balanced"``: the balanced layout
+    (``BALANCED_DOCS``, learned positions: megatron-core's THD RoPE assumes zigzag);
+    ``"balanced-mutated"`` (a negative control): each rank's balanced tokens shifted by one
+    (``roll``), the params still saying balanced."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_seqpar.megatron.thd import get_thd_batch_on_this_cp_rank
+    from megatron_seqpar.megatron.thd import get_thd_batch_on_this_cp_rank, partitioned_indices
 
-    cu, cu_pad, longest = packing()
+    docs = docs_of(variant)
+    layout = "balanced" if docs is BALANCED_DOCS else "zigzag"
+    cu, cu_pad, longest = packing(docs)
+    full = packed_batch(docs)
     batch, params = get_thd_batch_on_this_cp_rank(
-        packed_batch(), cu, cu_pad, torch.tensor([longest], dtype=torch.int32))
+        dict(full), cu, cu_pad, torch.tensor([longest], dtype=torch.int32), layout=layout)
+    idx = partitioned_indices(cu_pad, int(cu_pad[-1]), cp, ps.get_context_parallel_rank(),
+                              layout).long()
+    if variant == "balanced-mutated":
+        batch = {k: v[:, idx.roll(1)] for k, v in full.items()}
     if variant == "one-sequence":
         whole = torch.tensor([0, int(cu_pad[-1])], dtype=torch.int32)
         params = type(params)(qkv_format="thd", cu_seqlens_q=whole, cu_seqlens_kv=whole,
                               max_seqlen_q=int(cu_pad[-1]), max_seqlen_kv=int(cu_pad[-1]))
+    remat = variant is not None and variant.endswith("remat")
     recompute = dict(recompute_granularity="full", recompute_method="uniform",
-                     recompute_num_layers=1) if variant == "remat" else {}
+                     recompute_num_layers=1) if remat else {}
     config = make_config(tp=tp, cp=cp, **recompute)
     model = ddp_wrap(config, build_model(kind, method, config))
     remats = [m.remat for m in model.modules() if getattr(m, "remat", None) is not None]
-    assert len(remats) == (config.num_layers if variant == "remat" else 0)
+    assert len(remats) == (config.num_layers if remat else 0)
     model.zero_grad_buffer()
     logits = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=params)
-    loss = _loss(logits, batch["labels"], batch["loss_mask"])
+    loss = _loss(logits, batch["labels"], batch["loss_mask"], docs)
     assert sum(r.kept for r in remats) == len(remats)  # one (out, lse) kept per layer
     (loss * cp).backward()
     assert sum(r.kept for r in remats) == 0  # ... and used by the recompute's backward
     model.finish_grad_sync()
     total = loss.detach().clone()
     dist.all_reduce(total, group=ps.get_context_parallel_group())
-    from megatron_seqpar.megatron.thd import thd_get_partitioned_indices
-
-    idx = thd_get_partitioned_indices(cu_pad, int(cu_pad[-1]), cp, ps.get_context_parallel_rank())
-    return idx.long(), logits[0].detach(), float(total), grads_of(model)
+    return idx, logits[0].detach(), float(total), grads_of(model)
 
 
 def bad_packings(cp):
@@ -247,46 +265,46 @@ def check_bad_packings(cp):
 
 
 def check_bidirectional(cp):
-    """The provider with ``no_mask`` (bidirectional) on random q/k/v: padding tokens, which a
+    """The provider with ``no_mask`` (bidirectional) on random q/k/v, zigzag and balanced
+    layouts: padding tokens, which a
     causal GPT never sees from its real tokens, must be masked keys here. Out and dq/dk/dv of
     this rank's tokens against ``reference_attention`` with the block-diagonal mask and the
     padding as key padding (all four methods). Returns the max relative error, and that of
     the output against the reference WITHOUT the padding mask (which must be large: the check
     sees the padding)."""
     import torch.distributed as dist
-    from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
     from reference import reference_attention
 
     from megatron_seqpar.megatron.core_attention import SeqParCoreAttention
-    from megatron_seqpar.megatron.thd import thd_get_partitioned_indices
+    from megatron_seqpar.megatron.thd import packed_seq_params, partitioned_indices
 
-    cu, cu_pad, longest = packing()
-    T = int(cu_pad[-1])
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                             cu_seqlens_q_padded=cu_pad, cu_seqlens_kv_padded=cu_pad,
-                             max_seqlen_q=longest, max_seqlen_kv=longest)
-    g = torch.Generator().manual_seed(5)
-    q, k, v, dout = (torch.randn(T, h, 16, generator=g, dtype=torch.float64)
-                     for h in (4, 2, 2, 4))
-    pad = packed_batch()["loss_mask"] == 0
-    ref = [x.clone().requires_grad_() for x in (q, k, v)]
-    want = reference_attention(*(x[None] for x in ref), causal=False, key_padding_mask=pad,
-                               cu_seqlens=cu_pad.tolist())[0]
-    want.backward(dout)
-    unpadded = reference_attention(q[None], k[None], v[None], causal=False,
-                                   cu_seqlens=cu_pad.tolist())[0]
-    idx = thd_get_partitioned_indices(cu_pad, T, cp, dist.get_rank()).long()
     err = control = 0.0
-    for method in METHODS:
-        attn = SeqParCoreAttention(make_config(cp=cp), 1, AttnMaskType.no_mask, method=method)
-        mine = [x[idx].clone().requires_grad_() for x in (q, k, v)]
-        out = attn(*mine, None, packed_seq_params=params)
-        out.backward(dout[idx].reshape(out.shape))
-        err = max(err, _rel(out, want.detach()[idx].reshape(out.shape)))
-        control = max(control, _rel(out, unpadded[idx].reshape(out.shape)))
-        for a, b in zip(mine, ref):
-            err = max(err, _rel(a.grad, b.grad[idx]))
+    for docs, layout in ((DOCS, "zigzag"), (BALANCED_DOCS, "balanced")):
+        cu, cu_pad, longest = packing(docs)
+        T = int(cu_pad[-1])
+        params = packed_seq_params(cu, cu_pad, longest, layout)
+        g = torch.Generator().manual_seed(5)
+        q, k, v, dout = (torch.randn(T, h, 16, generator=g, dtype=torch.float64)
+                         for h in (4, 2, 2, 4))
+        pad = packed_batch(docs)["loss_mask"] == 0
+        ref = [x.clone().requires_grad_() for x in (q, k, v)]
+        want = reference_attention(*(x[None] for x in ref), causal=False, key_padding_mask=pad,
+                                   cu_seqlens=cu_pad.tolist())[0]
+        want.backward(dout)
+        unpadded = reference_attention(q[None], k[None], v[None], causal=False,
+                                       cu_seqlens=cu_pad.tolist())[0]
+        idx = partitioned_indices(cu_pad, T, cp, dist.get_rank(), layout).long()
+        for method in METHODS:
+            attn = SeqParCoreAttention(make_config(cp=cp), 1, AttnMaskType.no_mask,
+                                       method=method)
+            mine = [x[idx].clone().requires_grad_() for x in (q, k, v)]
+            out = attn(*mine, None, packed_seq_params=params)
+            out.backward(dout[idx].reshape(out.shape))
+            err = max(err, _rel(out, want.detach()[idx].reshape(out.shape)))
+            control = max(control, _rel(out, unpadded[idx].reshape(out.shape)))
+            for a, b in zip(mine, ref):
+                err = max(err, _rel(a.grad, b.grad[idx]))
     return err, control
 
 
@@ -316,9 +334,9 @@ def _check(tp, cp, oracle, cases, label, bad=False):
     results = run_on_ranks(_worker, tp * cp, tp, cp, cases, bad, timeout=300)
     rows, fails = [], []
     for case in cases:
-        kind = case[0]
-        r_logits, r_loss, r_grads = oracle[kind]
-        real = packed_batch()["loss_mask"][0].bool()
+        kind, docs = case[0], docs_of(case[2])
+        r_logits, r_loss, r_grads = oracle[(kind, docs)]
+        real = packed_batch(docs)["loss_mask"][0].bool()
         el = eg = 0.0
         loss_err = 0.0
         for res in results:
@@ -361,21 +379,33 @@ def _cases(models=("gpt-rope",)):
 
 
 def test_packed_parity_cp1(oracle):
-    _check(1, 1, oracle, _cases(("gpt-rope", "gpt-learned")), "CP=1")
+    _check(1, 1, oracle, _cases(("gpt-rope", "gpt-learned")) + _balanced(False), "CP=1")
+
+
+def _balanced(controls=True):
+    """Every method on the balanced layout (learned positions), and the mutated control."""
+    return ([("gpt-learned", m, "balanced") for m in METHODS]
+            + [("gpt-learned", "lightseq", "balanced-mutated")] * controls)
 
 
 def test_packed_parity_cp2(oracle):
     extra = [("gpt-rope", "lightseq", "remat"), ("gpt-rope", "mqsp", "remat"),
-             ("gpt-rope", "lightseq", "one-sequence")]
-    _check(1, 2, oracle, _cases(("gpt-rope", "gpt-learned")) + extra, "CP=2", bad=True)
+             ("gpt-rope", "lightseq", "one-sequence"),
+             ("gpt-learned", "lightseq", "balanced-remat")]
+    _check(1, 2, oracle, _cases(("gpt-rope", "gpt-learned")) + extra + _balanced(), "CP=2",
+           bad=True)
 
 
 def test_packed_parity_cp3(oracle):
-    _check(1, 3, oracle, _cases(), "CP=3", bad=True)
+    _check(1, 3, oracle, _cases() + _balanced(False), "CP=3", bad=True)
+
+
+def test_packed_parity_cp4(oracle):
+    _check(1, 4, oracle, _balanced(), "CP=4")
 
 
 def test_packed_parity_tp2_cp2(oracle):
-    _check(2, 2, oracle, _cases(), "TP=2 x CP=2")
+    _check(2, 2, oracle, _cases() + _balanced(False), "TP=2 x CP=2")
 
 
 # ----------------------------------------------------------------------------- THD helpers
@@ -432,6 +462,17 @@ def test_partitioned_indices_errors():
         thd_get_partitioned_indices(cu, 24, 2, 2)
     with pytest.raises(ValueError, match="integer tensor"):
         thd_get_partitioned_indices(cu.float(), 24, 2, 0)
+    from megatron_seqpar.megatron.thd import SeqParPackedSeqParams, partitioned_indices
+
+    with pytest.raises(ValueError, match="multiple of CP = 4"):
+        partitioned_indices(torch.tensor([0, 5, 22]), 22, 4, 0, "balanced")
+    with pytest.raises(ValueError, match="unknown packing layout 'zigzg'"):
+        SeqParPackedSeqParams(qkv_format="thd", layout="zigzg")
+    # balanced takes lengths that are not multiples of 2*CP: every token once over the ranks
+    cu = torch.tensor([0, 5, 13, 22, 24], dtype=torch.int32)
+    got = sorted(i for r in range(3)
+                 for i in partitioned_indices(cu, 24, 3, r, "balanced").tolist())
+    assert got == list(range(24))
 
 
 def test_thd_batch_matches_megatron(monkeypatch):

@@ -218,6 +218,34 @@ def test_documents_cp2_match_cp1_and_learn(method, cp1):
     assert ref[-1] < ref[0] - 0.5, f"the model must learn: {ref}"
 
 
+@pytest.fixture(scope="module")
+def cp1_unpadded(cp1):
+    """CP=1 on the stream without per-document padding (unit 1): what the balanced layout
+    packs at any CP size (it needs only the stream to divide by CP)."""
+    common, _, tmp = cp1
+    common = dict(common, document_pad_multiple=None)
+    ref = run_on_ranks(_train, 1, dict(common, seqpar_method="lightseq",
+                                       log_dir=str(tmp / "cp1-unpadded")))[0]
+    return common, ref, tmp
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize("method, cp", [(m, 2) for m in METHODS] + [("lightseq", 4)])
+def test_documents_balanced_match_cp1(method, cp, cp1_unpadded):
+    """``--seqpar-packing balanced``: short documents whole on one rank, long ones split, no
+    per-document padding; CP=2 (every method) and CP=4 repeat the unpadded CP=1 curve (same
+    tolerance as above)."""
+    common, ref, tmp = cp1_unpadded
+    got = run_on_ranks(_train, cp, dict(common, context_parallel_size=cp, seqpar_method=method,
+                                        seqpar_packing="balanced",
+                                        log_dir=str(tmp / f"balanced-{method}-{cp}")))
+    assert all(g == got[0] for g in got)
+    worst = max(abs(a - b) for a, b in zip(ref, got[0]))
+    print(f"documents balanced {method} CP={cp}: CP=1 {ref[0]:.6f} -> {ref[-1]:.6f}, "
+          f"max |diff| over {STEPS} steps {worst:.1e}")
+    assert len(got[0]) == STEPS and worst <= TOL, (ref, got[0])
+
+
 @pytest.mark.megatron
 @pytest.mark.parametrize("layout", ["dp2xcp2", "tp2xcp2"])
 def test_documents_world4_match_cp1(layout, cp1):
@@ -260,6 +288,11 @@ def test_log_records_packed_tokens(cp1):
       "--document-pad-multiple", "6"], "gpt", "multiple of 2\\*CP = 4"),
     (["--seqpar-method", "lss", "--reset-position-ids", "--context-parallel-size", "2",
       "--no-seqpar-lss-assemble-position-grads"], "gpt", "drop --no-seqpar-lss-assemble"),
+    (["--seqpar-method", "rsa", "--seqpar-packing", "balanced", "--context-parallel-size", "2"],
+     "gpt", "add --reset-attention-mask"),
+    (["--seqpar-method", "rsa", "--seqpar-packing", "balanced", "--reset-attention-mask",
+      "--context-parallel-size", "2", "--position-embedding-type", "rope"], "gpt",
+     "use --position-embedding-type learned_absolute or --seqpar-packing zigzag"),
 ])
 def test_bad_document_flags(argv, model, match):
     world = 2 if "--context-parallel-size" in argv else 1
@@ -275,6 +308,10 @@ def test_document_flags_parse():
     from megatron_seqpar.training.arguments import document_unit
 
     assert document_unit(cfg) == 4
+    balanced = parse_args(["--seqpar-method", "lss", *DOCS, "--context-parallel-size", "2",
+                           "--seqpar-packing", "balanced", "--document-pad-multiple", "3"],
+                          world_size=2)
+    assert balanced.seqpar_packing == "balanced" and document_unit(balanced) == 3
     assert parse_args(["--eod-mask-loss", "--reset-position-ids"]).seqpar_method is None
 
 

@@ -31,8 +31,9 @@ Megatron semantics kept:
 Packed sequences: ``packed_seq_params=PackedSeqParams(qkv_format="thd")`` (q ``[t, np, hn]``,
 this rank's tokens in Transformer Engine's THD partitioning, which
 ``megatron_seqpar.megatron.thd.get_thd_batch_on_this_cp_rank`` produces without TE) runs the
-method with ``cu_seqlens`` = ``cu_seqlens_q_padded`` (zigzag per sequence under CP) and the
-tokens past each real length (``cu_seqlens_q``) as padded keys; returns ``[t, np*hn]``.
+method with ``cu_seqlens`` = ``cu_seqlens_q_padded`` (zigzag per sequence under CP, or the
+``balanced`` layout that ``thd.SeqParPackedSeqParams`` names) and the tokens past each real
+length (``cu_seqlens_q``) as padded keys; returns ``[t, np*hn]``.
 
 Today's attention, as megatron-core's local ``DotProductAttention`` has it:
   * sliding windows: ``config.window_size = (left, right)`` on the layers that
@@ -351,12 +352,14 @@ class SeqParCoreAttention(MegatronModule):
             state_dict, prefix, {"softmax_offset": 0}, sharded_offsets, tp_group=self.tp_group,
             dp_cp_group=(metadata or {}).get("dp_cp_group"))
 
-    def _attend(self, q, k, v, **kw):
-        """``msp.attention`` (or its remat twin) on the CP group, public ``[b, s, h, d]``."""
+    def _attend(self, q, k, v, layout: str | None = None, **kw):
+        """``msp.attention`` (or its remat twin) on the CP group, public ``[b, s, h, d]``;
+        ``layout`` defaults to zigzag (contiguous at CP=1)."""
 
+        if layout is None:
+            layout = "zigzag" if self.cp_group.size() > 1 else "contiguous"
         kwargs = dict(method=self.method, group=self.cp_group,
-                      softmax_scale=self.softmax_scale,
-                      layout="zigzag" if self.cp_group.size() > 1 else "contiguous",
+                      softmax_scale=self.softmax_scale, layout=layout,
                       options=self.options, two_level_groups=self.two_level_groups,
                       window_size=self.window, softmax_offset=self.softmax_offset, **kw)
         if self.remat is not None and self.training:
@@ -366,10 +369,11 @@ class SeqParCoreAttention(MegatronModule):
     def _forward_thd(self, query, key, value, attention_mask, mask_type, packed_seq_params):
         """Packed sequences (``megatron_seqpar.megatron.thd``): q ``[t, np, hn]``, k/v
         ``[t, ng, hn]`` (megatron-core squeezes the batch of one; ``[t, 1, h, hn]`` is accepted
-        too), this rank's tokens in TE's THD partitioning -> ``[t, np*hn]``. Attention stays
-        inside each sequence of ``cu_seqlens_q_padded`` (causal inside it for causal mask
-        types); the tokens past each sequence's real length (``cu_seqlens_q``) are masked
-        keys. ``attention_mask`` must be None: the packing describes the mask."""
+        too), this rank's tokens in TE's THD partitioning (or the balanced layout when the
+        params are ``thd.SeqParPackedSeqParams(layout="balanced")``) -> ``[t, np*hn]``.
+        Attention stays inside each sequence of ``cu_seqlens_q_padded`` (causal inside it for
+        causal mask types); the tokens past each sequence's real length (``cu_seqlens_q``) are
+        masked keys. ``attention_mask`` must be None: the packing describes the mask."""
 
         if attention_mask is not None:
             raise ValueError("packed (THD) sequences take attention_mask=None: the document and "
@@ -387,11 +391,11 @@ class SeqParCoreAttention(MegatronModule):
         if k.size(0) != t:
             raise ValueError(f"self attention needs as many key as query tokens, got {k.size(0)} "
                              f"and {t}")
-        cu, kpm = packed_attention_args(packed_seq_params, t, self.cp_group.rank(),
-                                        self.cp_group.size())
+        cu, kpm, layout = packed_attention_args(packed_seq_params, t, self.cp_group.rank(),
+                                                self.cp_group.size())
         if kpm is not None:  # a cached host tensor: copied to the device once, not per layer
             kpm = once(kpm, ("to", q.device), lambda x: x.to(q.device))
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         out = self._attend(q[None], k[None], v[None], causal=causal, key_padding_mask=kpm,
-                           cu_seqlens=cu)
+                           cu_seqlens=cu, layout=layout)
         return out[0].reshape(t, -1)

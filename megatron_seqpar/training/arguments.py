@@ -111,6 +111,7 @@ class TrainConfig:
     sequence_parallel: bool = False  # Megatron's TP sequence parallelism (needs TP > 1)
     hierarchical_context_parallel_sizes: tuple[int, ...] | None = None  # (U, R): two levels
     seqpar_method: str | None = None
+    seqpar_packing: str = "zigzag"  # CP layout of packed documents (flag_rules.PACKINGS)
     seqpar_options: tuple[tuple[str, Any], ...] = ()  # (Options field, value) given
     distributed_backend: str | None = None
     distributed_timeout_minutes: float = 10.0  # every collective's bound (Megatron-LM's flag)
@@ -211,6 +212,8 @@ def validate(c: TrainConfig) -> None:
     need(c.model in MODELS, f"model must be one of {MODELS}, got {c.model!r}")
     need(c.seqpar_method is None or c.seqpar_method in METHODS,
          f"--seqpar-method must be one of {METHODS}, got {c.seqpar_method!r}")
+    need(c.seqpar_packing in flag_rules.PACKINGS,
+         f"--seqpar-packing must be one of {flag_rules.PACKINGS}, got {c.seqpar_packing!r}")
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
                  "micro_batch_size", "global_batch_size", "train_iters", "world_size",
                  "tensor_model_parallel_size", "context_parallel_size", "log_interval"):
@@ -311,9 +314,11 @@ def _window_pair(text: str) -> tuple[int, int]:
 
 def document_unit(c: TrainConfig) -> int:
     """The length every packed document is padded to a multiple of (``--reset-attention-mask``):
-    ``--document-pad-multiple``, else 2*CP (the zigzag layout's least), 1 at CP=1."""
+    ``--document-pad-multiple``, else 2*CP (the zigzag layout's least), 1 at CP=1 and with
+    ``--seqpar-packing balanced`` (which needs only the stream to divide by CP)."""
     cp = c.context_parallel_size
-    return c.document_pad_multiple or (2 * cp if cp > 1 else 1)
+    least = 2 * cp if cp > 1 and c.seqpar_packing == "zigzag" else 1
+    return c.document_pad_multiple or least
 
 
 def _validate_documents(c: TrainConfig, need) -> None:
@@ -322,11 +327,12 @@ def _validate_documents(c: TrainConfig, need) -> None:
     need(c.document_pad_multiple is None or c.reset_attention_mask,
          "--document-pad-multiple needs --reset-attention-mask")
     cp = c.context_parallel_size
+    least = 2 * cp if cp > 1 and c.seqpar_packing == "zigzag" else 1
     need(c.document_pad_multiple is None
-         or (c.document_pad_multiple > 0 and c.document_pad_multiple % (2 * cp if cp > 1 else 1)
-             == 0),
+         or (c.document_pad_multiple > 0 and c.document_pad_multiple % least == 0),
          f"--document-pad-multiple {c.document_pad_multiple} is not a positive multiple of "
-         f"2*CP = {2 * cp} (zigzag cuts every document in 2*CP chunks)")
+         f"2*CP = {2 * cp} (zigzag cuts every document in 2*CP chunks; --seqpar-packing "
+         "balanced takes any)")
 
 
 def build_parser(model: str = "gpt") -> argparse.ArgumentParser:

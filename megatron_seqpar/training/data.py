@@ -194,7 +194,8 @@ def build_train_dataset(cfg, prefix: str):
 
 
 class BatchSource:
-    """This rank's micro-batches, each tensor already cut to this CP rank's zigzag shard.
+    """This rank's micro-batches, each tensor already cut to this CP rank's shard (zigzag, or
+    with ``--reset-attention-mask`` the ``--seqpar-packing`` layout of the packed stream).
 
     ``get(step, micro)`` reads samples ``step*G + micro*mbs*DP + dp_rank*mbs + [0, mbs)`` (G the
     global batch), i.e. Megatron's sequential sampler, so any step can be re-read on resume.
@@ -237,15 +238,17 @@ class BatchSource:
         else:
             out["position_ids"] = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
         if self.cfg.reset_attention_mask:
-            out = pack_documents(out, eod=EOD, unit=document_unit(self.cfg))
+            out = pack_documents(out, eod=EOD, unit=document_unit(self.cfg),
+                                 stream_multiple=self.cfg.context_parallel_size)
         return out
 
     def get(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         out = self.full(step, micro)
         cu = out.get("cu_seqlens_padded")
         if self.cp_group is not None and self.cp_group.size() > 1:
+            layout = self.cfg.seqpar_packing if cu is not None else "zigzag"
             out = {k: v if k in PACKING_KEYS else shard_sequence(
-                v, dim=1, group=self.cp_group, layout="zigzag", cu_seqlens=cu)
+                v, dim=1, group=self.cp_group, layout=layout, cu_seqlens=cu)
                 for k, v in out.items()}
         return {k: v.to(self.device, non_blocking=True) for k, v in out.items()}
 
@@ -266,13 +269,15 @@ def document_lengths(tokens: torch.Tensor, eod: int = EOD) -> list[int]:
 
 
 def pack_documents(batch: dict[str, torch.Tensor], *, eod: int = EOD,
-                   unit: int = 1) -> dict[str, torch.Tensor]:
+                   unit: int = 1, stream_multiple: int = 1) -> dict[str, torch.Tensor]:
     """One packed stream ``[1, T]`` of a micro-batch ``[b, s]`` of GPT tensors (``tokens,
     labels, loss_mask, position_ids``), documents cut at EOD (``document_lengths``).
 
     Each piece of real length ``L`` takes ``ceil(L/unit)*unit`` slots: its tokens first, then
     pad tokens (id ``PAD``, label ``PAD``, loss mask 0, position 0). ``T`` = the sum of those,
-    a multiple of ``unit``; it varies with the data by at most ``unit-1`` per piece. Adds
+    a multiple of ``unit``; it varies with the data by at most ``unit-1`` per piece. When ``T``
+    is not a multiple of ``stream_multiple`` (e.g. CP for the balanced layout) one more piece of
+    pads only (real length 0) fills it up. Adds
     ``cu_seqlens`` (cumulative real lengths), ``cu_seqlens_padded`` (piece boundaries in the
     stream), both int32, and ``max_seqlen`` (the longest padded piece, a 1-element tensor),
     megatron-core's ``PackedSeqParams`` convention (on the host; the stream tensors stay on
@@ -282,6 +287,10 @@ def pack_documents(batch: dict[str, torch.Tensor], *, eod: int = EOD,
     tokens = batch["tokens"]
     lengths = torch.tensor(document_lengths(tokens, eod), dtype=torch.long)
     padded = (lengths + unit - 1) // unit * unit
+    fill = -int(padded.sum()) % stream_multiple
+    if fill:  # a last piece of pads only
+        lengths = torch.cat([lengths, torch.zeros(1, dtype=torch.long)])
+        padded = torch.cat([padded, torch.tensor([fill])])
     zero = torch.zeros(1, dtype=torch.long)
     cu_real, cu_pad = torch.cat([zero, lengths.cumsum(0)]), torch.cat([zero, padded.cumsum(0)])
     piece = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)

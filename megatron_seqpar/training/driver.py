@@ -56,6 +56,7 @@ from megatron_seqpar.megatron.lss_grad import (
     position_embedding_params,
     sync_position_embeddings,
 )
+from megatron_seqpar.megatron.thd import packed_seq_params
 from megatron_seqpar.training import checkpoint, preflight, report
 from megatron_seqpar.training import data as data_mod
 from megatron_seqpar.training.arguments import (
@@ -218,13 +219,8 @@ def _forward(cfg: TrainConfig, model, batch):
             mask = mask[None, None]
         packed = None
         if "cu_seqlens_padded" in batch:  # --reset-attention-mask: one THD stream, no mask
-            from megatron.core.packed_seq_params import PackedSeqParams
-
-            cu, cu_pad = batch["cu_seqlens"], batch["cu_seqlens_padded"]
-            longest = int(batch["max_seqlen"][0])
-            packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                     cu_seqlens_q_padded=cu_pad, cu_seqlens_kv_padded=cu_pad,
-                                     max_seqlen_q=longest, max_seqlen_kv=longest)
+            packed = packed_seq_params(batch["cu_seqlens"], batch["cu_seqlens_padded"],
+                                       int(batch["max_seqlen"][0]), cfg.seqpar_packing)
         return model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"],
                      packed_seq_params=packed)
     out = model(batch["tokens"], batch["padding_mask"], lm_labels=batch["labels"])
