@@ -344,7 +344,10 @@ def _rsa(sh: AttnShape, r: int):
     n = rsa_steps(sh) - 1  # transfers per ring
     fwd = 2 * n * KV  # K ring, then V ring
     bwd = 2 * n * KV + 2 * n * KV * a // e  # V and K rings; dV, dK partials home
-    # the method: its score rows, kept for the backward; the needed blocks only (rsa.plan_rows)
+    # the method: its score rows, kept for the backward; the needed blocks only (rsa.plan_rows).
+    # On CPU (keep_rows) the buffer is also kept across calls (hostmem.BufferPool): the same
+    # bytes, still counted here; a model of L layers holds L of them at the end of its forward
+    # with or without the pool, and with it they stay resident between steps
     plans = plan_rows(_positions(sh, r), [_positions(sh, j) for j in range(sh.P)], sh.causal,
                       sh.window)
     probs = sh.b * sh.hq * row_elements(plans) * a

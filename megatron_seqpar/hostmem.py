@@ -1,4 +1,4 @@
-"""Host-memory hint for a large CPU buffer that is fresh on every call: RSA's score rows.
+"""Host memory for RSA's score rows: a huge-page hint, and buffers kept across calls.
 
 A CPU buffer of 32 MiB or more is a fresh ``mmap`` of glibc's (the largest threshold it
 uses), handed back to the system when freed, so every call pays first-touch page faults for
@@ -13,6 +13,15 @@ The hint changes no contents; it only makes a touched 2 MiB range resident whole
 resident size of a buffer written sparsely can grow up to its allocated size. A no-op (returns
 False) off Linux, for non-CPU tensors, below ``MIN_BYTES``, and where the kernel refuses it
 (THP compiled out or ``never``).
+
+``BufferPool`` keeps such buffers across calls instead (RSA's ``keep_rows``, on by default):
+a flat buffer goes back to the pool when the tensor handed out from it dies, i.e. when the
+autograd graph that saved it lets go of it (its backward ran without ``retain_graph``, or the
+graph was dropped); until then it is never handed out again, so a second backward through a
+retained graph reads its own rows. With the huge-page hint every call alternated between fast
+calls that got 2 MiB pages and slow ones that paid for them; a kept buffer is faulted in once.
+What it costs: the buffers of the last step stay resident between steps (one per layer: no
+more than the step's own peak, which holds every layer's rows until its backward).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
+import weakref
 
 import torch
 
@@ -42,3 +52,38 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     lo = -(-t.data_ptr() // page) * page  # madvise wants a page-aligned start
     hi = (t.data_ptr() + nbytes) // page * page
     return madvise(lo, hi - lo, MADV_HUGEPAGE) == 0
+
+
+class BufferPool:
+    """Flat buffers kept across calls, handed out again only when free (see the module
+    docstring). ``take(n, dtype, device)`` gives a 1-d tensor of ``n`` elements (contents
+    undefined) and ``fresh`` = whether it was newly allocated (then not yet touched). A free
+    buffer that no take has asked for over twice the pool's size in takes is dropped (the
+    shapes changed), so the pool holds only what recent calls use."""
+
+    def __init__(self):
+        self._entries = []  # [buffer, weakref to the tensor handed out (or None), last take]
+        self._tick = 0
+
+    def take(self, n: int, dtype, device) -> tuple[torch.Tensor, bool]:
+        self._tick += 1
+        found = None
+        for entry in self._entries:
+            buf, ref, _ = entry
+            if (ref is None or ref() is None) and found is None and buf.numel() == n and \
+                    buf.dtype == dtype and buf.device == torch.device(device):
+                found = entry
+        stale = self._tick - 2 * max(len(self._entries), 1)
+        self._entries = [e for e in self._entries if e is found or e[2] >= stale
+                         or (e[1] is not None and e[1]() is not None)]
+        fresh = found is None
+        if fresh:
+            found = [torch.empty(n, dtype=dtype, device=device), None, 0]
+            self._entries.append(found)
+        out = found[0].view(-1)  # a tensor of its own: its death frees the buffer
+        found[1], found[2] = weakref.ref(out), self._tick
+        return out, fresh
+
+    def nbytes(self) -> int:
+        """Bytes the pool holds (free and in use)."""
+        return sum(b.numel() * b.element_size() for b, _, _ in self._entries)

@@ -28,8 +28,12 @@ Memory per rank: the score/probability rows ``b·hq·s·S`` in the accumulation 
 the backward, of which only the needed blocks are stored (``plan_rows``: each contiguous, in
 ring order; about half the rows for a causal mask, the band for a sliding window). That
 quadratic term is the method, kept faithfully; the other methods exist to avoid it. On CPU
-the rows are fresh memory every call; ``huge_pages`` (default on) asks Linux for transparent
-huge pages for them (``hostmem``: 512x fewer first-touch faults). Sent per
+``keep_rows`` (default on) keeps the row buffers across calls (``hostmem.BufferPool``: a
+buffer is reused only once the graph that saved it let go of it, so ``retain_graph`` is safe;
+the last step's buffers, one per layer, stay resident between steps), so they are faulted in
+once instead of every call; ``huge_pages`` (default on) asks Linux for transparent huge pages
+for a new buffer (``hostmem``: 512x fewer first-touch faults). On CUDA the caching allocator
+does what the pool does. Sent per
 rank, forward: ``(P-1)·s·b·hkv·D`` for each of K and V; backward: the same again plus
 ``(P-1)·s·b·hkv·D`` partials of dK and of dV (accumulation dtype).
 
@@ -45,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_seqpar.hostmem import advise_huge_pages
+from megatron_seqpar.hostmem import BufferPool, advise_huge_pages
 from megatron_seqpar.kernels import acc_dtype, block_mask, device_kind, plan_blocks, ring_steps
 from megatron_seqpar.method import BaseOptions, Method
 
@@ -58,11 +62,14 @@ _LOG2E, _LN2 = math.log2(math.e), math.log(2.0)
 class Options(BaseOptions):
     """``colossalai_compat``: scale gradients by 1/P like ColossalAI's original RSA.
     ``huge_pages``: on CPU (Linux), back the score rows with transparent huge pages
-    (``megatron_seqpar.hostmem``; no effect on values). ``backend`` stays ``auto``: RSA
-    materialises its score rows and runs no block kernel, so another value is refused."""
+    (``megatron_seqpar.hostmem``; no effect on values). ``keep_rows``: on CPU, keep the row
+    buffers across calls (``hostmem.BufferPool``; no effect on values). ``backend`` stays
+    ``auto``: RSA materialises its score rows and runs no block kernel, so another value is
+    refused."""
 
     colossalai_compat: bool = False
     huge_pages: bool = True
+    keep_rows: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -70,7 +77,7 @@ class Options(BaseOptions):
             raise ValueError(f"rsa runs no block kernel (it materialises its score rows), so "
                              f"backend={self.backend!r} would be ignored; leave it 'auto' (drop "
                              "--seqpar-backend)")
-        for name in ("colossalai_compat", "huge_pages"):
+        for name in ("colossalai_compat", "huge_pages", "keep_rows"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"rsa Options.{name} must be True or False, got "
                                  f"{getattr(self, name)!r}")
@@ -280,8 +287,13 @@ def rsa_forward(setup, q, k, v, kpm_all):
     dev = device_kind(q)
     qs = (q.to(cd) * (setup.scale * _LOG2E)).reshape(b, hkv, g, s, d)  # scores in base 2
     # the needed blocks of the s x S rows, one after another (causal: about half of them)
-    probs = torch.empty(b * hkv * g * row_elements(plans), dtype=cd, device=q.device)
-    if setup.options.huge_pages:
+    n_rows = b * hkv * g * row_elements(plans)
+    fresh = True
+    if setup.options.keep_rows and q.device.type == "cpu":  # CUDA's allocator caches already
+        probs, fresh = ROWS.take(n_rows, cd, q.device)
+    else:
+        probs = torch.empty(n_rows, dtype=cd, device=q.device)
+    if fresh and setup.options.huge_pages:
         advise_huge_pages(probs)  # before the first write: fresh memory, faulted 2 MiB at a time
     views = _block_views(probs, plans, b, hkv, g)
     bmax = torch.empty(b, hkv, g, n_stat, 1, dtype=cd, device=q.device)  # per block row
@@ -415,5 +427,7 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac, own_lse):
             grad.div_(setup.world_size)
     return dq, dk, dv
 
+
+ROWS = BufferPool()  # the score-row buffers of CPU calls, kept across calls (``keep_rows``)
 
 METHOD = Method("rsa", Options, rsa_forward, rsa_backward)
