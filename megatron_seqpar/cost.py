@@ -29,7 +29,8 @@ planner's rule), so per-rank FLOPs follow ``sum(L_i^2)`` of the sequences a rank
 Bytes: LightSeq leaves out every transfer whose block would be empty (its schedule's
 ``needed``), so a packed stream of short sequences sends less, RSA stops its rings after the
 farthest chunk some rank needs (``rsa_steps``), and LSS and MQSP send K/V (queries) only to
-the ranks that need them (``lss_peers``, point to point instead of their collectives).
+the ranks that need them (``lss_peers`` for MQSP, point to point instead of its collectives;
+LSS sends just the key ranges a receiver reads, ``lss_ranges``).
 
 Sliding windows (``AttnShape.window = (left, right)``, -1 = unbounded): pairs outside the band
 are never computed (the block planner skips what the window leaves empty; its band-edge tiles
@@ -49,9 +50,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from megatron_seqpar.headpar import kv_heads, two_level_runs
-from megatron_seqpar.kernels import check_window, peers, ring_steps, sees_matrix
+from megatron_seqpar.kernels import check_window, kv_range, peers, ring_steps, sees_matrix
 from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, local_runs
-from megatron_seqpar.lightseq import kv_range, schedule
+from megatron_seqpar.lightseq import schedule
 from megatron_seqpar.mqsp import pick_micro_chunks
 from megatron_seqpar.registry import METHODS
 from megatron_seqpar.rsa import plan_rows, row_elements
@@ -424,26 +425,49 @@ def _sees(sh: AttnShape) -> list[list[bool]]:
     return sees_matrix([_positions(sh, j) for j in range(sh.P)], sh.causal, sh.window)
 
 
+def lss_ranges(sh: AttnShape, r: int) -> tuple[list[int], list[int]] | None:
+    """``lss._plan`` in tokens: None in the dense case (all-gather, reduce-scatter), else the
+    lengths of the key ranges rank ``r`` receives (one per source) and sends (one per sink),
+    ``kernels.kv_range`` of every rank pair."""
+    if sh.window is None and sh.cu_seqlens is None:
+        return None
+    P = sh.P
+    runs = [_positions(sh, j) for j in range(P)]
+    n = [[(lambda lo, hi: hi - lo)(*kv_range(runs[i], runs[j], sh.causal, sh.window))
+          for j in range(P)] for i in range(P)]
+    if sum(n[i][j] for i in range(P) for j in range(P) if i != j) >= P * (P - 1) * sh.s:
+        return None
+    return ([n[r][j] for j in range(P) if j != r and n[r][j]],
+            [n[i][r] for i in range(P) if i != r and n[i][r]])
+
+
 def _lss(sh: AttnShape, r: int):
     P, KV, a, e = sh.P, sh.kv_bytes, sh.acc, sh.e
-    counts = lss_peers(sh, r)
-    n_in, n_out = (P - 1, P - 1) if counts is None else counts
-    # one fused all-gather of packed [K, V] (sparse: this rank's to each rank that needs it)
-    fwd, fwd_recv = n_out * 2 * KV, n_in * 2 * KV
-    # one fused reduce-scatter of packed [dK, dV] (sparse: a partial to each source), after
-    # gathering K/V again (lss_regather)
-    bwd = n_in * 2 * KV * a // e + fwd * sh.lss_regather
-    bwd_recv = n_out * 2 * KV * a // e + fwd_recv * sh.lss_regather
-    # the gathered K/V, in place (2·S, sparse: the sources' only); the backward recycles a
-    # regathered buffer of the accumulation dtype as the dK/dV send buffer, else holds one
-    # beside it; then either one segment's dK/dV with a block's gradients, or the
-    # reduce-scatter's receive buffer (2·s either way; sparse: one per sink); the kernel's
-    # scratch
+    plan = lss_ranges(sh, r)
+    tok = 2 * KV // sh.s  # one token's K and V
+    if plan is not None:
+        # the key ranges the receivers' blocks read, point to point (again in the backward
+        # when lss_regather), and their dK/dV partials home in the accumulation dtype
+        got, given = sum(plan[0]) * tok, sum(plan[1]) * tok
+        fwd, fwd_recv = given, got
+        bwd = got * a // e + given * sh.lss_regather
+        bwd_recv = given * a // e + got * sh.lss_regather
+        # the received ranges, this rank's dQ/dK/dV, the partials sent, those received, the
+        # kernel's scratch
+        act = (_wrapper(sh) + got + 2 * KV * a // e + (got + given) * a // e
+               + _kernel_scratch(sh, _run_tokens(sh)))
+        return fwd, bwd, fwd_recv, bwd_recv, act, _needed_pairs(sh, r)
+    # one fused all-gather of packed [K, V]; one fused reduce-scatter of packed [dK, dV]
+    # after gathering K/V again (lss_regather)
+    fwd = fwd_recv = (P - 1) * 2 * KV
+    bwd = bwd_recv = (P - 1) * 2 * KV * a // e + fwd * sh.lss_regather
+    # the gathered K/V, in place (2·S); the backward recycles a regathered buffer of the
+    # accumulation dtype as the dK/dV send buffer, else holds one beside it; then either one
+    # segment's dK/dV with a block's gradients, or the reduce-scatter's receive buffer (2·s
+    # either way); the kernel's scratch
     recycled = sh.lss_regather and a == e
-    rows = n_in + 1
-    act = (_wrapper(sh) + rows * 2 * KV + (0 if recycled else rows * 2 * KV * a // e)
-           + max(1, n_out if counts else 1) * 2 * KV * a // e
-           + _kernel_scratch(sh, _run_tokens(sh)))
+    act = (_wrapper(sh) + P * 2 * KV + (0 if recycled else P * 2 * KV * a // e)
+           + 2 * KV * a // e + _kernel_scratch(sh, _run_tokens(sh)))
     return fwd, bwd, fwd_recv, bwd_recv, act, _needed_pairs(sh, r)
 
 

@@ -54,6 +54,15 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     return madvise(lo, hi - lo, MADV_HUGEPAGE) == 0
 
 
+_POOLS = weakref.WeakSet()  # every pool, for release_kept
+
+
+def release_kept() -> int:
+    """Drop the free buffers of every pool; returns the bytes released. A measurement calls it
+    first, so that the measured call allocates (and counts) the buffers it keeps."""
+    return sum(pool.clear() for pool in list(_POOLS))
+
+
 class BufferPool:
     """Flat buffers kept across calls, handed out again only when free (see the module
     docstring). ``take(n, dtype, device)`` gives a 1-d tensor of ``n`` elements (contents
@@ -64,6 +73,13 @@ class BufferPool:
     def __init__(self):
         self._entries = []  # [buffer, weakref to the tensor handed out (or None), last take]
         self._tick = 0
+        _POOLS.add(self)
+
+    def clear(self) -> int:
+        """Drop the free buffers (those in use stay); returns the bytes dropped."""
+        free = [e for e in self._entries if e[1] is None or e[1]() is None]
+        self._entries = [e for e in self._entries if not any(e is f for f in free)]
+        return sum(b.numel() * b.element_size() for b, _, _ in free)
 
     def take(self, n: int, dtype, device) -> tuple[torch.Tensor, bool]:
         self._tick += 1

@@ -603,6 +603,27 @@ def count_blocks(q_runs, k_runs, causal: bool, window=None) -> int:
     return len(plan_blocks(q_runs, k_runs, causal, window=window))
 
 
+def kv_range(q_runs, k_runs, causal: bool, window=None) -> tuple[int, int]:
+    """The local key range ``[lo, hi)`` of a K/V buffer that the visible blocks of ``q_runs``
+    read (``(0, 0)`` when none): only that part of a shard travels (LightSeq, LSS), and only
+    its dK/dV come home. A sliding window narrower than a shard sends the neighbour's last
+    ``left`` keys; packed documents, the keys of the documents that cross. Pure: the cost model
+    uses it."""
+    blocks = plan_blocks(q_runs, k_runs, causal, window=window)
+    if not blocks:
+        return 0, 0
+    return min(b.k.start for b in blocks), max(b.k.stop for b in blocks)
+
+
+def cut_key_pad(pad, lo: int, hi: int):
+    """A key padding (``KeyPad`` or None) for keys ``[lo, hi)`` of its buffer."""
+    if pad is None:
+        return None
+    ranges = None if pad.ranges is None else tuple(
+        (max(a, lo) - lo, min(b, hi) - lo) for a, b in pad.ranges if a < hi and lo < b)
+    return None if ranges == () else KeyPad(pad.mask[:, lo:hi], ranges)
+
+
 def sees_matrix(runs_per_rank, causal: bool, window=None) -> list[list[bool]]:
     """``[i][j]``: whether rank ``i``'s queries see any of rank ``j``'s keys (a non-empty
     block), from the ranks' position runs alone: the same on every rank, and the one rule

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 from megatron_seqpar.common import public
-from megatron_seqpar.kernels import KeyPad, attend, attend_backward, merge_, plan_blocks
+from megatron_seqpar.kernels import attend, attend_backward, cut_key_pad, kv_range, merge_
 from megatron_seqpar.layouts import slice_runs
 from megatron_seqpar.method import BaseOptions, Method
 
@@ -118,17 +118,6 @@ def _finish_returns(returns, consume):
         consume(bufs)
 
 
-def kv_range(q_runs, k_runs, causal: bool, window=None) -> tuple[int, int]:
-    """The local key range ``[lo, hi)`` of a K/V buffer that the visible blocks of ``q_runs``
-    read (``(0, 0)`` when none): only that part of a shard travels, and only its dK/dV come
-    home. A sliding window narrower than a shard sends the neighbour's last ``left`` keys;
-    packed documents, the keys of the documents that cross. Pure: the cost model uses it."""
-    blocks = plan_blocks(q_runs, k_runs, causal, window=window)
-    if not blocks:
-        return 0, 0
-    return min(b.k.start for b in blocks), max(b.k.stop for b in blocks)
-
-
 def _spans(setup, runs):
     """``span(i, j)``: ``kv_range`` of rank ``i``'s queries against rank ``j``'s keys, each
     pair computed once per call (posts, computes and returns all read it)."""
@@ -140,15 +129,6 @@ def _first(buf: torch.Tensor, n: int) -> torch.Tensor:
     ``[b, n, h, d]`` (a receive buffer for a part of a shard)."""
     b, _, h, d = buf.shape
     return buf.view(-1)[:b * n * h * d].view(b, n, h, d)
-
-
-def _cut_pad(pad, lo: int, hi: int):
-    """A key padding (``kernels.KeyPad`` or None) for keys ``[lo, hi)`` of its buffer."""
-    if pad is None:
-        return None
-    ranges = None if pad.ranges is None else tuple(
-        (max(a, lo) - lo, min(b, hi) - lo) for a, b in pad.ranges if a < hi and lo < b)
-    return None if ranges == () else KeyPad(pad.mask[:, lo:hi], ranges)
 
 
 def lightseq_forward(setup, q, k, v, kpm_all):
@@ -204,7 +184,7 @@ def lightseq_forward(setup, q, k, v, kpm_all):
             lo, hi = span(r, st.kv_from)
             kb, vb = (_first(x, hi - lo).transpose(1, 2) for x in kv_buf[kv_slot[t]])
             o, lb = attend(q, runs(r), kb, vb, slice_runs(runs(st.kv_from), lo, hi),
-                           kpm=_cut_pad(kpm(st.kv_from), lo, hi), **kw)
+                           kpm=cut_key_pad(kpm(st.kv_from), lo, hi), **kw)
             merge_(out, lse, o, lb)
             tally(setup.sees(r, st.kv_from, s))
         if st.q_from is not None:
@@ -280,7 +260,7 @@ def lightseq_backward(setup, dout, q, k, v, out, lse, kpm_all):
             kb, vb = (_first(x, hi - lo).transpose(1, 2) for x in kv_buf[kv_slot[t]])
             _, dkp, dvp = attend_backward(dout, q, runs(r), kb, vb,
                                           slice_runs(runs(st.kv_from), lo, hi), out, lse,
-                                          kpm=_cut_pad(kpm(st.kv_from), lo, hi), dq=dq, **kw)
+                                          kpm=cut_key_pad(kpm(st.kv_from), lo, hi), dq=dq, **kw)
             # dK/dV partials go home in the public layout, where the kernel's output is dense
             sends += [(public(dkp), st.kv_from), (public(dvp), st.kv_from)]
             del dkp, dvp  # only the in-flight sends keep them: freed once settled

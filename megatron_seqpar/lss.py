@@ -7,11 +7,13 @@ log-sum-exp. Backward: the same blocks in reverse give dQ locally and this rank'
 every segment's dK/dV, written straight into a packed ``[P, dK; dV]`` buffer that ONE fused
 reduce-scatter returns to the segments' owners. Exact.
 
-Sparse visibility (a sliding window, packed sequences): when some rank's queries see none of
-another rank's keys, the all-gather becomes point-to-point transfers of the packed ``[K; V]``
-to exactly the ranks whose queries see them, and the reduce-scatter becomes the dK/dV partials
-sent back to their owners (``Setup.peers``): a window narrower than a shard then talks to one
-neighbour, and a stream of documents that never cross a rank boundary sends nothing.
+Sparse visibility (a sliding window, packed sequences): when the ranks' queries read less than
+the whole of the other shards, the all-gather becomes point-to-point transfers of just the keys
+and values a receiver's blocks read (``kernels.kv_range``: one contiguous range per rank pair,
+``_plan``), and the reduce-scatter becomes those ranges' dK/dV partials sent back to their
+owners: a window narrower than a shard then sends the neighbour's last ``left`` keys, a stream
+of documents that never cross a rank boundary sends nothing, and in the balanced layout only
+the keys of the documents split over ranks travel.
 
 ``regather_kv`` (default True): the backward all-gathers K/V again instead of keeping the
 forward's gathered copy, so between forward and backward a rank holds only its own segment
@@ -36,7 +38,16 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_seqpar.kernels import acc_dtype, attend, attend_backward, zeros_public
+from megatron_seqpar.common import public
+from megatron_seqpar.kernels import (
+    acc_dtype,
+    attend,
+    attend_backward,
+    cut_key_pad,
+    kv_range,
+    zeros_public,
+)
+from megatron_seqpar.layouts import slice_runs
 from megatron_seqpar.method import BaseOptions, Method
 
 
@@ -59,39 +70,50 @@ class Options(BaseOptions):
     assemble_position_grads: bool = True
 
 
-def _gather_kv(setup, k, v, peers):
-    """``[n, b·s·hkv·(D + Dv)]``: K and V of the ``n`` source ranks (every rank when dense) in
-    the public layout, packed (V's head dim may differ: MLA). Dense: ONE all-gather, in place
-    (this rank's K/V packed straight into their slot). Sparse: this rank's row sent to each
-    rank that needs it, the sources' rows received, point to point."""
+def _plan(setup, s: int):
+    """None when the dense collectives apply (no window or packing, or ranges that add up to
+    the whole shards), else ``(sources, sinks)``: ``[(j, lo, hi)]``, the key range of rank
+    ``j``'s shard this rank's queries read, and ``[(i, lo, hi)]``, the range of this rank's
+    keys that rank ``i``'s queries read (``kernels.kv_range``; empty ranges left out). The
+    same answer on every rank, from positions alone; ``cost.lss_ranges`` follows it."""
+    if setup.window is None and setup.cu_seqlens is None:
+        return None
+    P, r = setup.world_size, setup.rank
+    runs = [setup.runs(j, s) for j in range(P)]
+    span = [[kv_range(runs[i], runs[j], setup.causal, setup.window) for j in range(P)]
+            for i in range(P)]
+    if sum(hi - lo for i in range(P) for j in range(P) if i != j
+           for lo, hi in (span[i][j],)) >= P * (P - 1) * s:
+        return None
+    return ([(j, *span[r][j]) for j in range(P) if j != r and span[r][j][1] > span[r][j][0]],
+            [(i, *span[i][r]) for i in range(P) if i != r and span[i][r][1] > span[i][r][0]])
+
+
+def _gather_kv(setup, k, v):
+    """``[P, b·s·hkv·(D + Dv)]``: K and V of every rank in the public layout, packed (V's head
+    dim may differ: MLA), by ONE all-gather, in place (this rank's K/V packed straight into
+    their slot)."""
     comm = setup.comm()
-    sources = range(comm.world_size) if peers is None else peers[0]
-    kv = k.new_empty(len(sources), k.numel() + v.numel())
-    mine = kv[list(sources).index(comm.rank)]
-    for dst, x in zip(_segment(mine, k.shape, v.shape), (k, v)):
+    kv = k.new_empty(comm.world_size, k.numel() + v.numel())
+    for dst, x in zip(_segment(kv[comm.rank], k.shape, v.shape), (k, v)):
         dst.copy_(x)
-    if peers is None:
-        return comm.all_gather_inplace(kv)
-    comm.post([(mine, i) for i in peers[1]],
-              [(kv[n], j) for n, j in enumerate(sources) if j != comm.rank]).wait()
-    return kv
+    return comm.all_gather_inplace(kv)
 
 
-def _return_partials(setup, dkv, peers):
-    """This rank's dK/dV: dense, ONE reduce-scatter of the ``[P, ·]`` partials; sparse, each
-    source's partial sent to it and the partials of the ranks that see this rank's keys
-    received and added to its own."""
-    comm = setup.comm()
-    if peers is None:
-        return comm.reduce_scatter(dkv)
-    sources, sinks = peers
-    own = dkv[sources.index(comm.rank)]
-    got = [torch.empty_like(own) for _ in sinks]
-    comm.post([(dkv[n], j) for n, j in enumerate(sources) if j != comm.rank],
-              list(zip(got, sinks))).wait()
-    for x in got:
-        own += x
-    return own
+def _gather_ranges(setup, k, v, plan):
+    """``[(j, lo, hi, K_j, V_j)]``: each source's key range as ``[b, hkv, n, ·]`` views,
+    received point to point, while this rank's ranges go to its sinks."""
+    sources, sinks = plan
+    kp, vp = public(k), public(v)
+    sends = [(x[:, lo:hi], i) for i, lo, hi in sinks for x in (kp, vp)]
+    got, recvs = [], []
+    for j, lo, hi in sources:
+        kb = kp.new_empty(kp.size(0), hi - lo, *kp.shape[2:])
+        vb = vp.new_empty(vp.size(0), hi - lo, *vp.shape[2:])
+        recvs += [(kb, j), (vb, j)]
+        got.append((j, lo, hi, kb.transpose(1, 2), vb.transpose(1, 2)))
+    setup.comm().post(sends, recvs).wait()
+    return got
 
 
 def _segment(row, k_shape, v_shape):
@@ -103,26 +125,71 @@ def _segment(row, k_shape, v_shape):
 
 
 def lss_forward(setup, q, k, v, kpm_all):
-    peers = setup.peers(q.size(2))
-    kv = _gather_kv(setup, k, v, peers)
-    sources = range(setup.world_size) if peers is None else peers[0]
-    out = lse = None
-    for n, j in enumerate(sources):
-        out, lse = attend(q, setup.runs(setup.rank, q.size(2)), *_segment(kv[n], k.shape, v.shape),
-                          setup.runs(j, k.size(2)), scale=setup.scale, **setup.mask,
-                          kpm=setup.key_pad(kpm_all, j), backend=setup.options.backend,
-                          out=out, lse=lse)
+    s, r = q.size(2), setup.rank
+    kw = dict(scale=setup.scale, **setup.mask, backend=setup.options.backend)
+    plan = _plan(setup, s)
     if setup.traffic:
-        setup.traffic.add_block_steps(sum(setup.sees(setup.rank, j, q.size(2))
+        setup.traffic.add_block_steps(sum(setup.sees(r, j, s)
                                           for j in range(setup.world_size)))
+    if plan is not None:
+        got = _gather_ranges(setup, k, v, plan)
+        out, lse = attend(q, setup.runs(r, s), k, v, setup.runs(r, s),
+                          kpm=setup.key_pad(kpm_all, r), **kw)
+        for j, lo, hi, kj, vj in got:
+            out, lse = attend(q, setup.runs(r, s), kj, vj, slice_runs(setup.runs(j, s), lo, hi),
+                              kpm=cut_key_pad(setup.key_pad(kpm_all, j), lo, hi), out=out,
+                              lse=lse, **kw)
+        keep = () if setup.options.regather_kv else tuple(x for g in got for x in g[3:])
+        return out, lse, keep
+    kv = _gather_kv(setup, k, v)
+    out = lse = None
+    for j in range(setup.world_size):
+        out, lse = attend(q, setup.runs(r, s), *_segment(kv[j], k.shape, v.shape),
+                          setup.runs(j, s), kpm=setup.key_pad(kpm_all, j), out=out, lse=lse,
+                          **kw)
     return out, lse, () if setup.options.regather_kv else (kv,)
+
+
+def _backward_ranges(setup, dout, q, k, v, out, lse, kpm_all, plan, saved):
+    """Sparse backward: the own block's dQ/dK/dV, each source range's dQ here and its dK/dV
+    partial sent to its owner; the partials of this rank's ranges received and added."""
+    s, r = q.size(2), setup.rank
+    kw = dict(scale=setup.scale, **setup.mask, backend=setup.options.backend)
+    sources, sinks = plan
+    if saved:
+        got = [(j, lo, hi, saved[2 * n], saved[2 * n + 1])
+               for n, (j, lo, hi) in enumerate(sources)]
+    else:
+        got = _gather_ranges(setup, k, v, plan)
+    dq, dk, dv = attend_backward(dout, q, setup.runs(r, s), k, v, setup.runs(r, s), out, lse,
+                                 kpm=setup.key_pad(kpm_all, r), **kw)
+    sends = []
+    for j, lo, hi, kj, vj in got:
+        _, dkp, dvp = attend_backward(dout, q, setup.runs(r, s), kj, vj,
+                                      slice_runs(setup.runs(j, s), lo, hi), out, lse,
+                                      kpm=cut_key_pad(setup.key_pad(kpm_all, j), lo, hi),
+                                      dq=dq, **kw)
+        sends += [(public(dkp), j), (public(dvp), j)]
+    del got
+    parts, recvs = [], []
+    for i, lo, hi in sinks:
+        bk = dk.new_empty(dk.size(0), hi - lo, dk.size(1), dk.size(3))
+        bv = dv.new_empty(dv.size(0), hi - lo, dv.size(1), dv.size(3))
+        recvs += [(bk, i), (bv, i)]
+        parts.append((lo, hi, bk, bv))
+    setup.comm().post(sends, recvs).wait()
+    for lo, hi, bk, bv in parts:
+        dk[:, :, lo:hi] += bk.transpose(1, 2)
+        dv[:, :, lo:hi] += bv.transpose(1, 2)
+    return dq, dk, dv
 
 
 def lss_backward(setup, dout, q, k, v, out, lse, kpm_all, *saved):
     s = k.size(2)
-    peers = setup.peers(s)
-    sources = range(setup.world_size) if peers is None else peers[0]
-    kv = saved[0] if saved else _gather_kv(setup, k, v, peers)
+    plan = _plan(setup, s)
+    if plan is not None:
+        return _backward_ranges(setup, dout, q, k, v, out, lse, kpm_all, plan, saved)
+    kv = saved[0] if saved else _gather_kv(setup, k, v)
     cd = acc_dtype(q.dtype)
     # The reduce-scatter's packed send buffer: a regathered K/V buffer of the accumulation
     # dtype is recycled (segment j's dK/dV overwrite its K/V once its blocks are done), so the
@@ -130,9 +197,9 @@ def lss_backward(setup, dout, q, k, v, out, lse, kpm_all, *saved):
     recycle = not saved and kv.dtype == cd
     dkv = kv if recycle else torch.zeros(kv.shape, dtype=cd, device=q.device)
     dq = zeros_public(q, cd)
-    for n, j in enumerate(sources):
-        kj, vj = _segment(kv[n], k.shape, v.shape)
-        acc = {} if recycle else dict(zip(("dk", "dv"), _segment(dkv[n], k.shape, v.shape)))
+    for j in range(setup.world_size):
+        kj, vj = _segment(kv[j], k.shape, v.shape)
+        acc = {} if recycle else dict(zip(("dk", "dv"), _segment(dkv[j], k.shape, v.shape)))
         _, dk, dv = attend_backward(dout, q, setup.runs(setup.rank, q.size(2)), kj, vj,
                                     setup.runs(j, s), out, lse, scale=setup.scale,
                                     **setup.mask,
@@ -143,7 +210,7 @@ def lss_backward(setup, dout, q, k, v, out, lse, kpm_all, *saved):
             vj.copy_(dv)
         del dk, dv
     del kv  # a regathered copy (if not recycled) goes before the reduce-scatter's output
-    dkv = _return_partials(setup, dkv, peers)  # [b·s·hkv·(D + Dv)]
+    dkv = setup.comm().reduce_scatter(dkv)  # [b·s·hkv·(D + Dv)]
     return (dq, *_segment(dkv, k.shape, v.shape))
 
 

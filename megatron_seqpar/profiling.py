@@ -3,7 +3,9 @@
 CUDA: the caching allocator's peak above the allocation at entry. CPU: PyTorch's profiler
 records every allocation and free with a timestamp; the peak of their running sum is the
 most the block held at once (tensors only, not the Python heap). The CPU profiler costs a few
-seconds to start: use it around a step, never inside a training loop.
+seconds to start: use it around a step, never inside a training loop. Buffers kept across
+calls (RSA's score rows on CPU, ``hostmem.BufferPool``) are released first, so the block
+allocates, and the peak counts, what it keeps.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from megatron_seqpar.hostmem import release_kept
 
 
 @dataclass
@@ -46,6 +50,7 @@ def track_peak_memory(device: torch.device | str = "cpu"):
         return
     from torch.profiler import ProfilerActivity, profile
 
+    release_kept()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         yield result
     cur = peak = 0

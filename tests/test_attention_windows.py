@@ -136,7 +136,7 @@ def test_window_bytes_equal_the_model(layout):
     if layout == "contiguous":
         kv = 2 * 16 * 2 * 8 * 4  # one shard's K (or V), fp32
         # RSA's ring moves whole chunks to one neighbour; LightSeq only the 5 keys of the
-        # neighbour's 16 that the window reaches (lightseq.kv_range)
+        # neighbour's 16 that the window reaches (kernels.kv_range)
         for method, sent in (("rsa", 2 * kv), ("lightseq", 2 * kv * 5 // 16)):
             windowed, full = (attention_cost(method, AttnShape(
                 S=64, P=4, b=2, hq=2, hkv=2, D=8, window=w)) for w in ((5, 0), None))

@@ -157,16 +157,17 @@ def test_lightseq_contiguous_packed_skips_transfers():
     sent = attention_cost("lightseq", across).sent_fwd
     kv = AttnShape(S=P * s, P=P).kv_bytes
     # only to the next rank, once, and only the straddling sequence's keys: the second half
-    # of the shard (lightseq.kv_range)
+    # of the shard (kernels.kv_range)
     assert sent == (kv,) * (P - 1) + (0,)
     # RSA's rings stop after the farthest chunk a rank needs: none inside, one step across
     assert attention_cost("rsa", inside).sent == (0,) * P
     assert attention_cost("rsa", across).sent_fwd == (2 * kv,) * P  # K and V, one step each
-    # LSS sends its K/V only to the ranks that need them: none inside, the next one across
-    # (forward K/V and again in the backward; the dK/dV partial home to the previous rank,
-    # fp32 like the inputs): the first rank has no partial to return, the last no next rank
+    # LSS sends only the key range a receiver reads, like LightSeq: none inside, across the
+    # second half of its K/V to the next rank (forward, and again in the backward; the dK/dV
+    # partial of the previous rank's half home, fp32 like the inputs): the first rank has no
+    # partial to return, the last no next rank
     assert attention_cost("lss", inside).sent == (0,) * P
-    assert attention_cost("lss", across).sent == (4 * kv,) + (6 * kv,) * (P - 2) + (2 * kv,)
+    assert attention_cost("lss", across).sent == (2 * kv,) + (3 * kv,) * (P - 2) + (kv,)
     # MQSP's queries go only where they see keys: nowhere inside, to a neighbour across
     # (the exact bytes: test_packed_and_two_level_bytes_equal_model, measured)
     assert attention_cost("mqsp", inside).sent == (0,) * P
@@ -187,10 +188,10 @@ def test_two_level_bytes_per_level():
     outer_kv = 4 * s * (h2 // 4) * 64 * e  # U·s tokens, h'/U heads
     assert c.outer.shape.P == R and c.outer.shape.hq == 2
     # K/V out, K/V again in the backward and dK/dV partials home (fp32 = input dtype), each
-    # only the part of the shard the other outer rank's blocks read (lightseq.kv_range: outer
+    # only the part of the shard the other outer rank's blocks read (kernels.kv_range: outer
     # rank 0's queries read all of rank 1's keys, rank 1's only the first 7/8 of rank 0's)
     from megatron_seqpar.headpar import two_level_runs
-    from megatron_seqpar.lightseq import kv_range
+    from megatron_seqpar.kernels import kv_range
 
     runs = [two_level_runs("zigzag", j, 8, 4, 4 * s) for j in range(R)]
     part = [[(lambda lo, hi: (hi - lo) / (4 * s))(*kv_range(runs[i], runs[j], True))

@@ -102,6 +102,10 @@ def test_pool_reuses_a_buffer_only_once_it_is_free():
     for _ in range(8):  # the shapes changed: the free buffers of the old ones are dropped
         pool.take(10, torch.float32, "cpu")
     assert pool.nbytes() == 40
+    held, _ = pool.take(10, torch.float32, "cpu")
+    pool.take(10, torch.float32, "cpu")  # free again at once: released below
+    assert hostmem.release_kept() >= 40 and pool.nbytes() == 40  # the one in use stays
+    del held
 
 
 def rsa_live_graphs(rank, world_size):

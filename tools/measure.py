@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from megatron_seqpar import hostmem
 from megatron_seqpar.comm import free_port  # noqa: F401  (the tools import it from here)
 
 _ELEM = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "long int": 8, "int": 4,
@@ -141,8 +142,11 @@ def _peak(events) -> int:
 
 @contextmanager
 def measure(rank: int = 0, world_size: int = 1):
-    """Peak allocation, bytes sent/received and RSS high-water mark of the enclosed code."""
+    """Peak allocation, bytes sent/received and RSS high-water mark of the enclosed code.
+    Buffers kept across calls (RSA's score rows, ``hostmem.BufferPool``) are released first,
+    so the code allocates, and the peak counts, what it keeps."""
     m = Measurement()
+    hostmem.release_kept()
     _reset_hwm()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True,
                  record_shapes=True) as prof:
