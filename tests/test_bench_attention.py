@@ -95,3 +95,38 @@ def test_bench_attention_balanced_rows(tmp_path):
     (row,) = [r for r in data["compare"] if r["label"] == "lightseq/balanced+packed"]
     assert row["vs"] == "zigzag+packed" and row["bytes==model"], row
     assert row["busiest_pred"] < 1.2 and row["time_ratio"] > 0, row
+
+
+def test_profile_attention_reports_each_call_with_its_options(tmp_path):
+    """``tools/profile_attention.py --calls N --option NAME=VALUE``: one row per rank and call
+    with the phases' op classes and the call's page faults; the option reaches the method."""
+    import profile_attention
+
+    out = str(tmp_path / "prof")
+    profile_attention.main(["--methods", "rsa", "--seqlens", "64", "--ranks", "2", "--heads",
+                            "2", "--head-dim", "8", "--calls", "2", "--option",
+                            "keep_rows=False", "--rows", "0", "--out", out])
+    with open(out + ".json") as f:
+        data = json.load(f)
+    assert sorted((r["rank"], r["call"]) for r in data["rows"]) == [(0, 0), (0, 1), (1, 0),
+                                                                    (1, 1)]
+    assert all(r["faults"] >= 0 and "matmul" in r["forward"]["classes"] for r in data["rows"])
+    assert data["args"]["option"] == ["keep_rows=False"]
+    with pytest.raises(ValueError, match="keep_rows must be True or False"):
+        profile_attention.main(["--methods", "rsa", "--seqlens", "64", "--ranks", "1",
+                                "--option", "keep_rows=maybe", "--out", out])
+
+
+def test_run_ranks_raises_when_a_rank_dies():
+    """``measure.run_ranks``: a rank that dies before reporting (here an unknown method inside
+    the worker) raises ``RuntimeError`` naming it, instead of waiting for its rows forever."""
+    import argparse
+
+    import profile_attention
+    from measure import run_ranks
+
+    a = argparse.Namespace(methods=["no-such-method"], seqlens=[64], layout="zigzag", batch=1,
+                           heads=2, head_dim=8, packed_docs=0, micro_q=None, option=[],
+                           calls=1, rows=0)
+    with pytest.raises(RuntimeError, match="rank 0 of 1 exited"):
+        run_ranks(profile_attention._worker, 1, a)

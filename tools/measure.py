@@ -224,7 +224,11 @@ class count_comm(TorchDispatchMode):  # noqa: N801 - used like a function: with 
 
 def run_ranks(worker, ranks: int, *args) -> list:
     """Spawn ``ranks`` processes running ``worker(rank, ranks, port, *args, queue)``, each of
-    which puts a list of rows on ``queue``; returns every rank's rows (in arrival order)."""
+    which puts a list of rows on ``queue``; returns every rank's rows (in arrival order).
+    A process that dies before putting its rows raises ``RuntimeError`` here (never a hang);
+    the others are terminated."""
+    import queue as queue_mod
+
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -234,11 +238,23 @@ def run_ranks(worker, ranks: int, *args) -> list:
              for r in range(ranks)]
     for pr in procs:
         pr.start()
-    rows = []
-    for _ in procs:
-        rows += queue.get()
-    for pr in procs:
-        pr.join()
+    rows, got = [], 0
+    try:
+        while got < len(procs):
+            try:
+                rows += queue.get(timeout=1.0)
+                got += 1
+            except queue_mod.Empty:
+                dead = [r for r, pr in enumerate(procs) if pr.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0]} of {ranks} exited with code "
+                                       f"{procs[dead[0]].exitcode} before reporting; its "
+                                       "traceback is above") from None
+    finally:
+        for pr in procs:
+            if got < len(procs) and pr.is_alive():
+                pr.terminate()
+            pr.join()
     return rows
 
 

@@ -4,8 +4,11 @@
     python tools/profile_attention.py --methods lightseq --seqlens 16384 --packed-docs 16
 
 Spawns ``--ranks`` gloo processes with one thread each (as ``bench_attention``). For every
-method and length: one warm-up forward+backward, then one under ``torch.profiler``, split into
-a ``forward`` and a ``backward`` range. Per rank and phase it reports the wall time, then the
+method and length: one warm-up forward+backward, then ``--calls`` (default 1) each under its own
+``torch.profiler``, split into a ``forward`` and a ``backward`` range, with the call's minor
+page faults (first touches of fresh memory); ``--option NAME=VALUE`` sets a method option
+(e.g. ``--option keep_rows=False`` for RSA). A slow and a fast call of the same code side by
+side show where a slow call's time went. Per rank and phase it reports the wall time, then the
 self CPU time, call count and mean size of every op class:
 
 - ``kernel``: the fused block kernels (``_scaled_dot_product_flash_attention_for_cpu`` and its
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from collections import defaultdict
@@ -106,9 +110,10 @@ def _one(method, S, a, rank, world):
         cu = torch.tensor([0, *doc_lengths(S, a.packed_docs, 2 * world)]).cumsum(0)
     q, k, v, do = (msp.shard_sequence(x, dim=1, layout=a.layout, cu_seqlens=cu) for x in full)
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    opts = None
+    kw = dict(_option(x) for x in a.option)
     if method == "mqsp" and a.micro_q:
-        opts = msp.method_options("mqsp")(micro_q=a.micro_q)
+        kw["micro_q"] = a.micro_q
+    opts = msp.method_options(method)(**kw) if kw else None
 
     def step():
         from torch.profiler import record_function
@@ -121,43 +126,60 @@ def _one(method, S, a, rank, world):
         q.grad = k.grad = v.grad = None
 
     step()
-    dist.barrier()
     from torch.profiler import ProfilerActivity, profile
 
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    wall = time.perf_counter() - t0
-    res = {"method": method, "S": S, "rank": rank, "wall_s": wall}
-    for phase in ("forward", "backward"):
-        ops, us = _phase_ops(prof, phase)
-        res[phase] = {"wall_ms": us / 1e3, "classes": _summary(ops, us),
-                      "top": sorted(([n, t / 1e3, c] for n, (t, c) in ops.items()),
-                                    key=lambda x: -x[1])[:a.rows]}
+    out = []
+    for call in range(a.calls):
+        dist.barrier()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        wall = time.perf_counter() - t0
+        res = {"method": method, "S": S, "rank": rank, "call": call, "wall_s": wall,
+               "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
+        for phase in ("forward", "backward"):
+            ops, us = _phase_ops(prof, phase)
+            res[phase] = {"wall_ms": us / 1e3, "classes": _summary(ops, us),
+                          "top": sorted(([n, t / 1e3, c] for n, (t, c) in ops.items()),
+                                        key=lambda x: -x[1])[:a.rows]}
+        out.append(res)
     dist.barrier()
-    return res
+    return out
+
+
+def _option(text: str):
+    """``NAME=VALUE`` of ``--option``: VALUE as a Python literal (True, 4, 1.5) or a string."""
+    import ast
+
+    name, _, value = text.partition("=")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
 
 
 def _worker(rank, world, port, a, queue):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
-    out = [_one(m, S, a, rank, world) for S in a.seqlens for m in a.methods]
+    out = [r for S in a.seqlens for m in a.methods for r in _one(m, S, a, rank, world)]
     queue.put(out)
     dist.barrier()
     dist.destroy_process_group()
 
 
 def report(rows, rows_n: int) -> None:
-    by = {(r["S"], r["method"], r["rank"]): r for r in rows}
-    for S, m, rk in sorted(by):
-        r = by[(S, m, rk)]
-        ref = by.get((S, "lightseq", rk))
+    by = {(r["S"], r["method"], r["rank"], r["call"]): r for r in rows}
+    for S, m, rk, call in sorted(by):
+        r = by[(S, m, rk, call)]
+        ref = by.get((S, "lightseq", rk, call))
         for phase in ("forward", "backward"):
             p = r[phase]
             rel = (f" ({p['wall_ms'] / ref[phase]['wall_ms']:.2f}x lightseq)"
                    if ref and m != "lightseq" else "")
-            print(f"S={S} {m} rank {rk} {phase}: {p['wall_ms']:.0f} ms{rel}")
+            print(f"S={S} {m} rank {rk} call {call} {phase}: {p['wall_ms']:.0f} ms{rel}"
+                  + (f"; the call faulted {r['faults']} pages" if phase == "forward" else ""))
             for c, v in p["classes"].items():
                 print(f"    {c:<16} {v['ms']:9.1f} ms  {v['share']:6.1%}  {v['calls']:6d} calls")
             for name, ms, n in p["top"][:rows_n]:
@@ -176,10 +198,17 @@ def main(argv=None) -> None:
     p.add_argument("--micro-q", type=int, default=None, help="MQSP micro_q (default: its pick)")
     p.add_argument("--packed-docs", type=int, default=0,
                    help="a packed stream of this many documents (bench_attention's lengths)")
+    p.add_argument("--calls", type=int, default=1, help="profiled calls, each reported")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a method option, e.g. keep_rows=False (repeatable)")
     p.add_argument("--rows", type=int, default=8, help="top ops per phase to print")
     p.add_argument("--all-ranks", action="store_true", help="print every rank (default: 0)")
     p.add_argument("--out", default="runs/profile_attention")
     a = p.parse_args(argv)
+    import megatron_seqpar as msp
+
+    for m in a.methods:  # a bad --option fails here, before any process starts
+        msp.method_options(m)(**dict(_option(x) for x in a.option))
     rows = run_ranks(_worker, a.ranks, a)
     report([r for r in rows if a.all_ranks or r["rank"] == 0], a.rows)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
