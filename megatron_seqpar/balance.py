@@ -19,6 +19,11 @@ documents never cost communication unless the balance needs it. The cost of a ra
 causal attention pairs of its queries (``pairs``); the per-token linear work is the same on
 every rank, since every rank holds ``S/P`` tokens.
 
+A rank's pieces are ordered split documents first (in document order), then its whole
+documents: what other ranks read of a shard (the earlier pieces of the split documents) then
+sits in one contiguous range at its front, so the methods that move only the range a receiver
+reads (``kernels.kv_range``: LightSeq, LSS) never send a whole document.
+
 ``layouts.balance_report(cu_seqlens, P, layout)`` says what a layout achieves: per-rank pairs
 and tokens, the largest over the mean, and how many documents are split over ranks.
 """
@@ -88,7 +93,9 @@ def _assign_with(docs, cu, P: int, s: int, split: set[int]):
 
 
 def assign(cu_seqlens: tuple[int, ...], P: int) -> tuple[tuple[tuple[int, int, int], ...], ...]:
-    """Per rank, its ``(doc, start, end)`` pieces in document order (``S/P`` tokens each)."""
+    """Per rank, its ``(doc, start, end)`` pieces (``S/P`` tokens each): the pieces of the
+    documents split over ranks first, then its whole documents, each group in document
+    order."""
     cu = tuple(cu_seqlens)
     S = cu[-1]
     if S % P:
@@ -104,4 +111,8 @@ def assign(cu_seqlens: tuple[int, ...], P: int) -> tuple[tuple[tuple[int, int, i
             best = (max(work), held)
         if max(work) * P <= sum(work) * 1.01:  # within 1% of even: nothing left to gain
             break
-    return tuple(tuple(sorted(h)) for h in best[1])
+    owners: dict[int, set[int]] = {}
+    for r, held in enumerate(best[1]):
+        for d, _, _ in held:
+            owners.setdefault(d, set()).add(r)
+    return tuple(tuple(sorted(h, key=lambda p: (len(owners[p[0]]) == 1, p))) for h in best[1])
