@@ -73,7 +73,7 @@ class LayerCost:
 def layer_cost(model: ModelConfig, *, S: int, P: int, method: str, tp: int = 1, b: int = 1,
                dtype: str = "bf16", recompute: str = "none", layout: str | None = None,
                mqsp_budget_mb: float = 1024.0, flash: bool = True,
-               head_parallel: int = 1) -> LayerCost:
+               head_parallel: int = 1, cu_seqlens: tuple[int, ...] | None = None) -> LayerCost:
     """Per-rank cost of one layer with sequence parallelism ``P`` and tensor parallelism ``tp``.
 
     Activations follow Korthikanti et al. (TP with sequence parallelism, flash attention so no
@@ -88,6 +88,9 @@ def layer_cost(model: ModelConfig, *, S: int, P: int, method: str, tp: int = 1, 
     scores, softmax and dropout mask (Korthikanti et al.), as the 2021-2023 papers' TP
     baselines did unless they recompute attention selectively. ``head_parallel``: two levels
     (``two_level_cost``); ``sp_inner_bytes`` is then the head all-to-alls' share.
+    ``cu_seqlens``: a packed stream of documents (``S`` = its last entry) in ``layout``
+    (``zigzag``: every document a multiple of ``2P``; ``balanced``: ``megatron_seqpar.balance``);
+    the attention's pairs and transfers are then the documents' only.
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"unknown recompute {recompute!r}; use one of {RECOMPUTE}")
@@ -101,7 +104,8 @@ def layer_cost(model: ModelConfig, *, S: int, P: int, method: str, tp: int = 1, 
     window = (model.window, 0) if model.window else None
     sh = AttnShape(S=S, P=P, b=b, hq=hq, hkv=hkv, D=model.head_dim, dtype=dtype,
                    causal=model.causal, layout=layout, mqsp_budget_mb=mqsp_budget_mb,
-                   head_parallel=head_parallel, window=window)
+                   head_parallel=head_parallel, window=window,
+                   cu_seqlens=tuple(cu_seqlens) if cu_seqlens else None)
     att = attention_cost("nosp" if P == 1 else method, sh)
     local = attention_cost("nosp", AttnShape(S=sh.s, P=1, b=b, hq=hq, hkv=hkv, D=sh.D,
                                              dtype=dtype, causal=model.causal, window=window))

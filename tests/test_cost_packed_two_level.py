@@ -308,3 +308,20 @@ def test_two_level_memory_within_tolerance_of_measured(U):
             bad.append(f"{method} hkv={hkv}: measured {got} model {model.max_act_bytes} "
                        f"({got / model.max_act_bytes:.2f}x)")
     assert not bad, "\n".join(bad)
+
+
+def test_planner_knows_the_packing_layout(capsys):
+    """``tools/plan.py --packed-docs N``: each method on a packed stream in the zigzag and the
+    balanced layout (``--seqpar-packing``). The busiest rank's attention pairs stay within 5%
+    of the mean in both, and balanced LSS and LightSeq move at most half of zigzag's bytes
+    per rank (only the split documents' keys travel)."""
+    plan = _plan()
+    rows = plan.print_packing(plan.MODELS["llama-7b"], plan.CLUSTERS["a100-80g"], 32768, 4, 64,
+                              "lognormal")
+    by = {(m, layout): (p, skew, sent) for m, layout, p, skew, sent in rows}
+    assert {layout for _, layout in by} == {"zigzag", "balanced"} and len(by) == 8
+    for (m, layout), (p, skew, _) in by.items():
+        assert skew <= 1.05 and p.fits and p.layout == layout, (m, layout, skew)
+    for m in ("lss", "lightseq"):
+        assert by[m, "balanced"][2] <= 0.5 * by[m, "zigzag"][2], m
+    assert "balanced" in capsys.readouterr().out

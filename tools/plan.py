@@ -93,7 +93,7 @@ class Plan:
 def predict(model: ModelConfig, cl: Cluster, *, method: str, S: int, P: int, tp: int,
             layout: str | None = None, b: int = 1, dtype: str = "bf16",
             recompute: str = "full", efficiency: float = 0.5, flash: bool = True,
-            head_parallel: int = 1) -> Plan:
+            head_parallel: int = 1, cu_seqlens: tuple[int, ...] | None = None) -> Plan:
     """Memory (GiB per GPU) and step time (s) of one micro-batch on ``P x tp`` GPUs.
 
     ``method="megatron"`` is Megatron TP + sequence parallelism with ``P = 1`` (the baseline
@@ -102,10 +102,12 @@ def predict(model: ModelConfig, cl: Cluster, *, method: str, S: int, P: int, tp:
     fp32 master weights and Adam moments per parameter sharded ``P`` ways), divided by ``tp``.
     ``head_parallel = U``: two levels; the inner all-to-alls (over ``U·tp`` GPUs, blocking) and
     the outer method's transfers (over ``P·tp`` GPUs) each take their own link's bandwidth.
+    ``cu_seqlens``: a packed stream of documents (``layer_cost``'s).
     """
     meth = "nosp" if method in ("megatron", "nosp") else method
     lc = layer_cost(model, S=S, P=P, method=meth, tp=tp, b=b, dtype=dtype,
-                    recompute=recompute, layout=layout, flash=flash, head_parallel=head_parallel)
+                    recompute=recompute, layout=layout, flash=flash, head_parallel=head_parallel,
+                    cu_seqlens=cu_seqlens)
     static = model.params * (6 + 12 / P) / tp
     logits = b * (S // P) * model.vocab * 4 / tp * 2  # fp32 logits and their gradient
     mem = static + model.layers * lc.act_bytes + lc.peak_extra_bytes + logits
@@ -338,6 +340,39 @@ def _max_batch(model, cl, method, P, tp, S, **kw) -> int:
     return b
 
 
+def print_packing(model: ModelConfig, cl: Cluster, S: int, P: int, docs: int, kind: str,
+                  **kw) -> list[tuple[str, str, Plan, float, int]]:
+    """Each method on a packed stream of ``docs`` documents (``bench_attention.doc_lengths``
+    of ``kind``: multiples of ``2P``, so zigzag needs no padding) in the zigzag and balanced
+    layouts: predicted step time, GiB per GPU, the busiest rank's attention pairs over the
+    mean, and bytes per rank and layer. Returns the rows."""
+    from bench_attention import doc_lengths
+
+    from megatron_seqpar.cost import AttnShape, attention_cost
+
+    cu = [0]
+    for n in doc_lengths(S, docs, 2 * P, kind=kind):
+        cu.append(cu[-1] + n)
+    rows = []
+    print(f"{model.name}, S={S} as {docs} {kind} documents, P={P}")
+    print(f"{'method':>10} {'layout':>9} {'step s':>8} {'GiB/GPU':>8} {'busiest/mean':>13} "
+          f"{'MB/rank/layer':>14}")
+    for method in ("rsa", "mqsp", "lss", "lightseq"):
+        for layout in ("zigzag", "balanced"):
+            plan = predict(model, cl, method=method, S=S, P=P, tp=1, layout=layout,
+                           cu_seqlens=tuple(cu), **kw)
+            att = attention_cost(method, AttnShape(S=S, P=P, hq=model.heads,
+                                                   hkv=model.kv_heads,
+                                                   D=model.head_dim, layout=layout,
+                                                   cu_seqlens=tuple(cu), dtype="bf16"))
+            skew = max(att.flops) / (sum(att.flops) / P)
+            sent = max(att.sent)
+            rows.append((method, layout, plan, skew, sent))
+            print(f"{method:>10} {layout:>9} {plan.step_s:8.3f} {plan.mem_gb:8.1f} "
+                  f"{skew:13.3f} {sent / 2**20:14.1f}")
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=[*MODELS, "custom"], default="llama-7b")
@@ -368,6 +403,12 @@ def main(argv=None) -> None:
     p.add_argument("--recompute", choices=RECOMPUTE, default="full")
     p.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak reached")
     p.add_argument("--paper", choices=[*METHODS, "all"], help="a method's paper, or all")
+    p.add_argument("--packed-docs", type=int, default=0,
+                   help="the seqlen as a packed stream of this many documents: each method in "
+                   "the zigzag and balanced layouts (--seqpar-packing)")
+    p.add_argument("--doc-lengths", choices=("lognormal", "uniform", "corpus"),
+                   default="lognormal")
+    p.add_argument("--cp", type=int, default=8, help="--packed-docs: the CP size")
     a = p.parse_args(argv)
     if a.paper:
         print(f"{'claim':<62} {'predicted':>28} {'reported':>12}")
@@ -390,6 +431,10 @@ def main(argv=None) -> None:
                                   per_node=a.per_node).items()
             if v is not None}
     cl = replace(cl, **over)
+    if a.packed_docs:
+        print_packing(model, cl, a.seqlen, a.cp, a.packed_docs, a.doc_lengths, b=a.batch,
+                      dtype=a.dtype, recompute=a.recompute, efficiency=a.efficiency)
+        return
     if a.two_level:
         print_two_level(model, cl, a.seqlens or [a.seqlen], tp=a.tp, b=a.batch, dtype=a.dtype,
                         recompute=a.recompute, efficiency=a.efficiency)
