@@ -68,7 +68,8 @@ class Setup:
         """``(sources, sinks)``: the (outer) ranks whose keys this rank's queries see, itself
         included, in rank order, and the other ranks whose queries see this rank's keys; None
         when every rank sees every rank (no window or packing, or one that leaves no pair
-        empty): the dense collectives then apply (LSS's all-gather, MQSP's gathers)."""
+        empty): the dense collectives then apply (MQSP's gathers; LSS decides by the key
+        ranges instead, ``lss._plan``)."""
         if self.window is None and self.cu_seqlens is None:
             return None
         return peers(self.sees_matrix(local_len), self.rank)

@@ -29,7 +29,7 @@ planner's rule), so per-rank FLOPs follow ``sum(L_i^2)`` of the sequences a rank
 Bytes: LightSeq leaves out every transfer whose block would be empty (its schedule's
 ``needed``), so a packed stream of short sequences sends less, RSA stops its rings after the
 farthest chunk some rank needs (``rsa_steps``), and LSS and MQSP send K/V (queries) only to
-the ranks that need them (``lss_peers`` for MQSP, point to point instead of its collectives;
+the ranks that need them (``peer_counts`` for MQSP, point to point instead of its collectives;
 LSS sends just the key ranges a receiver reads, ``lss_ranges``).
 
 Sliding windows (``AttnShape.window = (left, right)``, -1 = unbounded): pairs outside the band
@@ -381,7 +381,7 @@ def _mqsp(sh: AttnShape, r: int):
     qc = sh.b * sh.hq * c * sh.D  # elements of one rank's micro-chunk of Q
     stat = sh.b * sh.hq * P * c * a  # one micro-step's row statistics
     rs = lambda n: (P - 1) * n // P
-    counts = lss_peers(sh, r)  # the same (sources, sinks) rule as LSS's: Setup.peers
+    counts = peer_counts(sh, r)  # the (sources, sinks) rule of Setup.peers
     if counts is not None:  # point to point (mqsp._sparse_forward / _sparse_backward)
         n_src, n_snk = counts
         lc = sh.b * sh.hq * c * a
@@ -411,9 +411,10 @@ def _mqsp(sh: AttnShape, r: int):
     return fwd, bwd, fwd, bwd, act, pairs
 
 
-def lss_peers(sh: AttnShape, r: int) -> tuple[int, int] | None:
-    """``(sources other than r, sinks)``: how many ranks' K/V rank ``r`` receives and how
-    many ranks receive its own (``lss._peers``); None in the dense case (all-gather)."""
+def peer_counts(sh: AttnShape, r: int) -> tuple[int, int] | None:
+    """``(sources other than r, sinks)``: how many other ranks' keys rank ``r``'s queries see,
+    and how many ranks' queries see its keys (``Setup.peers``, MQSP's sparse path); None in
+    the dense case (its gathers)."""
     if sh.window is None and sh.cu_seqlens is None:
         return None
     found = peers(_sees(sh), r)
