@@ -230,15 +230,17 @@ def cp1_unpadded(cp1):
 
 
 @pytest.mark.megatron
-@pytest.mark.parametrize("method, cp", [(m, 2) for m in METHODS] + [("lightseq", 4)])
-def test_documents_balanced_match_cp1(method, cp, cp1_unpadded):
+@pytest.mark.parametrize("method, cp, hcp", [(m, 2, None) for m in METHODS]
+                         + [("lightseq", 4, None), ("lss", 4, (2, 2))])
+def test_documents_balanced_match_cp1(method, cp, hcp, cp1_unpadded):
     """``--seqpar-packing balanced``: short documents whole on one rank, long ones split, no
-    per-document padding; CP=2 (every method) and CP=4 repeat the unpadded CP=1 curve (same
-    tolerance as above)."""
+    per-document padding; CP=2 (every method), CP=4 and CP=4 on two levels (head all-to-all
+    over U=2, LSS over R=2) repeat the unpadded CP=1 curve (same tolerance as above)."""
     common, ref, tmp = cp1_unpadded
     got = run_on_ranks(_train, cp, dict(common, context_parallel_size=cp, seqpar_method=method,
                                         seqpar_packing="balanced",
-                                        log_dir=str(tmp / f"balanced-{method}-{cp}")))
+                                        hierarchical_context_parallel_sizes=hcp,
+                                        log_dir=str(tmp / f"balanced-{method}-{cp}-{hcp}")))
     assert all(g == got[0] for g in got)
     worst = max(abs(a - b) for a, b in zip(ref, got[0]))
     print(f"documents balanced {method} CP={cp}: CP=1 {ref[0]:.6f} -> {ref[-1]:.6f}, "
