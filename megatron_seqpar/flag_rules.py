@@ -22,6 +22,13 @@ from typing import Any
 
 DRIVER, MEGATRON_LM = "driver", "megatron_lm"
 PACKINGS = ("zigzag", "balanced")  # --seqpar-packing (megatron.thd.PACKINGS)
+
+
+def least_document_multiple(cp: int, packing: str) -> int:
+    """The least multiple every packed document is padded to: ``2*CP`` for zigzag at CP > 1
+    (it cuts every document in 2*CP chunks), else 1 (the balanced layout needs only the
+    stream to divide by CP)."""
+    return 2 * cp if cp > 1 and packing == "zigzag" else 1
 BOTH = (DRIVER, MEGATRON_LM)
 
 

@@ -388,9 +388,9 @@ def document_batch_on_this_cp_rank(batch: dict, eod: int | None = None,
         eod = get_tokenizer().eod
     group = parallel_state.get_context_parallel_group()
     cp = group.size()
-    zigzag = layout == "zigzag" and cp > 1
     packed = pack_documents({k: batch[k] for k in DOCUMENT_KEYS if k != "attention_mask"},
-                            eod=eod, unit=2 * cp if zigzag else 1, stream_multiple=cp)
+                            eod=eod, unit=flag_rules.least_document_multiple(cp, layout),
+                            stream_multiple=cp)
     device = batch["tokens"].device
     cu = packed.pop("cu_seqlens").to(device)
     cu_pad = packed.pop("cu_seqlens_padded").to(device)

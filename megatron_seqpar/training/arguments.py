@@ -316,9 +316,8 @@ def document_unit(c: TrainConfig) -> int:
     """The length every packed document is padded to a multiple of (``--reset-attention-mask``):
     ``--document-pad-multiple``, else 2*CP (the zigzag layout's least), 1 at CP=1 and with
     ``--seqpar-packing balanced`` (which needs only the stream to divide by CP)."""
-    cp = c.context_parallel_size
-    least = 2 * cp if cp > 1 and c.seqpar_packing == "zigzag" else 1
-    return c.document_pad_multiple or least
+    return c.document_pad_multiple or flag_rules.least_document_multiple(
+        c.context_parallel_size, c.seqpar_packing)
 
 
 def _validate_documents(c: TrainConfig, need) -> None:
@@ -327,7 +326,7 @@ def _validate_documents(c: TrainConfig, need) -> None:
     need(c.document_pad_multiple is None or c.reset_attention_mask,
          "--document-pad-multiple needs --reset-attention-mask")
     cp = c.context_parallel_size
-    least = 2 * cp if cp > 1 and c.seqpar_packing == "zigzag" else 1
+    least = flag_rules.least_document_multiple(cp, c.seqpar_packing)
     need(c.document_pad_multiple is None
          or (c.document_pad_multiple > 0 and c.document_pad_multiple % least == 0),
          f"--document-pad-multiple {c.document_pad_multiple} is not a positive multiple of "
