@@ -50,7 +50,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from megatron_seqpar.headpar import kv_heads, two_level_runs
-from megatron_seqpar.kernels import check_window, kv_range, peers, ring_steps, sees_matrix
+from megatron_seqpar.kernels import (
+    check_window,
+    key_ranges,
+    kv_range,
+    peers,
+    ring_steps,
+    sees_matrix,
+)
 from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, local_runs
 from megatron_seqpar.lightseq import schedule
 from megatron_seqpar.mqsp import pick_micro_chunks
@@ -429,15 +436,14 @@ def _sees(sh: AttnShape) -> list[list[bool]]:
 def lss_ranges(sh: AttnShape, r: int) -> tuple[list[int], list[int]] | None:
     """``lss._plan`` in tokens: None in the dense case (all-gather, reduce-scatter), else the
     lengths of the key ranges rank ``r`` receives (one per source) and sends (one per sink),
-    ``kernels.kv_range`` of every rank pair."""
+    from ``kernels.key_ranges``, the rule LSS itself follows."""
     if sh.window is None and sh.cu_seqlens is None:
         return None
     P = sh.P
-    runs = [_positions(sh, j) for j in range(P)]
-    n = [[(lambda lo, hi: hi - lo)(*kv_range(runs[i], runs[j], sh.causal, sh.window))
-          for j in range(P)] for i in range(P)]
-    if sum(n[i][j] for i in range(P) for j in range(P) if i != j) >= P * (P - 1) * sh.s:
+    span = key_ranges(tuple(_positions(sh, j) for j in range(P)), sh.causal, sh.window, sh.s)
+    if span is None:
         return None
+    n = [[hi - lo for lo, hi in row] for row in span]
     return ([n[r][j] for j in range(P) if j != r and n[r][j]],
             [n[i][r] for i in range(P) if i != r and n[i][r]])
 

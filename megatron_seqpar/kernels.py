@@ -615,6 +615,22 @@ def kv_range(q_runs, k_runs, causal: bool, window=None) -> tuple[int, int]:
     return min(b.k.start for b in blocks), max(b.k.stop for b in blocks)
 
 
+@lru_cache(maxsize=64)
+def key_ranges(runs_per_rank: tuple, causal: bool, window, local_len: int):
+    """``[i][j]`` = ``kv_range`` of rank ``i``'s queries against rank ``j``'s keys, or None
+    when the ranges of different ranks add up to the whole shards (then point-to-point
+    transfers of them move no less than the dense collectives). The rule behind LSS's sparse
+    path (``lss._plan``) and its cost (``cost.lss_ranges``); cached, since every layer of a
+    step asks it twice with the same runs."""
+    P = len(runs_per_rank)
+    span = tuple(tuple(kv_range(qr, kr, causal, window) for kr in runs_per_rank)
+                 for qr in runs_per_rank)
+    if sum(hi - lo for i in range(P) for j in range(P) if i != j
+           for lo, hi in (span[i][j],)) >= P * (P - 1) * local_len:
+        return None
+    return span
+
+
 def cut_key_pad(pad, lo: int, hi: int):
     """A key padding (``KeyPad`` or None) for keys ``[lo, hi)`` of its buffer."""
     if pad is None:

@@ -44,7 +44,7 @@ from megatron_seqpar.kernels import (
     attend,
     attend_backward,
     cut_key_pad,
-    kv_range,
+    key_ranges,
     zeros_public,
 )
 from megatron_seqpar.layouts import slice_runs
@@ -72,18 +72,15 @@ class Options(BaseOptions):
 
 def _plan(setup, s: int):
     """None when the dense collectives apply (no window or packing, or ranges that add up to
-    the whole shards), else ``(sources, sinks)``: ``[(j, lo, hi)]``, the key range of rank
-    ``j``'s shard this rank's queries read, and ``[(i, lo, hi)]``, the range of this rank's
-    keys that rank ``i``'s queries read (``kernels.kv_range``; empty ranges left out). The
-    same answer on every rank, from positions alone; ``cost.lss_ranges`` follows it."""
+    the whole shards: ``kernels.key_ranges``), else ``(sources, sinks)``: ``[(j, lo, hi)]``,
+    the key range of rank ``j``'s shard this rank's queries read, and ``[(i, lo, hi)]``, the
+    range of this rank's keys that rank ``i``'s queries read (empty ranges left out). The same
+    answer on every rank, from positions alone; ``cost.lss_ranges`` follows it."""
     if setup.window is None and setup.cu_seqlens is None:
         return None
     P, r = setup.world_size, setup.rank
-    runs = [setup.runs(j, s) for j in range(P)]
-    span = [[kv_range(runs[i], runs[j], setup.causal, setup.window) for j in range(P)]
-            for i in range(P)]
-    if sum(hi - lo for i in range(P) for j in range(P) if i != j
-           for lo, hi in (span[i][j],)) >= P * (P - 1) * s:
+    span = key_ranges(tuple(setup.runs(j, s) for j in range(P)), setup.causal, setup.window, s)
+    if span is None:
         return None
     return ([(j, *span[r][j]) for j in range(P) if j != r and span[r][j][1] > span[r][j][0]],
             [(i, *span[i][r]) for i in range(P) if i != r and span[i][r][1] > span[i][r][0]])
