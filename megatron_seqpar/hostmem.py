@@ -17,9 +17,11 @@ False) off Linux, for non-CPU tensors, below ``MIN_BYTES``, and where the kernel
 ``BufferPool`` keeps such buffers across calls instead (RSA's ``keep_rows``, on by default):
 a flat buffer goes back to the pool when the tensor handed out from it dies, i.e. when the
 autograd graph that saved it lets go of it (its backward ran without ``retain_graph``, or the
-graph was dropped); until then it is never handed out again, so a second backward through a
-retained graph reads its own rows. With the huge-page hint every call alternated between fast
-calls that got 2 MiB pages and slow ones that paid for them; a kept buffer is faulted in once.
+graph was dropped); until then it is never handed out again, so no call writes rows that a
+live graph still holds. (RSA's backward overwrites its rows, so a second backward through a
+retained graph raises autograd's in-place error, with or without the pool.) With the
+huge-page hint every call alternated between fast calls that got 2 MiB pages and slow ones
+that paid for them; a kept buffer is faulted in once.
 What it costs: the buffers of the last step stay resident between steps (one per layer: no
 more than the step's own peak, which holds every layer's rows until its backward).
 """
@@ -75,23 +77,26 @@ class BufferPool:
         self._tick = 0
         _POOLS.add(self)
 
+    @staticmethod
+    def _free(entry) -> bool:
+        return entry[1] is None or entry[1]() is None
+
     def clear(self) -> int:
         """Drop the free buffers (those in use stay); returns the bytes dropped."""
-        free = [e for e in self._entries if e[1] is None or e[1]() is None]
-        self._entries = [e for e in self._entries if not any(e is f for f in free)]
-        return sum(b.numel() * b.element_size() for b, _, _ in free)
+        kept, dropped = [], []
+        for e in self._entries:
+            (dropped if self._free(e) else kept).append(e)
+        self._entries = kept
+        return sum(b.numel() * b.element_size() for b, _, _ in dropped)
 
     def take(self, n: int, dtype, device) -> tuple[torch.Tensor, bool]:
         self._tick += 1
-        found = None
-        for entry in self._entries:
-            buf, ref, _ = entry
-            if (ref is None or ref() is None) and found is None and buf.numel() == n and \
-                    buf.dtype == dtype and buf.device == torch.device(device):
-                found = entry
+        device = torch.device(device)
+        found = next((e for e in self._entries if self._free(e) and e[0].numel() == n
+                      and e[0].dtype == dtype and e[0].device == device), None)
         stale = self._tick - 2 * max(len(self._entries), 1)
-        self._entries = [e for e in self._entries if e is found or e[2] >= stale
-                         or (e[1] is not None and e[1]() is not None)]
+        self._entries = [e for e in self._entries
+                         if e is found or e[2] >= stale or not self._free(e)]
         fresh = found is None
         if fresh:
             found = [torch.empty(n, dtype=dtype, device=device), None, 0]

@@ -29,13 +29,13 @@ the backward, of which only the needed blocks are stored (``plan_rows``: each co
 ring order; about half the rows for a causal mask, the band for a sliding window). That
 quadratic term is the method, kept faithfully; the other methods exist to avoid it. On CPU
 ``keep_rows`` (default on) keeps the row buffers across calls (``hostmem.BufferPool``: a
-buffer is reused only once the graph that saved it let go of it, so ``retain_graph`` is safe;
-the last step's buffers, one per layer, stay resident between steps), so they are faulted in
-once instead of every call; ``huge_pages`` (default on) asks Linux for transparent huge pages
-for a new buffer (``hostmem``: 512x fewer first-touch faults). On CUDA the caching allocator
-does what the pool does. Sent per
-rank, forward: ``(P-1)·s·b·hkv·D`` for each of K and V; backward: the same again plus
-``(P-1)·s·b·hkv·D`` partials of dK and of dV (accumulation dtype).
+buffer is reused only once the graph that saved it let go of it, never while a live graph
+holds it; the last step's buffers, one per layer, stay resident between steps), so they are
+faulted in once instead of every call; ``huge_pages`` (default on) asks Linux for
+transparent huge pages for a new buffer (``hostmem``: 512x fewer first-touch faults). On CUDA
+the caching allocator does what the pool does. Sent per rank, forward: ``(P-1)·s·b·hkv·D`` for
+each of K and V; backward: the same again plus ``(P-1)·s·b·hkv·D`` partials of dK and of dV
+(accumulation dtype).
 
 ``colossalai_compat=True`` reproduces ColossalAI's original gradients, which all-reduce
 full-length dK/dV and divide dQ, dK, dV by ``P`` (not the exact gradient; off by default).
