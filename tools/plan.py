@@ -27,7 +27,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -88,6 +89,7 @@ class Plan:
     step_s: float
     fits: bool
     head_parallel: int = 1
+    attention: Any = field(default=None, compare=False, repr=False)  # cost.AttentionCost
 
 
 def predict(model: ModelConfig, cl: Cluster, *, method: str, S: int, P: int, tp: int,
@@ -124,7 +126,8 @@ def predict(model: ModelConfig, cl: Cluster, *, method: str, S: int, P: int, tp:
     t_layer = t_lin + t_tp + t_in + (max(t_attn, t_sp) if meth in OVERLAPPED else t_attn + t_sp)
     head = 3 * 2 * b * (S // P) * model.hidden * model.vocab / tp / flop_s
     return Plan(method, lc.attention.shape.layout, P, tp, S, mem / 2**30,
-                model.layers * t_layer + head, mem <= cl.mem_gb * 2**30 * 0.9, head_parallel)
+                model.layers * t_layer + head, mem <= cl.mem_gb * 2**30 * 0.9, head_parallel,
+                lc.attention)
 
 
 def max_seqlen(model, cl, *, method, P, tp, step=None, **kw) -> int:
@@ -348,8 +351,6 @@ def print_packing(model: ModelConfig, cl: Cluster, S: int, P: int, docs: int, ki
     mean, and bytes per rank and layer. Returns the rows."""
     from bench_attention import doc_lengths
 
-    from megatron_seqpar.cost import AttnShape, attention_cost
-
     cu = [0]
     for n in doc_lengths(S, docs, 2 * P, kind=kind):
         cu.append(cu[-1] + n)
@@ -361,10 +362,7 @@ def print_packing(model: ModelConfig, cl: Cluster, S: int, P: int, docs: int, ki
         for layout in ("zigzag", "balanced"):
             plan = predict(model, cl, method=method, S=S, P=P, tp=1, layout=layout,
                            cu_seqlens=tuple(cu), **kw)
-            att = attention_cost(method, AttnShape(S=S, P=P, hq=model.heads,
-                                                   hkv=model.kv_heads,
-                                                   D=model.head_dim, layout=layout,
-                                                   cu_seqlens=tuple(cu), dtype="bf16"))
+            att = plan.attention  # the layer's attention cost the prediction used
             skew = max(att.flops) / (sum(att.flops) / P)
             sent = max(att.sent)
             rows.append((method, layout, plan, skew, sent))
