@@ -103,17 +103,7 @@ def thd_get_partitioned_indices(cu_seqlens_padded, total_tokens: int, cp_size: i
     (a multiple of ``2*cp_size``), chunks ``cp_rank`` and ``2*cp_size-1-cp_rank`` of its
     ``2*cp_size`` equal chunks, sequences in order. Same result as Transformer Engine's
     ``tex.thd_get_partitioned_indices``; ``ValueError`` instead of a device assert."""
-    cu = _host_ints(cu_seqlens_padded, "cu_seqlens_padded")
-    if not isinstance(cp_size, int) or cp_size < 1 or not 0 <= cp_rank < cp_size:
-        raise ValueError(f"need 0 <= cp_rank < cp_size, got cp_rank={cp_rank}, "
-                         f"cp_size={cp_size}")
-    if total_tokens <= 0 or total_tokens % (2 * cp_size):
-        raise ValueError(f"total_tokens={total_tokens} must be a positive multiple of 2*CP = "
-                         f"{2 * cp_size}")
-    _check_padded(cu, "cu_seqlens_padded", total_tokens, cp_size)
-    device = cu_seqlens_padded.device if isinstance(cu_seqlens_padded, torch.Tensor) else None
-    runs = local_runs("zigzag", cp_rank, cp_size, total_tokens // cp_size, cu)
-    return positions(runs, device).to(torch.int32)
+    return partitioned_indices(cu_seqlens_padded, total_tokens, cp_size, cp_rank, "zigzag")
 
 
 def get_thd_batch_on_this_cp_rank(batch: dict[str, Any], cu_seqlens, cu_seqlens_padded,
@@ -150,13 +140,18 @@ def get_thd_batch_on_this_cp_rank(batch: dict[str, Any], cu_seqlens, cu_seqlens_
 
 def partitioned_indices(cu_seqlens_padded, total_tokens: int, cp_size: int, cp_rank: int,
                         layout: str = "zigzag") -> torch.Tensor:
-    """Stream indices (int32) of the tokens ``cp_rank`` holds in ``layout``, in local order."""
-    if layout == "zigzag":
-        return thd_get_partitioned_indices(cu_seqlens_padded, total_tokens, cp_size, cp_rank)
+    """Stream indices (int32, on ``cu_seqlens_padded``'s device) of the tokens ``cp_rank``
+    holds in ``layout``, in local order; ``ValueError`` naming the fix for a bad rank, a total
+    the layout cannot cut evenly or boundaries it cannot take."""
     cu = _host_ints(cu_seqlens_padded, "cu_seqlens_padded")
-    if total_tokens % cp_size:
-        raise ValueError(f"total_tokens={total_tokens} must be a multiple of CP = {cp_size} "
-                         "(every rank holds T/CP tokens); pad the stream's end")
+    if not isinstance(cp_size, int) or cp_size < 1 or not 0 <= cp_rank < cp_size:
+        raise ValueError(f"need 0 <= cp_rank < cp_size, got cp_rank={cp_rank}, "
+                         f"cp_size={cp_size}")
+    unit, what = ((2 * cp_size, f"2*CP = {2 * cp_size}") if layout == "zigzag" else
+                  (cp_size, f"CP = {cp_size} (every rank holds T/CP tokens); pad the stream's "
+                   "end"))
+    if total_tokens <= 0 or total_tokens % unit:
+        raise ValueError(f"total_tokens={total_tokens} must be a positive multiple of {what}")
     _check_padded(cu, "cu_seqlens_padded", total_tokens, cp_size, layout)
     device = cu_seqlens_padded.device if isinstance(cu_seqlens_padded, torch.Tensor) else None
     runs = local_runs(layout, cp_rank, cp_size, total_tokens // cp_size, cu)
