@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron_seqpar import headpar
 from megatron_seqpar.comm import Comm, Traffic, current_traffic, failure_hint, staging_enabled
 from megatron_seqpar.headpar import TwoLevelGroups, check_split, two_level_runs
-from megatron_seqpar.kernels import check_window, count_blocks, key_pad, peers, sees_matrix
+from megatron_seqpar.kernels import check_window, count_blocks, key_pad, sees_matrix
 from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, check_layout, local_runs
 from megatron_seqpar.registry import METHODS, get
 
@@ -63,16 +63,6 @@ class Setup:
         block: the same answer on every rank, from positions alone)."""
         return count_blocks(self.runs(i, local_len), self.runs(j, local_len), self.causal,
                             self.window) > 0
-
-    def peers(self, local_len: int):
-        """``(sources, sinks)``: the (outer) ranks whose keys this rank's queries see, itself
-        included, in rank order, and the other ranks whose queries see this rank's keys; None
-        when every rank sees every rank (no window or packing, or one that leaves no pair
-        empty): the dense collectives then apply (MQSP's gathers; LSS decides by the key
-        ranges instead, ``lss._plan``)."""
-        if self.window is None and self.cu_seqlens is None:
-            return None
-        return peers(self.sees_matrix(local_len), self.rank)
 
     def sees_matrix(self, local_len: int) -> list[list[bool]]:
         """``kernels.sees_matrix`` of the (outer) ranks: ``[i][j]`` = ``sees(i, j)``."""

@@ -29,8 +29,9 @@ planner's rule), so per-rank FLOPs follow ``sum(L_i^2)`` of the sequences a rank
 Bytes: LightSeq leaves out every transfer whose block would be empty (its schedule's
 ``needed``), so a packed stream of short sequences sends less, RSA stops its rings after the
 farthest chunk some rank needs (``rsa_steps``), and LSS and MQSP send K/V (queries) only to
-the ranks that need them (``peer_counts`` for MQSP, point to point instead of its collectives;
-LSS sends just the key ranges a receiver reads, ``lss_ranges``).
+the ranks that need them, point to point instead of their collectives: MQSP just the query
+rows that see a source's keys (``mqsp_ranges``), LSS just the key ranges a receiver reads
+(``lss_ranges``).
 
 Sliding windows (``AttnShape.window = (left, right)``, -1 = unbounded): pairs outside the band
 are never computed (the block planner skips what the window leaves empty; its band-edge tiles
@@ -54,7 +55,7 @@ from megatron_seqpar.kernels import (
     check_window,
     key_ranges,
     kv_range,
-    peers,
+    query_ranges,
     ring_steps,
     sees_matrix,
 )
@@ -388,17 +389,21 @@ def _mqsp(sh: AttnShape, r: int):
     qc = sh.b * sh.hq * c * sh.D  # elements of one rank's micro-chunk of Q
     stat = sh.b * sh.hq * P * c * a  # one micro-step's row statistics
     rs = lambda n: (P - 1) * n // P
-    counts = peer_counts(sh, r)  # the (sources, sinks) rule of Setup.peers
-    if counts is not None:  # point to point (mqsp._sparse_forward / _sparse_backward)
-        n_src, n_snk = counts
-        lc = sh.b * sh.hq * c * a
-        fwd = m * (n_src * qc * e + n_snk * (qc * a + lc))  # chunk out; (o, lse) back
-        fwd_recv = m * (n_snk * qc * e + n_src * (qc * a + lc))
-        packed = (2 * qc + 2 * sh.b * sh.hq * c) * a  # [Q, dO, lse, δ]
-        bwd = m * (n_src * packed + n_snk * qc * a)  # packed rows out; dQ partials back
-        bwd_recv = m * (n_snk * packed + n_src * qc * a)
+    plan = mqsp_ranges(sh, r)
+    if plan is not None:  # point to point (mqsp._sparse_forward / _sparse_backward)
+        # over the m micro-steps a pair exchanges exactly the rows of its range
+        n_out, n_in = sum(plan[0]), sum(plan[1])
+        q_row, lse_row = sh.b * sh.hq * sh.D, sh.b * sh.hq * a  # one row's Q (elems), lse
+        fwd = n_out * q_row * e + n_in * (q_row * a + lse_row)  # rows out; (o, lse) back
+        fwd_recv = n_in * q_row * e + n_out * (q_row * a + lse_row)
+        packed = (2 * q_row + 2 * sh.b * sh.hq) * a  # one row's [Q, dO, lse, δ]
+        bwd = n_out * packed + n_in * q_row * a  # packed rows out; dQ partials back
+        bwd_recv = n_in * packed + n_out * q_row * a
         run = _run_tokens(sh)
-        act = (_wrapper(sh) + (n_snk + 1) * (packed + qc * a) + 3 * qc * a
+        # a micro-step holds its own c rows and at most c of each sink's, packed with their
+        # dQ partials; the rows of its cuts sent out; the kernel's scratch
+        rows = c + sum(min(c, n) for n in plan[1])
+        act = (_wrapper(sh) + rows * (packed + q_row * a) + 3 * qc * a
                + 2 * (sh.kv_bytes * run // sh.s) * a // e + _kernel_scratch(sh, max(c, run)))
         pairs = sum(_pairs(sh, _positions(sh, j), _positions(sh, r)) for j in range(P))
         return fwd, bwd, fwd_recv, bwd_recv, act, pairs
@@ -418,14 +423,11 @@ def _mqsp(sh: AttnShape, r: int):
     return fwd, bwd, fwd, bwd, act, pairs
 
 
-def peer_counts(sh: AttnShape, r: int) -> tuple[int, int] | None:
-    """``(sources other than r, sinks)``: how many other ranks' keys rank ``r``'s queries see,
-    and how many ranks' queries see its keys (``Setup.peers``, MQSP's sparse path); None in
-    the dense case (its gathers)."""
-    if sh.window is None and sh.cu_seqlens is None:
-        return None
-    found = peers(_sees(sh), r)
-    return None if found is None else (len(found[0]) - 1, len(found[1]))
+def mqsp_ranges(sh: AttnShape, r: int) -> tuple[list[int], list[int]] | None:
+    """``mqsp._plan`` in rows: None in the dense case (its gathers), else the lengths of the
+    row ranges rank ``r`` sends (one per source) and receives (one per sink), from
+    ``kernels.query_ranges``, the rule MQSP itself follows."""
+    return _ranges(sh, r, query_ranges)
 
 
 def _sees(sh: AttnShape) -> list[list[bool]]:
@@ -437,10 +439,16 @@ def lss_ranges(sh: AttnShape, r: int) -> tuple[list[int], list[int]] | None:
     """``lss._plan`` in tokens: None in the dense case (all-gather, reduce-scatter), else the
     lengths of the key ranges rank ``r`` receives (one per source) and sends (one per sink),
     from ``kernels.key_ranges``, the rule LSS itself follows."""
+    return _ranges(sh, r, key_ranges)
+
+
+def _ranges(sh: AttnShape, r: int, rule) -> tuple[list[int], list[int]] | None:
+    """``rule``'s ``[i][j]`` ranges as ``(rank r's row [r][j] lengths, column [i][r]
+    lengths)``, others only, empty ones left out; None when the rule says dense."""
     if sh.window is None and sh.cu_seqlens is None:
         return None
     P = sh.P
-    span = key_ranges(tuple(_positions(sh, j) for j in range(P)), sh.causal, sh.window, sh.s)
+    span = rule(tuple(_positions(sh, j) for j in range(P)), sh.causal, sh.window, sh.s)
     if span is None:
         return None
     n = [[hi - lo for lo, hi in row] for row in span]

@@ -603,32 +603,54 @@ def count_blocks(q_runs, k_runs, causal: bool, window=None) -> int:
     return len(plan_blocks(q_runs, k_runs, causal, window=window))
 
 
+def visible_span(q_runs, k_runs, causal: bool, window=None):
+    """``((q_lo, q_hi), (k_lo, k_hi))``: the local query rows and key columns that the visible
+    blocks of ``q_runs`` against ``k_runs`` touch (``(0, 0)`` each when none). Pure: the
+    methods and the cost model use it."""
+    blocks = plan_blocks(q_runs, k_runs, causal, window=window)
+    if not blocks:
+        return (0, 0), (0, 0)
+    return ((min(b.q.start for b in blocks), max(b.q.stop for b in blocks)),
+            (min(b.k.start for b in blocks), max(b.k.stop for b in blocks)))
+
+
 def kv_range(q_runs, k_runs, causal: bool, window=None) -> tuple[int, int]:
     """The local key range ``[lo, hi)`` of a K/V buffer that the visible blocks of ``q_runs``
     read (``(0, 0)`` when none): only that part of a shard travels (LightSeq, LSS), and only
     its dK/dV come home. A sliding window narrower than a shard sends the neighbour's last
-    ``left`` keys; packed documents, the keys of the documents that cross. Pure: the cost model
-    uses it."""
-    blocks = plan_blocks(q_runs, k_runs, causal, window=window)
-    if not blocks:
-        return 0, 0
-    return min(b.k.start for b in blocks), max(b.k.stop for b in blocks)
+    ``left`` keys; packed documents, the keys of the documents that cross."""
+    return visible_span(q_runs, k_runs, causal, window)[1]
 
 
-@lru_cache(maxsize=64)
-def key_ranges(runs_per_rank: tuple, causal: bool, window, local_len: int):
-    """``[i][j]`` = ``kv_range`` of rank ``i``'s queries against rank ``j``'s keys, or None
-    when the ranges of different ranks add up to the whole shards (then point-to-point
-    transfers of them move no less than the dense collectives). The rule behind LSS's sparse
-    path (``lss._plan``) and its cost (``cost.lss_ranges``); cached, since every layer of a
-    step asks it twice with the same runs."""
+def _pair_ranges(runs_per_rank: tuple, causal: bool, window, local_len: int, axis: int):
+    """``[i][j]`` = ``visible_span(...)[axis]`` of rank ``i``'s queries against rank ``j``'s
+    keys, or None when the off-diagonal ranges add up to the whole shards (then
+    point-to-point transfers of them move no less than the dense collectives)."""
     P = len(runs_per_rank)
-    span = tuple(tuple(kv_range(qr, kr, causal, window) for kr in runs_per_rank)
+    span = tuple(tuple(visible_span(qr, kr, causal, window)[axis] for kr in runs_per_rank)
                  for qr in runs_per_rank)
     if sum(hi - lo for i in range(P) for j in range(P) if i != j
            for lo, hi in (span[i][j],)) >= P * (P - 1) * local_len:
         return None
     return span
+
+
+@lru_cache(maxsize=64)
+def key_ranges(runs_per_rank: tuple, causal: bool, window, local_len: int):
+    """``[i][j]`` = ``kv_range`` of rank ``i``'s queries against rank ``j``'s keys, or None
+    when they add up to the whole shards (``_pair_ranges``). The rule behind LSS's sparse
+    path (``lss._plan``) and its cost (``cost.lss_ranges``); cached, since every layer of a
+    step asks it twice with the same runs."""
+    return _pair_ranges(runs_per_rank, causal, window, local_len, 1)
+
+
+@lru_cache(maxsize=64)
+def query_ranges(runs_per_rank: tuple, causal: bool, window, local_len: int):
+    """``[i][j]``: the local query rows ``[lo, hi)`` of rank ``i`` that see any of rank
+    ``j``'s keys, or None when they add up to the whole shards (``_pair_ranges``). The rule
+    behind MQSP's sparse path (``mqsp._plan``: only those rows travel to ``j``) and its cost
+    (``cost.mqsp_ranges``)."""
+    return _pair_ranges(runs_per_rank, causal, window, local_len, 0)
 
 
 def cut_key_pad(pad, lo: int, hi: int):
@@ -643,20 +665,9 @@ def cut_key_pad(pad, lo: int, hi: int):
 def sees_matrix(runs_per_rank, causal: bool, window=None) -> list[list[bool]]:
     """``[i][j]``: whether rank ``i``'s queries see any of rank ``j``'s keys (a non-empty
     block), from the ranks' position runs alone: the same on every rank, and the one rule
-    behind ``Setup.peers``, RSA's ring length and the cost model's transfers."""
+    behind RSA's ring length and the cost model's transfers."""
     return [[count_blocks(qr, kr, causal, window) > 0 for kr in runs_per_rank]
             for qr in runs_per_rank]
-
-
-def peers(sees, rank: int):
-    """``(sources, sinks)`` of ``rank`` in a ``sees_matrix``: the ranks whose keys its queries
-    see, itself included, in rank order, and the other ranks whose queries see its keys; None
-    when every rank sees every rank (the dense collectives then apply)."""
-    if all(map(all, sees)):
-        return None
-    P = len(sees)
-    return ([j for j in range(P) if sees[rank][j] or j == rank],
-            [i for i in range(P) if i != rank and sees[i][rank]])
 
 
 def ring_steps(sees) -> int:

@@ -22,12 +22,15 @@ Backward, per micro-step: ONE all-gather of the packed ``[Q, dO, lse, δ]`` chun
 all-reduce, no re-run of the forward, and O does not travel: ``mqsp_backward``), dK/dV
 accumulate locally, and dQ partials are reduce-scattered to their owners.
 
-Sparse visibility (a sliding window, packed sequences; ``Setup.peers``): when some rank's
-queries see none of another rank's keys, the gathers become point-to-point: a micro-chunk of
-queries goes only to the ranks whose keys it sees, each of those returns its partial
+Sparse visibility (a sliding window, packed sequences; ``_plan``): when the rows of a rank
+that see another rank's keys add up to less than the shards (``kernels.query_ranges``: one
+contiguous row range per rank pair), the gathers become point-to-point: each micro-step sends
+a source only its chunk's rows inside that range, the source returns their partial
 ``(o, lse)`` and the owner merges them by log-sum-exp (``_sparse_forward``); the backward sends
-``[Q, dO, lse, δ]`` the same way and gets its dQ partials back (``_sparse_backward``). A window
-narrower than a shard then talks to one neighbour; documents inside a rank send nothing.
+those rows' ``[Q, dO, lse, δ]`` the same way and gets their dQ partials back
+(``_sparse_backward``). A window narrower than a shard then sends a neighbour the ``left``
+rows that reach it; documents inside a rank send nothing, and in the balanced layout only the
+rows of the documents split over ranks travel.
 
 Sent per rank and micro-step (elements, ``c = s/m``): forward ``(P-1)·c·b·hq·D`` (Q gather) +
 ``(P-1)/P·P·c·b·hq·D`` (context reduce-scatter, accumulation dtype) + ``(P-1)·P·c·b·hq``
@@ -43,7 +46,14 @@ from dataclasses import dataclass
 import torch
 
 from megatron_seqpar.common import public, to_bhsd
-from megatron_seqpar.kernels import acc_dtype, attend, attend_backward, merge_, zeros_public
+from megatron_seqpar.kernels import (
+    acc_dtype,
+    attend,
+    attend_backward,
+    merge_,
+    query_ranges,
+    zeros_public,
+)
 from megatron_seqpar.layouts import slice_runs
 from megatron_seqpar.method import BaseOptions, Method
 
@@ -154,13 +164,56 @@ def _put(dst, pieces, rows):
         dst[:, a:a + n] = rows[:, off:off + n]
 
 
-def _sparse_forward(setup, q, k, v, kpm_all, peers):
-    """Micro-steps with point-to-point transfers (module docstring): this rank's chunk to its
-    sources, the sinks' chunks attended to the local K/V and their ``(o, lse)`` returned, the
-    sources' partials merged into this rank's rows."""
+def _plan(setup, s: int):
+    """None when the dense collectives apply (no window or packing, or row ranges that add up
+    to the whole shards: ``kernels.query_ranges``), else ``(sources, sinks)``: ``{j: (lo, hi)}``,
+    the local rows of this rank that see rank ``j``'s keys, and ``{i: (lo, hi)}``, the rows of
+    rank ``i`` that see this rank's keys (other ranks only, empty ranges left out). The same
+    answer on every rank, from positions alone; ``cost.mqsp_ranges`` follows it."""
+    if setup.window is None and setup.cu_seqlens is None:
+        return None
+    P, r = setup.world_size, setup.rank
+    rows = query_ranges(tuple(setup.runs(j, s) for j in range(P)), setup.causal, setup.window,
+                        s)
+    if rows is None:
+        return None
+    return ({j: rows[r][j] for j in range(P) if j != r and rows[r][j][1] > rows[r][j][0]},
+            {i: rows[i][r] for i in range(P) if i != r and rows[i][r][1] > rows[i][r][0]})
+
+
+def _cut(pieces, lo: int, hi: int):
+    """The rows of a micro-step's ``pieces`` inside ``[lo, hi)``: ``[(offset in the step
+    buffer, start, length)]``."""
+    out = []
+    for off, (a, n) in _offsets(pieces):
+        x, y = max(a, lo), min(a + n, hi)
+        if x < y:
+            out.append((off + x - a, x, y - x))
+    return out
+
+
+def _step_cuts(setup, plan, s, m, i):
+    """Micro-step ``i``'s ``(pieces, out, into)``: this rank's pieces, the cut of them that
+    goes to each source, and the cut of each sink's pieces that comes here (non-empty cuts
+    only: a pair with no rows in this step exchanges nothing)."""
+    r = setup.rank
+    sources, sinks = plan
+    pieces = _pieces(setup, r, s, m, i)
+    out = {j: c for j, rg in sources.items() if (c := _cut(pieces, *rg))}
+    into = {j: c for j, rg in sinks.items() if (c := _cut(_pieces(setup, j, s, m, i), *rg))}
+    return pieces, out, into
+
+
+def _rows(cut) -> int:
+    return sum(n for _, _, n in cut)
+
+
+def _sparse_forward(setup, q, k, v, kpm_all, plan):
+    """Micro-steps with point-to-point transfers (module docstring): the rows of this rank's
+    chunk that see a source's keys go to that source, the sinks' rows are attended to the
+    local K/V and their ``(o, lse)`` returned, the sources' partials merged into this rank's
+    rows."""
     comm, r, s = setup.comm(), setup.rank, q.size(2)
-    sources, sinks = peers
-    others = [j for j in sources if j != r]
     b, hq, _, d = q.shape
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
     kw = dict(scale=setup.scale, **setup.mask, kpm=kpm, backend=setup.options.backend)
@@ -168,35 +221,41 @@ def _sparse_forward(setup, q, k, v, kpm_all, peers):
     lse = torch.empty(b, hq, s, dtype=cd, device=q.device)
     qp, outp, k_runs = public(q), out.transpose(1, 2), setup.runs(r, s)
     for i in range(m):
-        pieces = {j: _pieces(setup, j, s, m, i) for j in [r, *sinks]}
-        mine = _take(qp, pieces[r])
-        got = {j: torch.empty_like(mine) for j in sinks}
-        pending = comm.post([(mine, j) for j in others], [(got[j], j) for j in sinks])
-        o, lb = attend(to_bhsd(mine), _piece_runs(setup, r, s, pieces[r]), k, v, k_runs, **kw)
+        pieces, out_cut, in_cut = _step_cuts(setup, plan, s, m, i)
+        got = {j: qp.new_empty(b, _rows(cut), hq, d) for j, cut in in_cut.items()}
+        pending = comm.post([(_take(qp, [(a, n) for _, a, n in cut]), j)
+                             for j, cut in out_cut.items()],
+                            [(got[j], j) for j in in_cut])
+        o, lb = attend(to_bhsd(_take(qp, pieces)), _piece_runs(setup, r, s, pieces), k, v,
+                       k_runs, **kw)
         pending.wait()
         sends = []
-        for j in sinks:
-            oj, lj = attend(to_bhsd(got[j]), _piece_runs(setup, j, s, pieces[j]), k, v, k_runs,
-                            **kw)
+        for j, cut in in_cut.items():
+            oj, lj = attend(to_bhsd(got[j]), _piece_runs(setup, j, s, [(a, n) for _, a, n in cut]),
+                            k, v, k_runs, **kw)
             sends += [(public(oj), j), (lj, j)]
-        back = {j: (torch.empty_like(public(o)), torch.empty_like(lb)) for j in others}
-        comm.post(sends, [(x, j) for j in others for x in back[j]]).wait()
-        for j in others:
-            merge_(o, lb, back[j][0].transpose(1, 2), back[j][1])
-        _put(outp, pieces[r], o.transpose(1, 2))
-        _put(lse.transpose(1, 2), pieces[r], lb.transpose(1, 2))
+        back = {j: (o.new_empty(b, _rows(cut), hq, o.size(-1)),
+                    lb.new_empty(b, hq, _rows(cut))) for j, cut in out_cut.items()}
+        comm.post(sends, [(x, j) for j in out_cut for x in back[j]]).wait()
+        for j, cut in out_cut.items():
+            oj, lj = back[j][0].transpose(1, 2), back[j][1]
+            at = 0
+            for off, _, n in cut:
+                merge_(o[:, :, off:off + n], lb[:, :, off:off + n], oj[:, :, at:at + n],
+                       lj[:, :, at:at + n])
+                at += n
+        _put(outp, pieces, o.transpose(1, 2))
+        _put(lse.transpose(1, 2), pieces, lb.transpose(1, 2))
     if setup.traffic:
-        setup.traffic.add_block_steps(len(sinks) + setup.sees(r, r, s))
+        setup.traffic.add_block_steps(len(plan[1]) + setup.sees(r, r, s))
     return out, lse, ()
 
 
-def _sparse_backward(setup, dout, q, k, v, out, lse, kpm_all, peers):
-    """Per micro-step: this rank's ``[Q, dO, lse, δ]`` rows to its sources, the sinks' rows'
-    dQ partials computed against the local K/V (dK/dV accumulate here) and returned, the
-    sources' dQ partials added to this rank's rows."""
+def _sparse_backward(setup, dout, q, k, v, out, lse, kpm_all, plan):
+    """Per micro-step: the ``[Q, dO, lse, δ]`` rows of this rank's chunk that see a source's
+    keys to that source, the sinks' rows' dQ partials computed against the local K/V (dK/dV
+    accumulate here) and returned, the sources' dQ partials added to this rank's rows."""
     comm, r, s = setup.comm(), setup.rank, q.size(2)
-    sources, sinks = peers
-    others = [j for j in sources if j != r]
     b, hq, _, d = q.shape
     dvd = dout.size(-1)
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
@@ -208,34 +267,39 @@ def _sparse_backward(setup, dout, q, k, v, out, lse, kpm_all, peers):
                                                    .transpose(1, 2).unsqueeze(-1)]
     widths = (d, dvd, 1, 1)
     k_runs = setup.runs(r, s)
+
+    def grads(rows, runs, dq_rows):
+        gq, gdo, glse, gdelta = rows.split([hq * w for w in widths], dim=-1)
+        gq, gdo = (to_bhsd(x.unflatten(-1, (hq, w))) for x, w in ((gq, d), (gdo, dvd)))
+        glse, gdelta = glse.transpose(1, 2), gdelta.transpose(1, 2)
+        norm = gdo.square().sum(-1)  # O as α·dO (mqsp_backward): rowsum(dO∘α·dO) = δ
+        gout = gdo * torch.where(norm > 0, gdelta / norm, 0.0).unsqueeze(-1)
+        attend_backward(gdo.to(q.dtype), gq.to(q.dtype), runs, k, v, k_runs,
+                        gout.to(q.dtype), glse, dq=to_bhsd(dq_rows), dk=dk, dv=dv, **kw)
+
     for i in range(m):
-        pieces = {j: _pieces(setup, j, s, m, i) for j in [r, *sinks]}
-        mine = torch.cat([_take(x, pieces[r]).flatten(2) for x in pub], dim=-1)  # [b, c, ·]
-        got = {j: torch.empty_like(mine) for j in sinks}
-        pending = comm.post([(mine, j) for j in others], [(got[j], j) for j in sinks])
-
-        def grads(rows, runs, dq_rows):
-            gq, gdo, glse, gdelta = rows.split([hq * w for w in widths], dim=-1)
-            gq, gdo = (to_bhsd(x.unflatten(-1, (hq, w))) for x, w in ((gq, d), (gdo, dvd)))
-            glse, gdelta = glse.transpose(1, 2), gdelta.transpose(1, 2)
-            norm = gdo.square().sum(-1)  # O as α·dO (mqsp_backward): rowsum(dO∘α·dO) = δ
-            gout = gdo * torch.where(norm > 0, gdelta / norm, 0.0).unsqueeze(-1)
-            attend_backward(gdo.to(q.dtype), gq.to(q.dtype), runs, k, v, k_runs,
-                            gout.to(q.dtype), glse, dq=to_bhsd(dq_rows), dk=dk, dv=dv, **kw)
-
+        pieces, out_cut, in_cut = _step_cuts(setup, plan, s, m, i)
+        mine = torch.cat([_take(x, pieces).flatten(2) for x in pub], dim=-1)  # [b, c, ·]
+        got = {j: mine.new_empty(b, _rows(cut), mine.size(-1)) for j, cut in in_cut.items()}
+        pending = comm.post([(_take(mine, [(off, n) for off, _, n in cut]), j)
+                             for j, cut in out_cut.items()],
+                            [(got[j], j) for j in in_cut])
         own = torch.zeros(b, c, hq, d, dtype=cd, device=q.device)
-        grads(mine, _piece_runs(setup, r, s, pieces[r]), own)
+        grads(mine, _piece_runs(setup, r, s, pieces), own)
         pending.wait()
         sends = []
-        for j in sinks:
-            dqj = torch.zeros_like(own)
-            grads(got[j], _piece_runs(setup, j, s, pieces[j]), dqj)
+        for j, cut in in_cut.items():
+            dqj = own.new_zeros(b, _rows(cut), hq, d)
+            grads(got[j], _piece_runs(setup, j, s, [(a, n) for _, a, n in cut]), dqj)
             sends.append((dqj, j))
-        back = {j: torch.empty_like(own) for j in others}
-        comm.post(sends, [(back[j], j) for j in others]).wait()
-        for j in others:
-            own += back[j]
-        _put(dq.transpose(1, 2), pieces[r], own)
+        back = {j: own.new_empty(b, _rows(cut), hq, d) for j, cut in out_cut.items()}
+        comm.post(sends, [(back[j], j) for j in out_cut]).wait()
+        for j, cut in out_cut.items():
+            at = 0
+            for off, _, n in cut:
+                own[:, off:off + n] += back[j][:, at:at + n]
+                at += n
+        _put(dq.transpose(1, 2), pieces, own)
     return dq, dk, dv
 
 
@@ -244,9 +308,9 @@ def mqsp_forward(setup, q, k, v, kpm_all):
     rank j's gathered queries attend the local K/V straight into slot j of the reduce-scatter
     buffer ``[P, b, c, h, D]`` (no rearranging copies). The next micro-step's query gather is
     in flight while a step computes (two gather buffers alive: ``2·P·c`` query rows)."""
-    peers = setup.peers(q.size(2))
-    if peers is not None:
-        return _sparse_forward(setup, q, k, v, kpm_all, peers)
+    plan = _plan(setup, q.size(2))
+    if plan is not None:
+        return _sparse_forward(setup, q, k, v, kpm_all, plan)
     comm, r, s, P = setup.comm(), setup.rank, q.size(2), setup.world_size
     b, hq, _, d = q.shape
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)
@@ -311,9 +375,9 @@ def mqsp_backward(setup, dout, q, k, v, out, lse, kpm_all):
     ``α = δ/|dO|²`` per row (``rowsum(dO∘α·dO) = δ``; a zero row of dO has ``δ = 0`` and
     ``α = 0``). That is ``D - 1`` fewer elements per gathered row and one query-sized buffer
     less per rank slot."""
-    peers = setup.peers(q.size(2))
-    if peers is not None:
-        return _sparse_backward(setup, dout, q, k, v, out, lse, kpm_all, peers)
+    plan = _plan(setup, q.size(2))
+    if plan is not None:
+        return _sparse_backward(setup, dout, q, k, v, out, lse, kpm_all, plan)
     comm, r, s, P = setup.comm(), setup.rank, q.size(2), setup.world_size
     b, hq, _, d = q.shape
     m, c, cd, kpm = _micro_steps(setup, q, kpm_all)

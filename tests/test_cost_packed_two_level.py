@@ -3,10 +3,11 @@
 Bytes are deterministic, so every comparison is an equality, per rank, of the bytes sent and
 received (forward + backward) that ``megatron_seqpar.comm.count_traffic`` counts:
 
-- packed streams (``cu_seqlens``) at P = 2, 3, 4: every method x layout x causal/bidirectional
-  on a few packings (many short sequences beside a long one, one sequence, sequences shorter
-  than a shard; contiguous also with lengths that are not multiples of 2P), LightSeq balanced
-  and unbalanced, fp32 and bf16, GQA;
+- packed streams (``cu_seqlens``) at P = 2, 3, 4: every method x layout (contiguous, zigzag,
+  balanced) x causal/bidirectional on a few packings (many short sequences beside a long one,
+  one sequence, sequences shorter than a shard; contiguous and balanced also with lengths that
+  are not multiples of 2P), LightSeq's contiguous schedule balanced and unbalanced, fp32 and
+  bf16, GQA;
 - two levels at P = 4 (U=2 x R=2 and U=4 x R=1): every method, both layouts, causal and
   bidirectional, K/V heads divisible by U and repeated, unpacked and packed: the inner level
   (the head all-to-alls, ``sent_by_kind["all_to_all"]``) equals ``inner_sent`` and the rest
@@ -32,7 +33,7 @@ UNITS = {"short+long": (1, 2, 1, 8), "one": (12,), "many": (1, 1, 1, 1, 3, 5)}
 def _packings(P: int, layout: str):
     u = 2 * P
     out = {name: tuple(x * u for x in units) for name, units in UNITS.items()}
-    if layout == "contiguous":  # any lengths; sequences straddle ranks
+    if layout in ("contiguous", "balanced"):  # any lengths; sequences straddle ranks
         S = S_PER_RANK * P
         out["ragged"] = (5, 7, 1, S - 13)
     return out
@@ -47,7 +48,7 @@ def _cu(lengths):
 
 def _cases(P: int):
     for method in msp.METHODS:
-        for layout in ("contiguous", "zigzag"):
+        for layout in ("contiguous", "zigzag", "balanced"):
             for causal in (True, False):
                 for lengths in _packings(P, layout).values():
                     yield dict(method=method, layout=layout, causal=causal, lengths=lengths,
