@@ -28,7 +28,8 @@ of ``megatron_seqpar.layouts`` and pairs of different sequences are never comput
 planner's rule), so per-rank FLOPs follow ``sum(L_i^2)`` of the sequences a rank touches.
 Bytes: LightSeq leaves out every transfer whose block would be empty (its schedule's
 ``needed``), so a packed stream of short sequences sends less, RSA stops its rings after the
-farthest chunk some rank needs (``rsa_steps``), and LSS and MQSP send K/V (queries) only to
+farthest chunk some rank needs (``rsa_steps``) with just the part of each chunk the others
+read (``rsa_ranges``), and LSS and MQSP send K/V (queries) only to
 the ranks that need them, point to point instead of their collectives: MQSP just the query
 rows that see a source's keys (``mqsp_ranges``), LSS just the key ranges a receiver reads
 (``lss_ranges``).
@@ -63,7 +64,7 @@ from megatron_seqpar.layouts import LAYOUTS, Run, check_cu_seqlens, local_runs
 from megatron_seqpar.lightseq import schedule
 from megatron_seqpar.mqsp import pick_micro_chunks
 from megatron_seqpar.registry import METHODS
-from megatron_seqpar.rsa import plan_rows, row_elements
+from megatron_seqpar.rsa import plan_rows, ring_ranges, row_elements
 
 BASELINES = ("ulysses", "ring", "allgather", "nosp")
 ALL = METHODS + BASELINES
@@ -348,11 +349,31 @@ def rsa_steps(sh: AttnShape) -> int:
     return ring_steps(_sees(sh))
 
 
+def rsa_ranges(sh: AttnShape) -> tuple[int, ...]:
+    """Per rank, the tokens of its chunk that travel RSA's rings (``rsa.ring_ranges``: what
+    the other ranks read; the whole chunk without a window or packing)."""
+    if sh.window is None and sh.cu_seqlens is None:
+        return (sh.s,) * sh.P
+    spans = ring_ranges(tuple(_positions(sh, j) for j in range(sh.P)), sh.causal, sh.window,
+                        sh.s)
+    return tuple(hi - lo for lo, hi in spans)
+
+
 def _rsa(sh: AttnShape, r: int):
-    KV, a, e = sh.kv_bytes, sh.acc, sh.e
-    n = rsa_steps(sh) - 1  # transfers per ring
-    fwd = 2 * n * KV  # K ring, then V ring
-    bwd = 2 * n * KV + 2 * n * KV * a // e  # V and K rings; dV, dK partials home
+    P, a, e = sh.P, sh.acc, sh.e
+    steps = rsa_steps(sh)
+    n = steps - 1  # transfers per ring
+    width = rsa_ranges(sh)
+    tok = sh.kv_bytes // sh.s  # one token's K (or V)
+    # step t forwards chunk (r - t)'s range and receives chunk (r - t - 1)'s, in the K ring,
+    # then the V ring; the backward's rings again, and at step t >= 1 the dV, dK partials of
+    # chunk (r - t)'s range go home while this rank's own range's partials come back
+    out_tok = sum(width[(r - t) % P] for t in range(n))
+    in_tok = sum(width[(r - t - 1) % P] for t in range(n))
+    home = sum(width[(r - t) % P] for t in range(1, steps))
+    fwd, fwd_recv = 2 * out_tok * tok, 2 * in_tok * tok
+    bwd = fwd + 2 * home * tok * a // e
+    bwd_recv = fwd_recv + 2 * n * width[r] * tok * a // e
     # the method: its score rows, kept for the backward; the needed blocks only (rsa.plan_rows).
     # On CPU (keep_rows) the buffer is also kept across calls (hostmem.BufferPool): the same
     # bytes, still counted here; a model of L layers holds L of them at the end of its forward
@@ -362,14 +383,15 @@ def _rsa(sh: AttnShape, r: int):
     probs = sh.b * sh.hq * row_elements(plans) * a
     # the backward's K ring, beside the rows and the wrapper's tensors: dO, the scaled Q and
     # a block's rescaled Q or dQ product (accumulation dtype; the per-block row factors are
-    # small), the ring's own dense copy and two receive buffers, and the
-    # dK partials sent and received: each step's pair is settled one step later, so at most two
-    # pairs are alive (rsa._ring)
-    act = (probs + _wrapper(sh) + 3 * sh.q_bytes * a // e + 3 * KV
-           + min(2 * n, 4) * KV * a // e)
+    # small), the ring's copy of its own range and two receive buffers of the widest range,
+    # and the dK partials sent and received: each step's pair is settled one step later, so
+    # at most two pairs are alive (rsa._ring)
+    wide = max(width) * tok
+    act = (probs + _wrapper(sh) + 3 * sh.q_bytes * a // e + width[r] * tok + 2 * wide
+           + min(2 * n, 4) * wide * a // e)
     # computed: only the needed blocks of the rows (its diagonal row tiles also compute up to
     # t(t-1)/2 masked entries per tile of t rows: left out)
-    return fwd, bwd, fwd, bwd, act, _needed_pairs(sh, r)
+    return fwd, bwd, fwd_recv, bwd_recv, act, _needed_pairs(sh, r)
 
 
 def mqsp_chunks(sh: AttnShape) -> int:

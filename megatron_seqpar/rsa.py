@@ -37,6 +37,13 @@ the caching allocator does what the pool does. Sent per rank, forward: ``(P-1)·
 each of K and V; backward: the same again plus ``(P-1)·s·b·hkv·D`` partials of dK and of dV
 (accumulation dtype).
 
+Sparse visibility (a sliding window, packed sequences): the rings stop after the farthest
+chunk some rank's queries see (``_ring_steps``), and a chunk travels only the range of its
+tokens that the other ranks read (``ring_ranges``: the hull of their ``kernels.key_ranges``),
+its dK/dV partials likewise: a window narrower than a shard moves the neighbour's last
+``left`` keys, and in the balanced layout only the keys of the documents split over ranks
+travel.
+
 ``colossalai_compat=True`` reproduces ColossalAI's original gradients, which all-reduce
 full-length dK/dV and divide dQ, dK, dV by ``P`` (not the exact gradient; off by default).
 The block-kernel ``backend`` option does not apply: RSA materialises its score rows.
@@ -50,7 +57,14 @@ from dataclasses import dataclass
 import torch
 
 from megatron_seqpar.hostmem import BufferPool, advise_huge_pages
-from megatron_seqpar.kernels import acc_dtype, block_mask, device_kind, plan_blocks, ring_steps
+from megatron_seqpar.kernels import (
+    acc_dtype,
+    block_mask,
+    device_kind,
+    key_ranges,
+    plan_blocks,
+    ring_steps,
+)
 from megatron_seqpar.method import BaseOptions, Method
 
 # the K ring works in base 2 (scores times log2(e), then exp2: about 3x cheaper than exp on
@@ -84,53 +98,107 @@ class Options(BaseOptions):
 
 
 def _ring(comm, own: torch.Tensor, visit, total: torch.Tensor | None = None,
-          steps: int | None = None):
-    """Pass ``own`` around the ring; ``visit(j, chunk)`` sees every rank ``j``'s chunk once
-    (with ``steps < P``: only the chunks of the ``steps - 1`` ranks before it, the ring cut
-    short where no rank needs a farther chunk: ``_ring_steps``).
+          steps: int | None = None, ranges=None):
+    """Pass ``own`` (``[..., s, ·]``) around the ring; ``visit(j, chunk, lo)`` sees every rank
+    ``j``'s chunk once (with ``steps < P``: only the chunks of the ``steps - 1`` ranks before
+    it, the ring cut short where no rank needs a farther chunk: ``_ring_steps``).
 
-    The next chunk's transfer is in flight while ``visit`` runs. With ``total`` (zeros),
-    ``visit(j, chunk, acc)`` adds ``j``'s partial into ``acc`` instead: this rank's own
-    partial straight into ``total``, the others into a zeroed buffer that is posted to ``j``
-    with the matching receive of this rank's own partial and added to ``total`` one step
-    later (after the next step's transfers are posted). Two such buffers and two receive
-    buffers alternate (a pair is reused once it is settled), so at most two partials per
-    direction are alive and no step allocates. Returns ``total``.
+    ``ranges[j] = (lo, hi)``: the tokens of rank ``j``'s chunk that travel (``ring_ranges``:
+    what the other ranks read; default all): ``chunk`` holds tokens ``[lo, hi)`` of ``j``'s,
+    this rank's own chunk is visited whole (``lo = 0``), and an empty range travels not at all.
+
+    The next chunk's transfer is in flight while ``visit`` runs. With ``total`` (zeros,
+    ``[..., s]``), ``visit(j, chunk, acc, lo)`` adds ``j``'s partial into ``acc`` (the columns
+    of ``j``'s range) instead: this rank's own partial straight into ``total``, the others into
+    a zeroed buffer that is posted to ``j`` with the matching receive of this rank's own
+    partial (its range's columns) and added to ``total`` one step later (after the next
+    step's transfers are posted). Two such buffers and two receive buffers alternate (a pair is
+    reused once it is settled), so at most two partials per direction are alive and no step
+    allocates. Returns ``total``.
     """
     P, r = comm.world_size, comm.rank
     steps = P if steps is None else steps
-    own = own.contiguous()  # transfers need dense buffers (RSA's own copy: 1/P of its rows)
+    s = own.size(-2)
+    ranges = ((0, s),) * P if ranges is None else ranges
+    width = max(hi - lo for lo, hi in ranges)
+
+    def sized(buf, j, dim):  # the prefix of a flat buffer shaped for j's range along dim
+        shape = list(buf.shape)
+        shape[dim] = ranges[j][1] - ranges[j][0]
+        return buf.view(-1)[:math.prod(shape)].view(shape)
+
+    def slot(x, dim):  # a flat-backed buffer like x with the widest range along dim
+        shape = list(x.shape)
+        shape[dim] = width
+        return x.new_empty(shape)
+
+    lo_r, hi_r = ranges[r]
+    send = own[..., lo_r:hi_r, :].contiguous()  # transfers need dense buffers
     cur, j = own, r
-    bufs = [torch.empty_like(own), torch.empty_like(own)] if P > 1 else []
+    bufs = [slot(own, -2), slot(own, -2)] if P > 1 else []
     n = min(2, steps - 1) if total is not None else 0
-    sent = [torch.empty_like(total) for _ in range(n)]
-    recv = [torch.empty_like(total) for _ in range(n)]
+    sent = [slot(total, -1) for _ in range(n)]
+    recv = [slot(total, -1) for _ in range(n)]
     last = None
 
     def settle(item):
         item[0].wait()
-        total.add_(item[1])
+        total[..., lo_r:hi_r].add_(item[1])
 
     for t in range(steps):
-        pending = (comm.post([(cur, (r + 1) % P)], [(bufs[t % 2], (r - 1) % P)])
+        nxt = (j - 1) % P  # the chunk this step receives
+        pending = (comm.post(_nonempty([(send, (r + 1) % P)]),
+                             _nonempty([(sized(bufs[t % 2], nxt, -2), (r - 1) % P)]))
                    if t < steps - 1 else None)
+        lo = 0 if j == r else ranges[j][0]
         if total is None:
-            visit(j, cur)
+            visit(j, cur, lo)
         elif j == r:
-            visit(j, cur, total)
+            visit(j, cur, total, lo)
         else:
-            acc, into = sent[t % n].zero_(), recv[t % n]
-            visit(j, cur, acc)
-            item = (comm.post([(acc, j)], [(into, (r + t) % P)]), into)
+            acc, into = sized(sent[t % n], j, -1).zero_(), sized(recv[t % n], r, -1)
+            visit(j, cur, acc, lo)
+            item = (comm.post(_nonempty([(acc, j)]), _nonempty([(into, (r + t) % P)])), into)
             if last is not None:
                 settle(last)
             last = item
         if pending is not None:
             pending.wait()
-            cur, j = bufs[t % 2], (j - 1) % P
+            cur = send = sized(bufs[t % 2], nxt, -2)
+            j = nxt
     if last is not None:
         settle(last)
     return total
+
+
+def _nonempty(transfers):
+    """The transfers of a ring step that move something (an empty range travels not at all,
+    on either side)."""
+    return [(t, p) for t, p in transfers if t.numel()]
+
+
+def ring_ranges(runs_per_rank: tuple, causal: bool, window, local_len: int):
+    """Per rank ``j``, the tokens ``[lo, hi)`` of its chunk that travel the rings: the hull of
+    the key ranges the other ranks' queries read (``kernels.key_ranges``; ``(0, 0)`` when
+    none does), or the whole chunk when those ranges add up to the whole shards. Pure: the
+    cost model calls it too."""
+    P = len(runs_per_rank)
+    span = key_ranges(runs_per_rank, causal, window, local_len)
+    if span is None:
+        return ((0, local_len),) * P
+    out = []
+    for j in range(P):
+        parts = [span[i][j] for i in range(P) if i != j and span[i][j][1] > span[i][j][0]]
+        out.append((min(x for x, _ in parts), max(y for _, y in parts)) if parts else (0, 0))
+    return tuple(out)
+
+
+def _ranges(setup, s):
+    """This call's ``ring_ranges`` (None: whole chunks, no window or packing)."""
+    if setup.window is None and setup.cu_seqlens is None:
+        return None
+    return ring_ranges(tuple(setup.runs(j, s) for j in range(setup.world_size)), setup.causal,
+                       setup.window, s)
 
 
 def _ring_steps(setup, s) -> int:
@@ -262,6 +330,11 @@ def _block_views(rows: torch.Tensor, plans, b: int, hkv: int, g: int):
     return out
 
 
+def _shift(cols: slice, lo: int) -> slice:
+    """A block's key columns in a chunk that holds the owner's tokens from ``lo`` on."""
+    return slice(cols.start - lo, cols.stop - lo)
+
+
 def _add_product_t(acc, a, x):
     """``acc[b, hkv, D, n] += Σ_g a[b, hkv, g, rows, D]ᵀ · x[b, hkv, g, rows, n]``, in place
     and without a temporary (``acc``: columns of a ``[b, hkv, D, s]`` partial; ``x``: a block
@@ -300,14 +373,15 @@ def rsa_forward(setup, q, k, v, kpm_all):
     bsum = torch.empty_like(bmax)
     lowest = torch.finfo(cd).min
 
-    def scores(j, k_j):
+    def scores(j, k_j, lo):
         kt = k_j.to(cd).unsqueeze(2).transpose(-1, -2)
         kpm = setup.key_pad(kpm_all, j)
         for blk, sb, blk_rows in zip(plans[j], stats[j], views[j]):
             mask = _block_bool_mask(blk, kpm, q.device)
+            cols = _shift(blk.k, lo)
             for hs, rows in _tiles(blk, b, g, hkv, blk.k.stop - blk.k.start, dev, whole=True):
                 dst = blk_rows[:, hs, :, rows.start - blk.q.start:rows.stop - blk.q.start]
-                torch.matmul(qs[:, hs, :, rows], kt[:, hs, ..., blk.k], out=dst)
+                torch.matmul(qs[:, hs, :, rows], kt[:, hs, ..., cols], out=dst)
                 if mask is not None:
                     mt = mask if mask.size(2) == 1 else mask[:, :, rows.start - blk.q.start:
                                                              rows.stop - blk.q.start]
@@ -320,8 +394,8 @@ def rsa_forward(setup, q, k, v, kpm_all):
                 dst.sub_(m).exp2_()
                 torch.sum(dst, -1, keepdim=True, out=bsum[:, hs, :, st])
 
-    steps = _ring_steps(setup, s)
-    _ring(comm, k, scores, steps=steps)
+    steps, ranges = _ring_steps(setup, s), _ranges(setup, s)
+    _ring(comm, k, scores, steps=steps, ranges=ranges)
     rmax = torch.full((b, hkv, g, s, 1), lowest, dtype=cd, device=q.device)
     for j in range(P):
         for blk, st in zip(plans[j], stats[j]):
@@ -336,13 +410,14 @@ def rsa_forward(setup, q, k, v, kpm_all):
     out = torch.zeros(b, hkv, g, s, v.size(-1), dtype=cd, device=q.device)
     scratch = torch.empty_like(out)  # a block's [rows, Dv] product, reused
 
-    def context(j, v_j):
+    def context(j, v_j, lo):
         vj = v_j.to(cd).unsqueeze(2)
         for blk, st, p in zip(plans[j], stats[j], views[j]):
-            prod = torch.matmul(p, vj[..., blk.k, :], out=scratch[..., :p.size(-2), :])
+            prod = torch.matmul(p, vj[..., _shift(blk.k, lo), :],
+                                out=scratch[..., :p.size(-2), :])
             out[..., blk.q, :].addcmul_(prod, fac[..., st, :])
 
-    _ring(comm, v, context, steps=steps)
+    _ring(comm, v, context, steps=steps, ranges=ranges)
     inv = torch.where(total > 0, 1.0 / total, 0.0)
     out.mul_(inv)
     lse = torch.where(total > 0, total.log() + rmax * _LN2, float("-inf"))
@@ -387,39 +462,40 @@ def rsa_backward(setup, dout, q, k, v, out, lse, kpm_all, probs, fac, own_lse):
     tmp = [torch.empty(tile, dtype=cd, device=q.device)]  # one tile of dO·V_jᵀ, reused
     scratch = do.new_empty(b, hkv, g, s, max(d, dv_dim))  # a block's [rows, ·] operand/product
 
-    def grad_v(j, v_j, dvt_j):  # dV_jᵀ partial; dS_j (up to its factor) overwrites P_j
+    def grad_v(j, v_j, dvt_j, lo):  # dV_jᵀ partial; dS_j (up to its factor) overwrites P_j
         vt = v_j.to(cd).unsqueeze(2).transpose(-1, -2)
         for blk, st, p in zip(plans[j], stats[j], views[j]):
+            cols = _shift(blk.k, lo)
             dos = torch.mul(do[..., blk.q, :], fac[..., st, :],
                             out=scratch[..., :p.size(-2), :dv_dim])
-            _add_product_t(dvt_j[..., blk.k], dos, p)
+            _add_product_t(dvt_j[..., cols], dos, p)
             n = blk.k.stop - blk.k.start
             for hs, rows in _tiles(blk, b, g, hkv, n, dev):  # in cache, like the K ring's
                 dp = tmp[0][:(hs.stop - hs.start) * b * g * (rows.stop - rows.start) * n].view(
                     b, hs.stop - hs.start, g, rows.stop - rows.start, n)
-                torch.matmul(do[:, hs, :, rows], vt[:, hs, ..., blk.k], out=dp)
+                torch.matmul(do[:, hs, :, rows], vt[:, hs, ..., cols], out=dp)
                 p[:, hs, :, rows.start - blk.q.start:rows.stop - blk.q.start].mul_(
                     dp.sub_(delta[:, hs, :, rows]))
 
     # dV and dK partials are summed transposed
-    steps = _ring_steps(setup, s)
+    steps, ranges = _ring_steps(setup, s), _ranges(setup, s)
     dv = _ring(comm, v, grad_v, torch.zeros(b, hkv, dv_dim, s, dtype=cd, device=q.device),
-               steps=steps)
+               steps=steps, ranges=ranges)
     dv = dv.transpose(-1, -2).contiguous()
     tmp.clear()
     qs = q.to(cd).reshape(b, hkv, g, s, d) * setup.scale
     dq = torch.zeros_like(qs)
 
-    def grad_k(j, k_j, dkt_j):
+    def grad_k(j, k_j, dkt_j, lo):
         kj = k_j.to(cd).unsqueeze(2)
         for blk, st, ds in zip(plans[j], stats[j], views[j]):
-            c = fac[..., st, :]
+            c, cols = fac[..., st, :], _shift(blk.k, lo)
             prod = scratch[..., :ds.size(-2), :d]
-            dq[..., blk.q, :].addcmul_(torch.matmul(ds, kj[..., blk.k, :], out=prod), c)
-            _add_product_t(dkt_j[..., blk.k], torch.mul(qs[..., blk.q, :], c, out=prod), ds)
+            dq[..., blk.q, :].addcmul_(torch.matmul(ds, kj[..., cols, :], out=prod), c)
+            _add_product_t(dkt_j[..., cols], torch.mul(qs[..., blk.q, :], c, out=prod), ds)
 
     dk = _ring(comm, k, grad_k, torch.zeros(b, hkv, d, s, dtype=cd, device=q.device),
-               steps=steps)
+               steps=steps, ranges=ranges)
     dk = dk.transpose(-1, -2).contiguous()
     dq = dq.mul_(setup.scale).view(b, hq, s, d)
     if setup.options.colossalai_compat:

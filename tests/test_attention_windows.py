@@ -123,9 +123,9 @@ def _traffic(rank, world, window, layout):
 @pytest.mark.parametrize("layout", SEQUENCE_LAYOUTS)
 def test_window_bytes_equal_the_model(layout):
     """Bytes sent and received per rank (fp32, forward + backward, 4 ranks of 16 tokens, causal
-    window of 5) equal ``cost.attention_cost``; in the contiguous layout LightSeq sends its
-    K/V to the next rank only and RSA's rings stop after one step, against P-1 = 3 steps
-    without a window."""
+    window of 5) equal ``cost.attention_cost``; in the contiguous layout LightSeq sends the
+    5 keys the window reaches to the next rank only and RSA's rings carry just those and stop
+    after one step, against P-1 = 3 steps of whole shards without a window."""
     from megatron_seqpar.cost import AttnShape, attention_cost
 
     narrow = run_on_ranks(_traffic, 4, (5, 0), layout)
@@ -135,9 +135,9 @@ def test_window_bytes_equal_the_model(layout):
         assert [r[method] for r in narrow] == list(zip(cost.sent, cost.recv)), method
     if layout == "contiguous":
         kv = 2 * 16 * 2 * 8 * 4  # one shard's K (or V), fp32
-        # RSA's ring moves whole chunks to one neighbour; LightSeq only the 5 keys of the
-        # neighbour's 16 that the window reaches (kernels.kv_range)
-        for method, sent in (("rsa", 2 * kv), ("lightseq", 2 * kv * 5 // 16)):
+        # RSA's ring (rsa.ring_ranges) and LightSeq move only the 5 keys of the neighbour's
+        # 16 that the window reaches (kernels.kv_range), to one neighbour
+        for method, sent in (("rsa", 2 * kv * 5 // 16), ("lightseq", 2 * kv * 5 // 16)):
             windowed, full = (attention_cost(method, AttnShape(
                 S=64, P=4, b=2, hq=2, hkv=2, D=8, window=w)) for w in ((5, 0), None))
             assert max(windowed.sent_fwd) == sent, method

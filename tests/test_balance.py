@@ -125,8 +125,8 @@ def _bytes_ratio(lens, P, method):
 def test_only_split_documents_travel(P):
     """A rank's split-document pieces come first, so the key range another rank reads of it
     (``kernels.kv_range``) never holds a whole document, nor do the rows of a rank that see
-    another rank's keys (``kernels.visible_span``: what MQSP sends), and LightSeq, LSS and MQSP
-    send at most zigzag's bytes on every distribution. Where one document outweighs the rest
+    another rank's keys (``kernels.visible_span``: what MQSP sends), and every method sends
+    at most zigzag's bytes on every distribution. Where one document outweighs the rest
     (the corpus's longest is over S/P) its keys must travel; see the benchmark streams below
     for the 0.5x goal."""
     from megatron_seqpar.kernels import visible_span
@@ -146,7 +146,7 @@ def test_only_split_documents_travel(P):
                              and w.local < hi and lo < w.local + w.length]
                     assert i == j or not whole, (name, i, j, x, whole)
         lens = [b - a for a, b in zip(cu, cu[1:])]
-        for method in ("lightseq", "lss", "mqsp"):
+        for method in msp.METHODS:
             ratio = _bytes_ratio(lens, P, method)
             print(f"P={P} {name} {method}: balanced/zigzag bytes {ratio:.3f}")
             assert ratio <= 1.0, (name, method, ratio)
@@ -157,8 +157,9 @@ def test_benchmark_streams_send_at_most_half_of_zigzag(S, P, docs):
     """Issue 28's bytes goal on ``bench_attention --packed-docs``' long-tailed streams: the
     split pieces first take LightSeq and LSS from 0.65 / 0.60 / 0.92x zigzag's bytes (pieces
     in document order) to 0.32 / 0.07 / 0.36x; MQSP, sending only the query rows that see a
-    source's keys (``kernels.query_ranges``), 0.32 / 0.07 / 0.36x too (it sent whole chunks,
-    1.0x, before)."""
+    source's keys (``kernels.query_ranges``), and RSA, whose rings carry just the range of a
+    chunk that other ranks read (``rsa.ring_ranges``), 0.32 / 0.07-0.08 / 0.36x too (both
+    sent whole chunks, 1.0x, before)."""
     import os
     import sys
 
@@ -166,7 +167,7 @@ def test_benchmark_streams_send_at_most_half_of_zigzag(S, P, docs):
     from bench_attention import doc_lengths
 
     lens = doc_lengths(S, docs, 2 * P)
-    for method in ("lightseq", "lss", "mqsp"):
+    for method in msp.METHODS:
         assert _bytes_ratio(lens, P, method) <= 0.5, (method, _bytes_ratio(lens, P, method))
 
 
