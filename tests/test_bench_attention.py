@@ -58,8 +58,8 @@ def test_bench_attention_reports_each_calls_spread(tmp_path):
 @pytest.mark.own_world
 def test_bench_attention_window_rows(tmp_path):
     """``--window``: every method's row against the one-process windowed ideal, bytes equal
-    to the window-aware model, and a narrow window on 4 ranks sends one neighbour's K/V
-    (RSA; LightSeq only the keys the window reaches) instead of 3."""
+    to the window-aware model, and a narrow window on 4 ranks sends one neighbour the keys
+    the window reaches (RSA, LightSeq) instead of 3 neighbours whole shards."""
     import bench_attention
 
     out = str(tmp_path / "bench")
@@ -73,9 +73,9 @@ def test_bench_attention_window_rows(tmp_path):
     assert len(ours) == 5 and "window/1proc" in rows
     assert all(rows[k]["bytes==model"] and rows[k]["x_window"] > 0 for k in ours), rows
     kv = 64 * 2 * 8 * 4  # one rank's K (or V): 64 tokens, 2 heads of 8, fp32
-    # forward K/V, backward again + partials: RSA's ring moves whole chunks, LightSeq only
-    # the neighbour's last 16 of 64 keys that the window reaches
-    for k, want in (("rsa/contig+w", 6 * kv), ("lightseq/contig+w", 6 * kv // 4)):
+    # forward K/V, backward again + partials: RSA's ring and LightSeq move only the
+    # neighbour's last 16 of 64 keys that the window reaches (RSA's whole chunks: 6 * kv)
+    for k, want in (("rsa/contig+w", 6 * kv // 4), ("lightseq/contig+w", 6 * kv // 4)):
         assert max(sent[k]) == want, (k, sent[k])
 
 

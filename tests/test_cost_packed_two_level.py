@@ -160,9 +160,11 @@ def test_lightseq_contiguous_packed_skips_transfers():
     # only to the next rank, once, and only the straddling sequence's keys: the second half
     # of the shard (kernels.kv_range)
     assert sent == (kv,) * (P - 1) + (0,)
-    # RSA's rings stop after the farthest chunk a rank needs: none inside, one step across
+    # RSA's rings stop after the farthest chunk a rank needs and carry the part the others
+    # read (rsa.ring_ranges): none inside; across one step, K and V of the shard's second
+    # half, and nothing from the last rank, whose keys no other rank reads
     assert attention_cost("rsa", inside).sent == (0,) * P
-    assert attention_cost("rsa", across).sent_fwd == (2 * kv,) * P  # K and V, one step each
+    assert attention_cost("rsa", across).sent_fwd == (kv,) * (P - 1) + (0,)
     # LSS sends only the key range a receiver reads, like LightSeq: none inside, across the
     # second half of its K/V to the next rank (forward, and again in the backward; the dK/dV
     # partial of the previous rank's half home, fp32 like the inputs): the first rank has no
