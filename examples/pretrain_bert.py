@@ -9,7 +9,14 @@ Thin wrapper over ``megatron_seqpar.training.driver.main``; flags are Megatron-L
 
 import sys
 
-from megatron_seqpar.training.driver import main_bert
+import torch
+
+if not torch.cuda.is_available():  # a CPU run: megatron-core imported with its fusions eager
+    from megatron_seqpar.cpu_workarounds import import_megatron_core  # (shim 0 there)
+
+    import_megatron_core()
+
+from megatron_seqpar.training.driver import main_bert  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main_bert())

@@ -19,6 +19,20 @@ tests). Upstream hooks are used instead of patches wherever they exist:
 caller, and a ``torch.optim`` optimizer instead of ``get_megatron_optimizer`` (whose
 ``FP32Optimizer`` allocates on "cuda").
 
+One more runs before megatron-core is imported at all, in the entry points that know they
+run on the CPU before they import it (``examples/pretrain_{gpt,bert}.py`` on a machine without
+CUDA, ``tools/megatron_lm_cpu.py``, the tests and their gloo workers):
+
+0. ``import_megatron_core`` (eager fusions): megatron-core sets ``jit_fuser = torch.compile``
+   when it is imported and decorates its fused helpers with it (bias-GeLU/SwiGLU/GeGLU,
+   bias-dropout-add, cross entropy, MoE activations, norms); each ``torch.compile`` call
+   imports TorchDynamo and Inductor, 1.8 of the 4.7 CPU seconds ``import megatron.core``
+   takes here, paid by every process, and a decorated helper that a CPU run called would be
+   compiled by Inductor's C++ backend. ``torch.compile`` answers an identity decorator during
+   that import only (then restored), so ``jit_fuser`` is the identity and the helpers run
+   eagerly: the same arithmetic, as with megatron-core's own ``disable_jit_fuser`` had it
+   applied before the decorators ran. The CPU runs keep the fusion flags off anyway.
+
 The shims, each with the reason it exists:
 
 1. ``current_device``: ``torch.cuda.current_device`` answers ``torch.device("cpu")``.
@@ -123,6 +137,21 @@ import sys
 from pathlib import Path
 
 import torch
+
+
+def _identity_compile(model=None, **kwargs):
+    """``torch.compile`` as the identity: the function itself, or a decorator returning it."""
+    return model if model is not None else (lambda fn: fn)
+
+
+def import_megatron_core() -> None:
+    """Import megatron-core with its fused helpers eager (shim 0); a no-op once it is
+    imported (then the decorators already ran)."""
+    if "megatron.core" in sys.modules:
+        return
+    with _setattr(torch, "compile", _identity_compile):
+        import megatron.core  # noqa: F401
+        import megatron.core.jit  # noqa: F401  (jit_fuser bound while compile is the identity)
 
 
 def _cpu_device():

@@ -57,6 +57,10 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
     import torch
     import torch.distributed as dist
 
+    from megatron_seqpar.cpu_workarounds import import_megatron_core
+
+    import_megatron_core()  # before a test module does: its fusions eager (cpu_workarounds)
+
     torch.set_num_threads(1)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)

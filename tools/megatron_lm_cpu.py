@@ -35,6 +35,7 @@ def main(argv: list[str]) -> None:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     from megatron_seqpar import cpu_workarounds as shims  # after the checkout's megatron
 
+    shims.import_megatron_core()  # the checkout's megatron-core, its fusions eager (shim 0)
     with shims.cpu_shims(), shims.training_cpu_shims():
         runpy.run_path(str(script), run_name="__main__")
 
