@@ -8,7 +8,8 @@ Spawning and initialising a process group costs seconds, so each world size keep
 worker processes alive for the whole pytest session and feeds it one call at a time. A call that
 raises on any rank is re-raised here with the child's traceback; a call that outlives its
 timeout (a hang, a dead peer) kills the pool, which is rebuilt on the next call, and fails with
-a message naming the timeout. Workers are daemonic and killed at interpreter exit, so no stray
+a message naming the timeout. Workers are daemonic and killed at interpreter exit, and a
+worker whose parent died without that (pytest killed) leaves within 5 s, so no stray
 processes survive the run. Workers run with one torch thread each (the machine has 2 cores).
 
 Under Megatron's runner (``torchrun --nproc-per-node N -m pytest tests``) there is no pool: the
@@ -71,8 +72,14 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
         world_size=world_size,
         timeout=GROUP_TIMEOUT,
     )
+    parent = os.getppid()
     while True:
-        task = inbox.get()
+        try:
+            task = inbox.get(timeout=5.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # pytest died without closing the pool: do not linger
+                break
+            continue
         if task is None:
             break
         call_id, fn, args, kwargs = task
