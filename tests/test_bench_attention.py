@@ -82,7 +82,8 @@ def test_bench_attention_window_rows(tmp_path):
 @pytest.mark.own_world
 def test_bench_attention_balanced_rows(tmp_path):
     """``--packed-docs N --balanced``: the balanced row of a method against its zigzag packed
-    row on the same stream, bytes equal to the model."""
+    row on the same stream, bytes equal to the model, and its time over the stream's
+    FLOP-predicted time (``t/pred``)."""
     import bench_attention
 
     out = str(tmp_path / "bench")
@@ -95,6 +96,7 @@ def test_bench_attention_balanced_rows(tmp_path):
     (row,) = [r for r in data["compare"] if r["label"] == "lightseq/balanced+packed"]
     assert row["vs"] == "zigzag+packed" and row["bytes==model"], row
     assert row["busiest_pred"] < 1.2 and row["time_ratio"] > 0, row
+    assert row["t/pred"] > 0, row  # against the unpacked lightseq/zigzag row of the same run
 
 
 def test_profile_attention_reports_each_call_with_its_options(tmp_path):

@@ -43,7 +43,9 @@ DeepSpeed-Ulysses' local attention would need an explicit ``[S, S]`` mask (4 GiB
 ``--balanced`` (with ``--packed-docs``) adds every method in the ``balanced`` layout on the
 same stream; its compare row is against the method's zigzag packed row: time, busiest rank's
 predicted FLOPs over the mean (``busiest_pred`` balanced, ``flop_pred`` zigzag), peak memory
-and bytes sent. ``--doc-lengths {lognormal,uniform,corpus}`` picks the length distribution.
+and bytes sent, and ``t/pred``: its time over the stream's FLOP-predicted time (the method's
+unpacked zigzag time times the busiest rank's predicted FLOPs over the unpacked busiest's).
+``--doc-lengths {lognormal,uniform,corpus}`` picks the length distribution.
 
 ``--packed-docs N`` adds a packed copy of every variant (``+packed``: N documents, lengths
 drawn with ``--packed-seed``, multiples of 2P, through ``cu_seqlens``) and prints its time over
@@ -443,8 +445,14 @@ def compare(records: list[dict]) -> list[dict]:
     for (S, label), r in by.items():
         if label.endswith("/balanced+packed"):
             z = by.get((S, label.replace("/balanced+", "/zigzag+")))
+            u = by.get((S, label.replace("/balanced+packed", "/zigzag")))
             if z:
+                # t/pred: time over the unpacked call's time times the busiest rank's predicted
+                # FLOPs over the unpacked busiest rank's (the stream's FLOP-predicted time)
+                pred = (max(r["model"]["flops"]) / max(u["model"]["flops"])
+                        if u and r["model"].get("flops") and u["model"].get("flops") else None)
                 rows.append({"S": S, "label": label, "vs": "zigzag+packed",
+                             "t/pred": r["time_s"] / u["time_s"] / pred if pred else None,
                              "time_ratio": r["time_s"] / z["time_s"],
                              "cpu_ratio": r["cpu_s"] / z["cpu_s"] if "cpu_s" in r and "cpu_s"
                              in z else None, "busiest_pred": _spread(r), "flop_pred": _spread(z),
