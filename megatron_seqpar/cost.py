@@ -422,9 +422,10 @@ def _mqsp(sh: AttnShape, r: int):
         bwd = n_out * packed + n_in * q_row * a  # packed rows out; dQ partials back
         bwd_recv = n_in * packed + n_out * q_row * a
         run = _run_tokens(sh)
-        # a micro-step holds its own c rows and at most c of each sink's, packed with their
-        # dQ partials; the rows of its cuts sent out; the kernel's scratch
-        rows = c + sum(min(c, n) for n in plan[1])
+        # a micro-step holds its own c rows, at most c of each sink's and a copy of at most c
+        # for each source (packed with their dQ partials, or their (o, lse) in the forward);
+        # the kernel's scratch
+        rows = c + sum(min(c, n) for n in plan[1]) + sum(min(c, n) for n in plan[0])
         act = (_wrapper(sh) + rows * (packed + q_row * a) + 3 * qc * a
                + 2 * (sh.kv_bytes * run // sh.s) * a // e + _kernel_scratch(sh, max(c, run)))
         pairs = sum(_pairs(sh, _positions(sh, j), _positions(sh, r)) for j in range(P))

@@ -208,6 +208,17 @@ def _rows(cut) -> int:
     return sum(n for _, _, n in cut)
 
 
+def _cut_rows(step, cut, src=None):
+    """The rows of a cut: ``step`` (the micro-step's ``[b, c, ·]`` rows) itself when the cut
+    holds all of them (one buffer then serves every source), else a copy of those rows, taken
+    from ``src`` by position when given, else from ``step`` by offset."""
+    if _rows(cut) == step.size(1):
+        return step
+    if src is not None:
+        return _take(src, [(a, n) for _, a, n in cut])
+    return _take(step, [(off, n) for off, _, n in cut])
+
+
 def _sparse_forward(setup, q, k, v, kpm_all, plan):
     """Micro-steps with point-to-point transfers (module docstring): the rows of this rank's
     chunk that see a source's keys go to that source, the sinks' rows are attended to the
@@ -222,12 +233,11 @@ def _sparse_forward(setup, q, k, v, kpm_all, plan):
     qp, outp, k_runs = public(q), out.transpose(1, 2), setup.runs(r, s)
     for i in range(m):
         pieces, out_cut, in_cut = _step_cuts(setup, plan, s, m, i)
+        mine = _take(qp, pieces)
         got = {j: qp.new_empty(b, _rows(cut), hq, d) for j, cut in in_cut.items()}
-        pending = comm.post([(_take(qp, [(a, n) for _, a, n in cut]), j)
-                             for j, cut in out_cut.items()],
+        pending = comm.post([(_cut_rows(mine, cut, qp), j) for j, cut in out_cut.items()],
                             [(got[j], j) for j in in_cut])
-        o, lb = attend(to_bhsd(_take(qp, pieces)), _piece_runs(setup, r, s, pieces), k, v,
-                       k_runs, **kw)
+        o, lb = attend(to_bhsd(mine), _piece_runs(setup, r, s, pieces), k, v, k_runs, **kw)
         pending.wait()
         sends = []
         for j, cut in in_cut.items():
@@ -281,8 +291,7 @@ def _sparse_backward(setup, dout, q, k, v, out, lse, kpm_all, plan):
         pieces, out_cut, in_cut = _step_cuts(setup, plan, s, m, i)
         mine = torch.cat([_take(x, pieces).flatten(2) for x in pub], dim=-1)  # [b, c, ·]
         got = {j: mine.new_empty(b, _rows(cut), mine.size(-1)) for j, cut in in_cut.items()}
-        pending = comm.post([(_take(mine, [(off, n) for off, _, n in cut]), j)
-                             for j, cut in out_cut.items()],
+        pending = comm.post([(_cut_rows(mine, cut), j) for j, cut in out_cut.items()],
                             [(got[j], j) for j in in_cut])
         own = torch.zeros(b, c, hq, d, dtype=cd, device=q.device)
         grads(mine, _piece_runs(setup, r, s, pieces), own)
