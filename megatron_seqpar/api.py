@@ -64,6 +64,15 @@ class Setup:
         return count_blocks(self.runs(i, local_len), self.runs(j, local_len), self.causal,
                             self.window) > 0
 
+    def pair_ranges(self, rule, local_len: int):
+        """``rule`` (``kernels.key_ranges``, ``query_ranges``) of the (outer) ranks' runs; None
+        without a window or packing (every rank pair then sees whole shards) or when the rule
+        says the ranges add up to them: the dense collectives apply."""
+        if self.window is None and self.cu_seqlens is None:
+            return None
+        return rule(tuple(self.runs(j, local_len) for j in range(self.world_size)), self.causal,
+                    self.window, local_len)
+
     def sees_matrix(self, local_len: int) -> list[list[bool]]:
         """``kernels.sees_matrix`` of the (outer) ranks: ``[i][j]`` = ``sees(i, j)``."""
         return sees_matrix([self.runs(j, local_len) for j in range(self.world_size)],

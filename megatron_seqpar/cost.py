@@ -57,6 +57,7 @@ from megatron_seqpar.kernels import (
     key_ranges,
     kv_range,
     query_ranges,
+    rank_ranges,
     ring_steps,
     sees_matrix,
 )
@@ -352,11 +353,7 @@ def rsa_steps(sh: AttnShape) -> int:
 def rsa_ranges(sh: AttnShape) -> tuple[int, ...]:
     """Per rank, the tokens of its chunk that travel RSA's rings (``rsa.ring_ranges``: what
     the other ranks read; the whole chunk without a window or packing)."""
-    if sh.window is None and sh.cu_seqlens is None:
-        return (sh.s,) * sh.P
-    spans = ring_ranges(tuple(_positions(sh, j) for j in range(sh.P)), sh.causal, sh.window,
-                        sh.s)
-    return tuple(hi - lo for lo, hi in spans)
+    return tuple(hi - lo for lo, hi in ring_ranges(_span(sh, key_ranges), sh.P, sh.s))
 
 
 def _rsa(sh: AttnShape, r: int):
@@ -465,18 +462,21 @@ def lss_ranges(sh: AttnShape, r: int) -> tuple[list[int], list[int]] | None:
     return _ranges(sh, r, key_ranges)
 
 
-def _ranges(sh: AttnShape, r: int, rule) -> tuple[list[int], list[int]] | None:
-    """``rule``'s ``[i][j]`` ranges as ``(rank r's row [r][j] lengths, column [i][r]
-    lengths)``, others only, empty ones left out; None when the rule says dense."""
+def _span(sh: AttnShape, rule):
+    """``Setup.pair_ranges`` of the shape's ranks: ``rule``'s ``[i][j]`` range matrix, or
+    None (dense)."""
     if sh.window is None and sh.cu_seqlens is None:
         return None
-    P = sh.P
-    span = rule(tuple(_positions(sh, j) for j in range(P)), sh.causal, sh.window, sh.s)
+    return rule(tuple(_positions(sh, j) for j in range(sh.P)), sh.causal, sh.window, sh.s)
+
+
+def _ranges(sh: AttnShape, r: int, rule) -> tuple[list[int], list[int]] | None:
+    """``kernels.rank_ranges`` of rank ``r`` in ``rule``'s matrix, as lengths; None when the
+    rule says dense."""
+    span = _span(sh, rule)
     if span is None:
         return None
-    n = [[hi - lo for lo, hi in row] for row in span]
-    return ([n[r][j] for j in range(P) if j != r and n[r][j]],
-            [n[i][r] for i in range(P) if i != r and n[i][r]])
+    return tuple([hi - lo for _, lo, hi in side] for side in rank_ranges(span, r))
 
 
 def _lss(sh: AttnShape, r: int):

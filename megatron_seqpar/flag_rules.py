@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DRIVER, MEGATRON_LM = "driver", "megatron_lm"
+BOTH = (DRIVER, MEGATRON_LM)
 PACKINGS = ("zigzag", "balanced")  # --seqpar-packing (megatron.thd.PACKINGS)
 
 
@@ -29,7 +30,6 @@ def least_document_multiple(cp: int, packing: str) -> int:
     (it cuts every document in 2*CP chunks), else 1 (the balanced layout needs only the
     stream to divide by CP)."""
     return 2 * cp if cp > 1 and packing == "zigzag" else 1
-BOTH = (DRIVER, MEGATRON_LM)
 
 
 class FlagError(ValueError):

@@ -653,6 +653,15 @@ def query_ranges(runs_per_rank: tuple, causal: bool, window, local_len: int):
     return _pair_ranges(runs_per_rank, causal, window, local_len, 0)
 
 
+def rank_ranges(span, rank: int):
+    """``(sources, sinks)`` of ``rank`` in an ``[i][j]`` range matrix (``key_ranges``,
+    ``query_ranges``): ``[(j, lo, hi)]``, its row's ranges against the other ranks ``j``, and
+    ``[(i, lo, hi)]``, its column's, the other ranks' against it; empty ranges left out."""
+    others = [x for x in range(len(span)) if x != rank]
+    return ([(j, lo, hi) for j in others for lo, hi in (span[rank][j],) if hi > lo],
+            [(i, lo, hi) for i in others for lo, hi in (span[i][rank],) if hi > lo])
+
+
 def cut_key_pad(pad, lo: int, hi: int):
     """A key padding (``KeyPad`` or None) for keys ``[lo, hi)`` of its buffer."""
     if pad is None:

@@ -45,6 +45,7 @@ from megatron_seqpar.kernels import (
     attend_backward,
     cut_key_pad,
     key_ranges,
+    rank_ranges,
     zeros_public,
 )
 from megatron_seqpar.layouts import slice_runs
@@ -76,14 +77,8 @@ def _plan(setup, s: int):
     the key range of rank ``j``'s shard this rank's queries read, and ``[(i, lo, hi)]``, the
     range of this rank's keys that rank ``i``'s queries read (empty ranges left out). The same
     answer on every rank, from positions alone; ``cost.lss_ranges`` follows it."""
-    if setup.window is None and setup.cu_seqlens is None:
-        return None
-    P, r = setup.world_size, setup.rank
-    span = key_ranges(tuple(setup.runs(j, s) for j in range(P)), setup.causal, setup.window, s)
-    if span is None:
-        return None
-    return ([(j, *span[r][j]) for j in range(P) if j != r and span[r][j][1] > span[r][j][0]],
-            [(i, *span[i][r]) for i in range(P) if i != r and span[i][r][1] > span[i][r][0]])
+    span = setup.pair_ranges(key_ranges, s)
+    return None if span is None else rank_ranges(span, setup.rank)
 
 
 def _gather_kv(setup, k, v):

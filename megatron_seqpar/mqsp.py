@@ -52,6 +52,7 @@ from megatron_seqpar.kernels import (
     attend_backward,
     merge_,
     query_ranges,
+    rank_ranges,
     zeros_public,
 )
 from megatron_seqpar.layouts import slice_runs
@@ -166,19 +167,12 @@ def _put(dst, pieces, rows):
 
 def _plan(setup, s: int):
     """None when the dense collectives apply (no window or packing, or row ranges that add up
-    to the whole shards: ``kernels.query_ranges``), else ``(sources, sinks)``: ``{j: (lo, hi)}``,
-    the local rows of this rank that see rank ``j``'s keys, and ``{i: (lo, hi)}``, the rows of
+    to the whole shards: ``kernels.query_ranges``), else ``(sources, sinks)``: ``[(j, lo, hi)]``,
+    the local rows of this rank that see rank ``j``'s keys, and ``[(i, lo, hi)]``, the rows of
     rank ``i`` that see this rank's keys (other ranks only, empty ranges left out). The same
     answer on every rank, from positions alone; ``cost.mqsp_ranges`` follows it."""
-    if setup.window is None and setup.cu_seqlens is None:
-        return None
-    P, r = setup.world_size, setup.rank
-    rows = query_ranges(tuple(setup.runs(j, s) for j in range(P)), setup.causal, setup.window,
-                        s)
-    if rows is None:
-        return None
-    return ({j: rows[r][j] for j in range(P) if j != r and rows[r][j][1] > rows[r][j][0]},
-            {i: rows[i][r] for i in range(P) if i != r and rows[i][r][1] > rows[i][r][0]})
+    span = setup.pair_ranges(query_ranges, s)
+    return None if span is None else rank_ranges(span, setup.rank)
 
 
 def _cut(pieces, lo: int, hi: int):
@@ -199,8 +193,8 @@ def _step_cuts(setup, plan, s, m, i):
     r = setup.rank
     sources, sinks = plan
     pieces = _pieces(setup, r, s, m, i)
-    out = {j: c for j, rg in sources.items() if (c := _cut(pieces, *rg))}
-    into = {j: c for j, rg in sinks.items() if (c := _cut(_pieces(setup, j, s, m, i), *rg))}
+    out = {j: c for j, lo, hi in sources if (c := _cut(pieces, lo, hi))}
+    into = {j: c for j, lo, hi in sinks if (c := _cut(_pieces(setup, j, s, m, i), lo, hi))}
     return pieces, out, into
 
 
@@ -208,14 +202,11 @@ def _rows(cut) -> int:
     return sum(n for _, _, n in cut)
 
 
-def _cut_rows(step, cut, src=None):
+def _cut_rows(step, cut):
     """The rows of a cut: ``step`` (the micro-step's ``[b, c, ·]`` rows) itself when the cut
-    holds all of them (one buffer then serves every source), else a copy of those rows, taken
-    from ``src`` by position when given, else from ``step`` by offset."""
+    holds all of them (one buffer then serves every source), else a copy of those rows."""
     if _rows(cut) == step.size(1):
         return step
-    if src is not None:
-        return _take(src, [(a, n) for _, a, n in cut])
     return _take(step, [(off, n) for off, _, n in cut])
 
 
@@ -235,7 +226,7 @@ def _sparse_forward(setup, q, k, v, kpm_all, plan):
         pieces, out_cut, in_cut = _step_cuts(setup, plan, s, m, i)
         mine = _take(qp, pieces)
         got = {j: qp.new_empty(b, _rows(cut), hq, d) for j, cut in in_cut.items()}
-        pending = comm.post([(_cut_rows(mine, cut, qp), j) for j, cut in out_cut.items()],
+        pending = comm.post([(_cut_rows(mine, cut), j) for j, cut in out_cut.items()],
                             [(got[j], j) for j in in_cut])
         o, lb = attend(to_bhsd(mine), _piece_runs(setup, r, s, pieces), k, v, k_runs, **kw)
         pending.wait()

@@ -63,6 +63,7 @@ from megatron_seqpar.kernels import (
     device_kind,
     key_ranges,
     plan_blocks,
+    rank_ranges,
     ring_steps,
 )
 from megatron_seqpar.method import BaseOptions, Method
@@ -177,28 +178,24 @@ def _nonempty(transfers):
     return [(t, p) for t, p in transfers if t.numel()]
 
 
-def ring_ranges(runs_per_rank: tuple, causal: bool, window, local_len: int):
+def ring_ranges(span, P: int, local_len: int):
     """Per rank ``j``, the tokens ``[lo, hi)`` of its chunk that travel the rings: the hull of
-    the key ranges the other ranks' queries read (``kernels.key_ranges``; ``(0, 0)`` when
-    none does), or the whole chunk when those ranges add up to the whole shards. Pure: the
-    cost model calls it too."""
-    P = len(runs_per_rank)
-    span = key_ranges(runs_per_rank, causal, window, local_len)
+    the key ranges the other ranks' queries read (``span``, a ``kernels.key_ranges`` matrix;
+    ``(0, 0)`` when none does), or the whole chunk when ``span`` is None (the ranges add up
+    to the whole shards, or no window or packing). Pure: the cost model calls it too."""
     if span is None:
         return ((0, local_len),) * P
     out = []
     for j in range(P):
-        parts = [span[i][j] for i in range(P) if i != j and span[i][j][1] > span[i][j][0]]
-        out.append((min(x for x, _ in parts), max(y for _, y in parts)) if parts else (0, 0))
+        readers = rank_ranges(span, j)[1]  # the other ranks' non-empty ranges of j's keys
+        out.append((min(lo for _, lo, _ in readers), max(hi for _, _, hi in readers))
+                   if readers else (0, 0))
     return tuple(out)
 
 
 def _ranges(setup, s):
-    """This call's ``ring_ranges`` (None: whole chunks, no window or packing)."""
-    if setup.window is None and setup.cu_seqlens is None:
-        return None
-    return ring_ranges(tuple(setup.runs(j, s) for j in range(setup.world_size)), setup.causal,
-                       setup.window, s)
+    """This call's ``ring_ranges``."""
+    return ring_ranges(setup.pair_ranges(key_ranges, s), setup.world_size, s)
 
 
 def _ring_steps(setup, s) -> int:
