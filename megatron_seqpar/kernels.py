@@ -404,7 +404,7 @@ def _diagonal_groups(runs):
 
 
 def plan_blocks(q_runs, k_runs, causal: bool, join_keys: bool = True,
-                window=None) -> list[Block]:
+                window=None) -> tuple[Block, ...]:
     """The non-empty (query rows, key columns) blocks, grouped by query run.
 
     Runs of different packed sequences (``Run.doc``) never make a block: cross-sequence work
@@ -420,14 +420,21 @@ def plan_blocks(q_runs, k_runs, causal: bool, join_keys: bool = True,
     local triangle is then the causal mask; and adjacent query runs whose only block is the
     same fully visible key range share one call.
     """
-    q_runs, k_runs = tuple(q_runs), tuple(k_runs)
+    window = None if window is None else tuple(window)
+    return _plan(tuple(q_runs), tuple(k_runs), causal, join_keys, window)
+
+
+@lru_cache(maxsize=4096)
+def _plan(q_runs, k_runs, causal: bool, join_keys: bool, window) -> tuple[Block, ...]:
+    """``plan_blocks`` on hashable arguments, cached: a plan depends on positions alone, and
+    every layer and micro-step of a run asks for the same few (a tuple: shared, immutable)."""
     if window is not None:
-        return list(_plan_window(q_runs, k_runs, causal, tuple(window)))
+        return _plan_window(q_runs, k_runs, causal, window)
     if causal and q_runs and q_runs == k_runs:
         groups = _diagonal_groups(q_runs)
         if groups is not None:  # local indices stand in for positions: the same triangles
-            return [Block(slice(a, b), slice(a, b), "causal", Run(a, 0, b - a, doc),
-                          Run(a, 0, b - a, doc)) for a, b, doc in groups]
+            return tuple(Block(slice(a, b), slice(a, b), "causal", Run(a, 0, b - a, doc),
+                               Run(a, 0, b - a, doc)) for a, b, doc in groups)
     blocks: list[Block] = []
     for qr in q_runs:
         q_sl = slice(qr.local, qr.local + qr.length)
@@ -459,11 +466,10 @@ def plan_blocks(q_runs, k_runs, causal: bool, join_keys: bool = True,
             blocks[-1] = blocks[-1]._replace(q=slice(blocks[-1].q.start, q_sl.stop))
         else:
             blocks += new
-    return blocks
+    return tuple(blocks)
 
 
-@lru_cache(maxsize=1024)
-def _plan_window(q_runs, k_runs, causal: bool, window) -> list[Block]:
+def _plan_window(q_runs, k_runs, causal: bool, window) -> tuple[Block, ...]:
     """``plan_blocks`` under a sliding window: per (query run, key run) of one sequence, the
     pieces of ``_window_blocks`` as blocks (local slices; each ``mask`` block keeps the rule
     its explicit mask is built from)."""

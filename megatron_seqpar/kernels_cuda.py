@@ -69,8 +69,10 @@ _OPS = {
 }
 
 
+@functools.cache
 def available_backends() -> frozenset[str]:
-    """Backends whose aten ops exist in this torch build (schema lookup only, no CUDA call)."""
+    """Backends whose aten ops exist in this torch build (schema lookup only, no CUDA call;
+    cached: the build cannot change in a process, and the lookup ran once per block)."""
     return frozenset(name for name, ops in _OPS.items()
                      if all(hasattr(torch.ops.aten, op) for op in ops)) | {"reference"}
 
@@ -110,10 +112,12 @@ def supports(name: str, device_type: str, dtype: torch.dtype, has_mask: bool, ca
     return False
 
 
+@functools.cache
 def choose_backend(device_type: str, dtype: torch.dtype, has_mask: bool, causal: bool,
                    head_dim: int, available=None, capability=None) -> str:
     """The backend ``auto`` runs for one block: the first of the device's preference order
-    that is available and serves the block, else ``reference``."""
+    that is available and serves the block, else ``reference``. Pure, so cached (a handful
+    of block kinds per run; ``available`` must be hashable, e.g. a frozenset)."""
     available = available_backends() if available is None else available
     order = CUDA_ORDER if device_type == "cuda" else CPU_ORDER if device_type == "cpu" else ()
     for name in order:

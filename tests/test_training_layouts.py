@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import pytest
+from distributed import kill_process_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2",
@@ -27,12 +28,13 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2"
 
 
 def _torchrun(tmp, nproc, *argv):
+    """Start one ``torchrun`` of the example; ``.communicate()`` it for (stdout, stderr)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            str(nproc), os.path.join(ROOT, "examples", "pretrain_gpt.py"), *TINY,
            "--data-cache-path", str(tmp / "data"), *argv]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
+    return subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _losses(log_dir):
@@ -49,7 +51,8 @@ def test_resume_into_other_layouts_and_methods(tmp_path):
                      "--no-seqpar-lss-assemble-position-grads",
                      "--save", str(ckpt), "--save-interval", "2",
                      "--log-dir", str(tmp_path / "full"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
     want = _losses(tmp_path / "full")[3]
     (ckpt / "latest_checkpointed_iteration.txt").write_text("2")  # resume from step 2
 
@@ -61,15 +64,24 @@ def test_resume_into_other_layouts_and_methods(tmp_path):
                                      "--seqpar-method", "lightseq"]),
         "CP=2 lightseq": (2, ["--context-parallel-size", "2", "--seqpar-method", "lightseq"]),
     }
+    # the four resumes read the checkpoint and nothing else they share: they run at once (each
+    # rank is mostly single-threaded start-up, so together they fill the cores better)
+    procs = {name: _torchrun(tmp_path, nproc, *flags, "--load", str(ckpt),
+                             "--log-dir", str(tmp_path / f"resumed{i}"))
+             for i, (name, (nproc, flags)) in enumerate(targets.items())}
     got = {}
-    for i, (name, (nproc, flags)) in enumerate(targets.items()):
-        log = tmp_path / f"resumed{i}"
-        proc = _torchrun(tmp_path, nproc, *flags, "--load", str(ckpt), "--log-dir", str(log))
-        assert proc.returncode == 0, f"{name}: " + proc.stderr[-3000:]
-        assert "resuming step 2 saved with TP=1 CP=2 lss (world 2)" in proc.stdout, proc.stdout
-        losses = _losses(log)
-        assert sorted(losses) == [3], losses  # a fresh log dir: only the resumed step
-        got[name] = losses[3]
+    try:
+        for i, (name, proc) in enumerate(procs.items()):
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, f"{name}: " + err[-3000:]
+            assert "resuming step 2 saved with TP=1 CP=2 lss (world 2)" in out, out
+            losses = _losses(tmp_path / f"resumed{i}")
+            assert sorted(losses) == [3], losses  # a fresh log dir: only the resumed step
+            got[name] = losses[3]
+    finally:  # a failed or hung resume takes the others down with it
+        for proc in procs.values():
+            if proc.poll() is None:
+                kill_process_tree(proc)
     for name, loss in got.items():
         # fp32 round-off: the layouts sum the same terms in other orders (CP/TP partial sums,
         # another attention kernel); over 3 steps that moves a loss of ~5.5 by ~1e-6 at most.
