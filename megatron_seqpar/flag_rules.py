@@ -211,13 +211,30 @@ def balanced_packs_documents(v):
                 "--reset-attention-mask (documents end at EOD) or drop --seqpar-packing")
 
 
+def rope_in_provider(v) -> bool:
+    """Whether our core attention rotates q and k (``megatron.rope``) and the model is built
+    without megatron-core's RoPE: RoPE under the balanced packing, whose layout megatron-core's
+    THD rotation does not know (it assumes zigzag)."""
+    return v.seqpar_packing == "balanced" and v.position_embedding_type == "rope"
+
+
 @rule(*BOTH)
 def balanced_positions(v):
-    if v.seqpar_packing == "balanced" and v.position_embedding_type != "learned_absolute":
+    if v.seqpar_packing != "balanced" or v.position_embedding_type == "learned_absolute":
+        return None
+    if v.position_embedding_type != "rope":
         return (f"--seqpar-packing balanced with --position-embedding-type "
-                f"{v.position_embedding_type}: not yet (megatron-core's packed RoPE assumes "
-                "the zigzag layout); use --position-embedding-type learned_absolute or "
+                f"{v.position_embedding_type}: not yet; use learned_absolute or rope, or "
                 "--seqpar-packing zigzag")
+    if v.multi_latent_attention:
+        return ("--seqpar-packing balanced with --multi-latent-attention: not yet (MLA rotates "
+                "inside its own attention module, which assumes the zigzag layout); use "
+                "--seqpar-packing zigzag")
+    if v.route == MEGATRON_LM:
+        return ("--seqpar-packing balanced with --position-embedding-type rope: not yet on "
+                "Megatron-LM's route (our driver runs it); use --position-embedding-type "
+                "learned_absolute or --seqpar-packing zigzag")
+    return None
 
 
 @rule(*BOTH)

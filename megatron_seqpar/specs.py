@@ -25,22 +25,27 @@ from megatron_seqpar.megatron.core_attention import SeqParCoreAttention
 from megatron_seqpar.registry import METHODS
 
 
-def core_attention_spec(method: str, options=None, remat: bool | None = None) -> ModuleSpec:
+def core_attention_spec(method: str, options=None, remat: bool | None = None,
+                        rope=None) -> ModuleSpec:
     """``ModuleSpec`` of the provider for ``method``.
 
     ``options``: the method's frozen options (None = defaults). ``remat``: rematerialization-
-    aware checkpointing (None = on exactly when Megatron recomputes attention).
+    aware checkpointing (None = on exactly when Megatron recomputes attention). ``rope``: a
+    ``megatron.rope.DocumentRope`` when the provider rotates q and k (balanced packing, with
+    the model built without megatron-core's RoPE).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     params = {"method": method, "options": options}
     if remat is not None:
         params["remat"] = remat
+    if rope is not None:
+        params["rope"] = rope
     return ModuleSpec(module=SeqParCoreAttention, params=params)
 
 
 def with_core_attention(layer_spec: ModuleSpec, method: str, options=None,
-                        remat: bool | None = None) -> ModuleSpec:
+                        remat: bool | None = None, rope=None) -> ModuleSpec:
     """Copy of a TransformerLayer spec whose self-attention core is the ``method`` provider."""
     spec = copy.deepcopy(layer_spec)
     try:
@@ -51,7 +56,7 @@ def with_core_attention(layer_spec: ModuleSpec, method: str, options=None,
             "layer_spec has no submodules.self_attention.submodules.core_attention "
             "(is it a megatron-core TransformerLayer spec?)"
         ) from e
-    attn.core_attention = core_attention_spec(method, options, remat)
+    attn.core_attention = core_attention_spec(method, options, remat, rope)
     return spec
 
 
@@ -64,8 +69,9 @@ def _have_te() -> bool:
 
 
 def get_gpt_layer_spec(method: str, *, options=None, remat: bool | None = None,
-                       transformer_engine: bool = False, **megatron_kwargs) -> ModuleSpec:
-    """GPT layer spec for ``method``.
+                       transformer_engine: bool = False, rope=None,
+                       **megatron_kwargs) -> ModuleSpec:
+    """GPT layer spec for ``method`` (``rope``: see ``core_attention_spec``).
 
     ``transformer_engine=False`` starts from ``get_gpt_layer_local_spec(**megatron_kwargs)``,
     True from ``get_gpt_layer_with_transformer_engine_spec(**megatron_kwargs)`` (needs TE).
@@ -81,7 +87,7 @@ def get_gpt_layer_spec(method: str, *, options=None, remat: bool | None = None,
         base = g.get_gpt_layer_with_transformer_engine_spec(**megatron_kwargs)
     else:
         base = g.get_gpt_layer_local_spec(**megatron_kwargs)
-    return with_core_attention(base, method, options, remat)
+    return with_core_attention(base, method, options, remat, rope)
 
 
 def get_gpt_decoder_block_spec(method: str, config, *, options=None, remat: bool | None = None,

@@ -45,10 +45,11 @@ SHARED = [
     (dict(eod_mask_loss=True), dict(eod_mask_loss=True), "bert", "GPT flags"),
     (dict(seqpar_packing="balanced"), dict(seqpar_packing="balanced"), "gpt",
      "add --reset-attention-mask"),
-    (dict(seqpar_packing="balanced", reset_attention_mask=True, position_embedding_type="rope"),
+    (dict(seqpar_packing="balanced", reset_attention_mask=True, position_embedding_type="rope",
+          multi_latent_attention=True),
      dict(seqpar_packing="balanced", reset_attention_mask=True, position_embedding_type="rope",
-          create_attention_mask_in_dataloader=False), "gpt",
-     "use --position-embedding-type learned_absolute or --seqpar-packing zigzag"),
+          create_attention_mask_in_dataloader=False, multi_latent_attention=True), "gpt",
+     "balanced with --multi-latent-attention: not yet"),
 ]
 
 
@@ -60,6 +61,21 @@ def test_a_shared_rule_reads_the_same_on_both_routes(cfg, ns, model, fragment):
     args = argparse.Namespace(**{**MLM, "seqpar_method": "lightseq", **ns})
     problems = megatron_lm.seqpar_conflicts(args, model=model)
     assert any(fragment in p for p in problems), problems
+
+
+def test_balanced_rope_runs_on_the_driver_and_is_not_yet_on_megatron_lm():
+    """RoPE under the balanced packing: the driver builds the model without megatron-core's
+    RoPE and rotates in the provider (``megatron.rope``); Megatron-LM's builder does not yet."""
+    cfg = TrainConfig(**{**TINY, "seqpar_method": "lightseq", "seqpar_packing": "balanced",
+                         "reset_attention_mask": True, "position_embedding_type": "rope"})
+    assert cfg.rope_in_provider
+    assert not TrainConfig(**{**TINY, "seqpar_method": "lightseq", "reset_attention_mask": True,
+                              "position_embedding_type": "rope"}).rope_in_provider  # zigzag
+    args = argparse.Namespace(**{**MLM, "seqpar_method": "lightseq", "seqpar_packing": "balanced",
+                                 "reset_attention_mask": True, "position_embedding_type": "rope",
+                                 "create_attention_mask_in_dataloader": False})
+    problems = megatron_lm.seqpar_conflicts(args, model="gpt")
+    assert any("not yet on Megatron-LM's route" in p for p in problems), problems
 
 
 def test_the_driver_stops_at_the_first_the_megatron_lm_route_lists_all():

@@ -135,7 +135,8 @@ def _oracle_worker(rank, world_size, cases):
 
 @pytest.fixture(scope="module")
 def oracle():
-    cases = (("gpt-rope", DOCS), ("gpt-learned", DOCS), ("gpt-learned", BALANCED_DOCS))
+    cases = (("gpt-rope", DOCS), ("gpt-learned", DOCS), ("gpt-learned", BALANCED_DOCS),
+             ("gpt-rope", BALANCED_DOCS))
     return run_on_ranks(_oracle_worker, 1, cases, timeout=300)[0]
 
 
@@ -148,7 +149,7 @@ def run_packed(kind, method, *, tp, cp, variant=None):
     backward). ``variant="one-sequence"`` (a negative control): the model is told the row is
     ONE sequence (``cu_seqlens = [0, T]``), so attention crosses documents and RoPE positions
     run on; the checks must catch it. ``variant="balanced"``: the balanced layout
-    (``BALANCED_DOCS``, learned positions: megatron-core's THD RoPE assumes zigzag);
+    (``BALANCED_DOCS``; RoPE only as ``gpt-docrope``: megatron-core's THD RoPE assumes zigzag);
     ``"balanced-mutated"`` (a negative control): each rank's balanced tokens shifted by one
     (``roll``), the params still saying balanced."""
     import torch.distributed as dist
@@ -246,6 +247,25 @@ def check_bad_packings(cp):
             seen[label] = None
         except ValueError as e:
             seen[label] = (str(e), words)
+    # RoPE in the provider (balanced packing): only for packed batches, not with MLA, and a
+    # rotary fraction outside (0, 1] is refused when the spec is made
+    from megatron_seqpar.megatron.rope import DocumentRope
+
+    roped = SeqParCoreAttention(config, 1, AttnMaskType.causal, method="lightseq",
+                                rope=DocumentRope())
+    for label, call, words in (
+            ("rope: an unpacked batch", lambda: roped(q[:, None], k[:, None], k[:, None], None),
+             "rope= rotates packed documents"),
+            ("rope: MLA", lambda: SeqParCoreAttention(
+                config, 1, AttnMaskType.causal, method="lightseq", k_channels=16, v_channels=8,
+                rope=DocumentRope()), "not supported with MLA"),
+            ("rope: rotary_percent 0", lambda: DocumentRope(rotary_percent=0.0),
+             "rotary_percent=0.0 must be in (0, 1]")):
+        try:
+            call()
+            seen[label] = None
+        except ValueError as e:
+            seen[label] = (str(e), words)
     # a whole model (learned positions, so RoPE does not see the packing first)
     cu, cu_pad, longest = packing()
     batch, params = get_thd_batch_on_this_cp_rank(packed_batch(), cu, cu_pad, longest)
@@ -335,7 +355,8 @@ def _check(tp, cp, oracle, cases, label, bad=False):
     rows, fails = [], []
     for case in cases:
         kind, docs = case[0], docs_of(case[2])
-        r_logits, r_loss, r_grads = oracle[(kind, docs)]
+        # our provider's RoPE (gpt-docrope) against megatron-core's, each document alone
+        r_logits, r_loss, r_grads = oracle[("gpt-rope" if kind == "gpt-docrope" else kind, docs)]
         real = packed_batch(docs)["loss_mask"][0].bool()
         el = eg = 0.0
         loss_err = 0.0
@@ -382,9 +403,12 @@ def test_packed_parity_cp1(oracle):
     _check(1, 1, oracle, _cases(("gpt-rope", "gpt-learned")) + _balanced(False), "CP=1")
 
 
-def _balanced(controls=True):
-    """Every method on the balanced layout (learned positions), and the mutated control."""
+def _balanced(controls=True, rope=("lightseq",)):
+    """Every method on the balanced layout (learned positions), and the mutated control; RoPE
+    rotated by our provider (``gpt-docrope``, megatron-core's THD RoPE assumes zigzag) for the
+    ``rope`` methods, against megatron-core's RoPE on each document alone."""
     return ([("gpt-learned", m, "balanced") for m in METHODS]
+            + [("gpt-docrope", m, "balanced") for m in rope]
             + [("gpt-learned", "lightseq", "balanced-mutated")] * controls)
 
 
@@ -392,7 +416,8 @@ def test_packed_parity_cp2(oracle):
     extra = [("gpt-rope", "lightseq", "remat"), ("gpt-rope", "mqsp", "remat"),
              ("gpt-rope", "lightseq", "one-sequence"),
              ("gpt-learned", "lightseq", "balanced-remat")]
-    _check(1, 2, oracle, _cases(("gpt-rope", "gpt-learned")) + extra + _balanced(), "CP=2",
+    _check(1, 2, oracle, _cases(("gpt-rope", "gpt-learned")) + extra + _balanced(rope=METHODS),
+           "CP=2",
            bad=True)
 
 
@@ -401,7 +426,7 @@ def test_packed_parity_cp3(oracle):
 
 
 def test_packed_parity_cp4(oracle):
-    _check(1, 4, oracle, _balanced(), "CP=4")
+    _check(1, 4, oracle, _balanced(rope=METHODS), "CP=4")
 
 
 def test_packed_parity_tp2_cp2(oracle):

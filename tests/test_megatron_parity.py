@@ -73,8 +73,13 @@ def build_model(kind, method, config):
 
         from megatron_seqpar.specs import get_gpt_layer_spec
 
-        spec = get_gpt_layer_local_spec() if method is None else get_gpt_layer_spec(method)
-        pos = "rope" if kind == "gpt-rope" else "learned_absolute"
+        if kind == "gpt-docrope":  # RoPE rotated by our provider (balanced packing)
+            from megatron_seqpar.megatron.rope import DocumentRope
+
+            spec, pos = get_gpt_layer_spec(method, rope=DocumentRope()), "none"
+        else:
+            spec = get_gpt_layer_local_spec() if method is None else get_gpt_layer_spec(method)
+            pos = "rope" if kind == "gpt-rope" else "learned_absolute"
         model = GPTModel(config, spec, vocab_size=V, max_sequence_length=S,
                          position_embedding_type=pos, parallel_output=False)
     elif kind == "bert-localpos":  # negative control: megatron's local position ids

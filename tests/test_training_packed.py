@@ -293,8 +293,8 @@ def test_log_records_packed_tokens(cp1):
     (["--seqpar-method", "rsa", "--seqpar-packing", "balanced", "--context-parallel-size", "2"],
      "gpt", "add --reset-attention-mask"),
     (["--seqpar-method", "rsa", "--seqpar-packing", "balanced", "--reset-attention-mask",
-      "--context-parallel-size", "2", "--position-embedding-type", "rope"], "gpt",
-     "use --position-embedding-type learned_absolute or --seqpar-packing zigzag"),
+      "--context-parallel-size", "2", "--position-embedding-type", "rope",
+      "--multi-latent-attention"], "gpt", "balanced with --multi-latent-attention: not yet"),
 ])
 def test_bad_document_flags(argv, model, match):
     world = 2 if "--context-parallel-size" in argv else 1
@@ -341,3 +341,34 @@ def test_documents_rope_cp2_match_cp1(cp1):
     worst = max(abs(a - b) for a, b in zip(ref, got))
     print(f"documents rope lightseq: CP=1 {ref[0]:.6f} -> {ref[-1]:.6f}, max |diff| {worst:.1e}")
     assert worst <= TOL and ref[-1] < ref[0] - 0.5, (ref, got)
+
+
+@pytest.fixture(scope="module")
+def rope_cp1(cp1_unpadded):
+    """CP=1, RoPE rotated by megatron-core's own THD path (zigzag packing value: the model has
+    megatron-core's RoPE), on the unpadded stream the balanced layout packs."""
+    common, _, tmp = cp1_unpadded
+    rope = dict(common, position_embedding_type="rope")
+    ref = run_on_ranks(_train, 1, dict(rope, seqpar_method="lightseq",
+                                       log_dir=str(tmp / "rope-cp1")))[0]
+    return rope, ref, tmp
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize("method, cp", [("lightseq", 1)] + [(m, 2) for m in METHODS]
+                         + [("lightseq", 4)])
+def test_documents_balanced_rope_match_cp1(method, cp, rope_cp1):
+    """``--seqpar-packing balanced --position-embedding-type rope``: the model is built without
+    megatron-core's RoPE and our provider rotates q and k at each token's position in its
+    document (``megatron.rope``; split documents continue their positions on the next rank).
+    CP=1 (the provider's rotation against megatron-core's), CP=2 every method and CP=4 repeat
+    megatron-core's CP=1 RoPE curve (same tolerance as above)."""
+    rope, ref, tmp = rope_cp1
+    got = run_on_ranks(_train, cp, dict(rope, context_parallel_size=cp, seqpar_method=method,
+                                        seqpar_packing="balanced",
+                                        log_dir=str(tmp / f"rope-balanced-{method}-{cp}")))
+    assert all(g == got[0] for g in got)
+    worst = max(abs(a - b) for a, b in zip(ref, got[0]))
+    print(f"documents balanced rope {method} CP={cp}: CP=1 {ref[0]:.6f} -> {ref[-1]:.6f}, "
+          f"max |diff| over {STEPS} steps {worst:.1e}")
+    assert len(got[0]) == STEPS and worst <= TOL, (ref, got[0])

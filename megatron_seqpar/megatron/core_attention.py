@@ -51,6 +51,10 @@ Today's attention, as megatron-core's local ``DotProductAttention`` has it:
   * MLA: ``MLASelfAttention`` passes ``k_channels`` / ``v_channels`` (the value head dim may
     differ from the query's); the output is ``[sq, b, np * v_channels]``.
 
+RoPE under the balanced packing: ``rope=DocumentRope(...)`` (a spec param) rotates q and k here,
+each token at its position in its document, for a model built without megatron-core's RoPE
+(``megatron_seqpar.megatron.rope``: megatron-core's THD rotation assumes zigzag).
+
 Not supported, with a clear error: attention bias, cross attention, attention dropout > 0.
 """
 
@@ -71,7 +75,8 @@ from megatron_seqpar import registry
 from megatron_seqpar.hostread import once, true_runs
 from megatron_seqpar.megatron.checkpointing import Remat
 from megatron_seqpar.megatron.parallel_state import sequence_group, tp_group, two_level_groups
-from megatron_seqpar.megatron.thd import packed_attention_args
+from megatron_seqpar.megatron.rope import DocumentRope, rotary_embedding, rotate
+from megatron_seqpar.megatron.thd import document_positions, packed_attention_args
 
 _SUPPORTED_MASKS = (
     AttnMaskType.causal,
@@ -210,7 +215,8 @@ class SeqParCoreAttention(MegatronModule):
     Constructor keywords are megatron-core's core-attention ones (``config, layer_number,
     attn_mask_type, attention_type, attention_dropout, softmax_scale, cp_comm_type,
     pg_collection``) plus ``method``, ``options`` (the method's frozen options dataclass,
-    None = defaults) and ``remat`` (rematerialization-aware checkpointing, see
+    None = defaults), ``rope`` (a ``rope.DocumentRope``: rotate packed q and k here; None =
+    megatron-core rotates, or no RoPE) and ``remat`` (rematerialization-aware checkpointing, see
     ``megatron_seqpar.megatron.checkpointing``; None = on when Megatron recomputes this
     attention and the method's registry entry says ``remat``, its backward needing only q, k,
     v, out, lse; True forces it, e.g. for RSA/LSS, which then also keep their score rows /
@@ -235,6 +241,7 @@ class SeqParCoreAttention(MegatronModule):
         method: str,
         options: Any = None,
         remat: bool | None = None,
+        rope: DocumentRope | None = None,
         **kwargs,
     ):
         super().__init__(config=config)
@@ -280,6 +287,13 @@ class SeqParCoreAttention(MegatronModule):
         self.remat = None
         if remat:
             self.remat = Remat(method)
+        self.rotary = None  # RoPE applied here (balanced packing): megatron_seqpar.megatron.rope
+        if rope is not None:
+            if k_channels is not None or getattr(config, "multi_latent_attention", False):
+                raise ValueError("rope= (RoPE in the provider, for --seqpar-packing balanced) "
+                                 "is not supported with MLA, which rotates inside its own "
+                                 "attention; use --seqpar-packing zigzag")
+            self.rotary = rotary_embedding(rope, config, self.cp_group)
 
     def forward(
         self,
@@ -301,6 +315,10 @@ class SeqParCoreAttention(MegatronModule):
         if packed_seq_params is not None:
             return self._forward_thd(query, key, value, attention_mask, mask_type,
                                      packed_seq_params)
+        if self.rotary is not None:
+            raise ValueError("rope= rotates packed documents (THD batches with "
+                             "packed_seq_params); this batch has none: build the model with "
+                             "megatron-core's RoPE (no rope= in the spec) for unpacked batches")
         sq, b, heads, head_dim = query.shape
         if key.size(0) != sq:
             raise ValueError(f"self attention needs sk == sq, got sk={key.size(0)}, sq={sq}")
@@ -391,10 +409,15 @@ class SeqParCoreAttention(MegatronModule):
         if k.size(0) != t:
             raise ValueError(f"self attention needs as many key as query tokens, got {k.size(0)} "
                              f"and {t}")
-        cu, kpm, layout = packed_attention_args(packed_seq_params, t, self.cp_group.rank(),
-                                                self.cp_group.size())
+        rank, size = self.cp_group.rank(), self.cp_group.size()
+        cu, kpm, layout = packed_attention_args(packed_seq_params, t, rank, size)
         if kpm is not None:  # a cached host tensor: copied to the device once, not per layer
             kpm = once(kpm, ("to", q.device), lambda x: x.to(q.device))
+        if self.rotary is not None:  # each token at its position in its document
+            pos = document_positions(cu, rank, size, t, layout)
+            pos = once(pos, ("to", q.device), lambda x: x.to(q.device))
+            emb = self.rotary(max(b - a for a, b in zip(cu, cu[1:])), packed_seq=True)
+            q, k = (rotate(x, emb, pos, self.config, self.cp_group) for x in (q, k))
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         out = self._attend(q[None], k[None], v[None], causal=causal, key_padding_mask=kpm,
                            cu_seqlens=cu, layout=layout)

@@ -16,8 +16,9 @@ Under CP the stream is cut over the ranks in one of two layouts (``PACKINGS``):
 - ``balanced`` (``megatron_seqpar.balance``): short documents stay whole on one rank, long ones
   are split; every rank holds ``T/CP`` tokens, lengths need not be multiples of anything. The
   batch says so with ``SeqParPackedSeqParams(layout="balanced")``, which the provider reads.
-  megatron-core's THD RoPE assumes zigzag, so balanced takes learned absolute positions (whose
-  position ids are sharded with the tokens); RoPE with it is not yet supported.
+  megatron-core's THD RoPE assumes zigzag, so under balanced learned absolute positions have
+  their position ids sharded with the tokens, and RoPE is rotated by the provider at
+  ``document_positions`` (``megatron_seqpar.megatron.rope``).
 
 This module gives pure-torch replacements for TE's two functions, and ``packed_attention_args``,
 which turns ``PackedSeqParams`` into ``msp.attention``'s ``cu_seqlens``, key padding mask and
@@ -159,14 +160,23 @@ def partitioned_indices(cu_seqlens_padded, total_tokens: int, cp_size: int, cp_r
 
 
 @lru_cache(maxsize=64)
+def document_positions(cu_padded: tuple[int, ...], cp_rank: int, cp_size: int, local_len: int,
+                       layout: str) -> torch.Tensor:
+    """``[local_len]`` long: each of this rank's tokens' position in its (padded) sequence, in
+    local order (host tensor, cached: the same object for the same boundaries)."""
+    runs = local_runs(layout, cp_rank, cp_size, local_len, cu_padded)
+    starts = torch.tensor(cu_padded[:-1], dtype=torch.long)
+    return positions(runs) - starts[documents(runs)]
+
+
+@lru_cache(maxsize=64)
 def _padding_mask(cu_padded: tuple[int, ...], cu_real: tuple[int, ...], cp_rank: int,
                   cp_size: int, local_len: int, layout: str) -> torch.Tensor:
     """``[1, local_len]`` bool, True = a padding token of this rank (host tensor)."""
     runs = local_runs(layout, cp_rank, cp_size, local_len, cu_padded)
-    doc = documents(runs)
-    starts = torch.tensor(cu_padded[:-1], dtype=torch.long)
     real = torch.tensor([b - a for a, b in zip(cu_real, cu_real[1:])], dtype=torch.long)
-    return ((positions(runs) - starts[doc]) >= real[doc])[None]
+    pos = document_positions(cu_padded, cp_rank, cp_size, local_len, layout)
+    return (pos >= real[documents(runs)])[None]
 
 
 def packed_attention_args(params, local_len: int, cp_rank: int, cp_size: int):

@@ -157,6 +157,13 @@ class TrainConfig:
         return self.seqpar_method if active else None
 
     @property
+    def rope_in_provider(self) -> bool:
+        """RoPE rotated by our core attention, the model built without megatron-core's
+        (``flag_rules.rope_in_provider``: balanced packing, whose layout megatron-core's THD
+        rotation does not know)."""
+        return self.attention_method is not None and flag_rules.rope_in_provider(self)
+
+    @property
     def optimizer_instances(self) -> int:
         """megatron-core's ``num_distributed_optimizer_instances``: for LSS with the
         distributed optimizer at CP > 1 one per DP replica (each sharded over its CP group,

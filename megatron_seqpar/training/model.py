@@ -9,6 +9,9 @@ Gradient reduction: megatron-core ``DistributedDataParallel`` over the data x co
 gradient averaging: sequence group, then data-parallel group; docs/design.md §5; position-embedding
 gradients assembled over CP unless ``assemble_position_grads`` is off).
 
+RoPE under ``--seqpar-packing balanced``: the model is built with ``position_embedding_type="none"``
+and our core attention rotates q and k (``megatron_seqpar.megatron.rope``).
+
 BERT under CP: megatron-core's ``BertModel`` derives position ids as ``arange(local length)``;
 ``megatron_seqpar.megatron.bert.SeqParBertModel`` gives global zigzag positions instead.
 """
@@ -24,6 +27,7 @@ from megatron_seqpar.megatron.lss_grad import (
     lss_ddp,
     lss_finalize_model_grads,
 )
+from megatron_seqpar.megatron.rope import DocumentRope
 
 
 def transformer_config(cfg, device: str):
@@ -67,8 +71,10 @@ def layer_spec(cfg):
     Megatron's (also for a method inactive at CP=1)."""
     if cfg.attention_method is not None:
         if cfg.model == "gpt":
+            rope = DocumentRope() if cfg.rope_in_provider else None  # GPTModel's defaults
             return specs.get_gpt_layer_spec(cfg.attention_method, options=cfg.method_options(),
-                                            multi_latent_attention=cfg.multi_latent_attention)
+                                            multi_latent_attention=cfg.multi_latent_attention,
+                                            rope=rope)
         return specs.get_bert_layer_spec(cfg.attention_method, options=cfg.method_options())
     if cfg.model == "gpt":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -118,10 +124,11 @@ def build_model(cfg, device: str):
     if cfg.model == "gpt":
         from megatron.core.models.gpt import GPTModel
 
-        module = GPTModel(
+        module = GPTModel(  # RoPE in our provider: megatron-core's off (megatron.rope)
             config=config, transformer_layer_spec=spec, vocab_size=cfg_vocab(cfg),
             max_sequence_length=max_pos, share_embeddings_and_output_weights=tied,
-            position_embedding_type=cfg.position_embedding_type,
+            position_embedding_type="none" if cfg.rope_in_provider
+            else cfg.position_embedding_type,
         )
     else:
         module = _bert_class(cfg)(
