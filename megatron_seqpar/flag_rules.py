@@ -230,10 +230,6 @@ def balanced_positions(v):
         return ("--seqpar-packing balanced with --multi-latent-attention: not yet (MLA rotates "
                 "inside its own attention module, which assumes the zigzag layout); use "
                 "--seqpar-packing zigzag")
-    if v.route == MEGATRON_LM:
-        return ("--seqpar-packing balanced with --position-embedding-type rope: not yet on "
-                "Megatron-LM's route (our driver runs it); use --position-embedding-type "
-                "learned_absolute or --seqpar-packing zigzag")
     return None
 
 

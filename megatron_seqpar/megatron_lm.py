@@ -18,6 +18,7 @@ An option flag left out keeps the dataclass default; a flag of another method is
 
 What the patched scripts call: ``extra_args_provider`` / ``chain_args_providers`` (flags),
 ``gpt_layer_spec_from_args`` / ``bert_layer_spec_from_args`` (validate, then our spec),
+``position_embedding_type`` (the GPT builder's: ``"none"`` when our provider rotates RoPE),
 ``wrap_forward_step`` (LSS: ``install_lss_grad_averaging`` on the DDP chunks at the first
 step), and for BERT ``bert_model_class``, ``bert_batch_on_this_cp_rank``, ``bert_lm_loss``,
 ``bert_binary_loss`` (CP sharding and CP-exact losses), and for GPT with
@@ -52,6 +53,7 @@ from megatron_seqpar.flags import (  # noqa: F401  (the patched scripts' names, 
 from megatron_seqpar.layouts import shard_sequence
 from megatron_seqpar.megatron import lss_grad
 from megatron_seqpar.megatron.parallel_state import sequence_group
+from megatron_seqpar.megatron.rope import DocumentRope
 from megatron_seqpar.megatron.thd import packed_seq_params
 from megatron_seqpar.specs import (
     get_bert_layer_spec,
@@ -150,7 +152,7 @@ def gpt_layer_spec_from_args(args, config=None, vp_stage=None):
         _print_rank_0(f"{INACTIVE_LOG}: CP=1 with --multi-latent-attention: our provider runs "
                       "MLA as plain local attention (megatron-core's takes no V head dim)")
     return get_gpt_layer_spec(args.seqpar_method, options=options, transformer_engine=te,
-                              **kwargs)
+                              rope=_document_rope(args), **kwargs)
 
 
 def _moe_block_spec(args, config, vp_stage, options, te):
@@ -163,7 +165,28 @@ def _moe_block_spec(args, config, vp_stage, options, te):
         return g.get_gpt_decoder_block_spec(config, use_transformer_engine=te, **kwargs)
     _note_two_level(args)
     return get_gpt_decoder_block_spec(args.seqpar_method, config, options=options,
-                                      transformer_engine=te, **kwargs)
+                                      transformer_engine=te, rope=_document_rope(args),
+                                      **kwargs)
+
+
+def _rope_in_provider(args) -> bool:
+    return flag_rules.method_active(args) and flag_rules.rope_in_provider(args)
+
+
+def _document_rope(args) -> DocumentRope | None:
+    """The RoPE settings Megatron-LM's GPT builder gives ``GPTModel``, for our provider to
+    rotate with (``megatron.rope``), when it does; else None."""
+    if not _rope_in_provider(args):
+        return None
+    return DocumentRope(rotary_percent=args.rotary_percent, rotary_base=args.rotary_base,
+                        rope_scaling=bool(getattr(args, "use_rope_scaling", False)))
+
+
+def position_embedding_type(args) -> str:
+    """What the patched GPT builder passes ``GPTModel``: ``"none"`` when our provider rotates
+    (RoPE under ``--seqpar-packing balanced``: megatron-core's THD rotation assumes zigzag),
+    else ``args.position_embedding_type``."""
+    return "none" if _rope_in_provider(args) else args.position_embedding_type
 
 
 def bert_layer_spec_from_args(args):

@@ -91,19 +91,20 @@ def get_gpt_layer_spec(method: str, *, options=None, remat: bool | None = None,
 
 
 def get_gpt_decoder_block_spec(method: str, config, *, options=None, remat: bool | None = None,
-                               transformer_engine: bool = False, **megatron_kwargs):
+                               transformer_engine: bool = False, rope=None, **megatron_kwargs):
     """megatron-core's GPT decoder *block* spec (``get_gpt_decoder_block_spec(config, ...)``:
     MoE layers per ``config.num_experts`` / ``moe_layer_freq``, this pipeline stage's layers)
     with every layer's self-attention core the ``method`` provider. ``megatron_kwargs`` are
     that builder's own (``normalization``, ``qk_l2_norm``, ``vp_stage``, ``pp_rank``). The
-    experts and router are Megatron's: the methods change only the core attention."""
+    experts and router are Megatron's: the methods change only the core attention (``rope``:
+    see ``core_attention_spec``)."""
     from megatron.core.models.gpt import gpt_layer_specs as g
 
     if transformer_engine and not _have_te():
         raise ImportError("transformer_engine is not installed; use transformer_engine=False")
     block = copy.copy(g.get_gpt_decoder_block_spec(
         config, use_transformer_engine=transformer_engine, **megatron_kwargs))
-    block.layer_specs = [with_core_attention(spec, method, options, remat)
+    block.layer_specs = [with_core_attention(spec, method, options, remat, rope)
                          for spec in block.layer_specs]
     return block
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from megatron_seqpar import flag_rules, megatron_lm
+from megatron_seqpar.megatron.rope import DocumentRope
 from megatron_seqpar.training.arguments import ConfigError, TrainConfig
 
 TINY = dict(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=32,
@@ -63,19 +64,28 @@ def test_a_shared_rule_reads_the_same_on_both_routes(cfg, ns, model, fragment):
     assert any(fragment in p for p in problems), problems
 
 
-def test_balanced_rope_runs_on_the_driver_and_is_not_yet_on_megatron_lm():
-    """RoPE under the balanced packing: the driver builds the model without megatron-core's
-    RoPE and rotates in the provider (``megatron.rope``); Megatron-LM's builder does not yet."""
-    cfg = TrainConfig(**{**TINY, "seqpar_method": "lightseq", "seqpar_packing": "balanced",
-                         "reset_attention_mask": True, "position_embedding_type": "rope"})
-    assert cfg.rope_in_provider
-    assert not TrainConfig(**{**TINY, "seqpar_method": "lightseq", "reset_attention_mask": True,
-                              "position_embedding_type": "rope"}).rope_in_provider  # zigzag
-    args = argparse.Namespace(**{**MLM, "seqpar_method": "lightseq", "seqpar_packing": "balanced",
-                                 "reset_attention_mask": True, "position_embedding_type": "rope",
-                                 "create_attention_mask_in_dataloader": False})
-    problems = megatron_lm.seqpar_conflicts(args, model="gpt")
-    assert any("not yet on Megatron-LM's route" in p for p in problems), problems
+def test_balanced_rope_rotates_in_the_provider_on_both_routes():
+    """RoPE under the balanced packing: both routes build the model without megatron-core's
+    RoPE (the patched GPT builder asks ``megatron_lm.position_embedding_type``) and give the
+    provider ``rope=`` (``megatron.rope``); zigzag keeps megatron-core's RoPE."""
+    base = {**TINY, "seqpar_method": "lightseq", "reset_attention_mask": True,
+            "position_embedding_type": "rope"}
+    assert TrainConfig(**base, seqpar_packing="balanced").rope_in_provider
+    assert not TrainConfig(**base).rope_in_provider  # zigzag
+    mlm_args = dict(MLM, seqpar_method="lightseq", reset_attention_mask=True,
+                    position_embedding_type="rope", create_attention_mask_in_dataloader=False,
+                    rotary_percent=0.5, rotary_base=500, use_rope_scaling=False)
+    balanced = argparse.Namespace(**mlm_args, seqpar_packing="balanced")
+    assert megatron_lm.seqpar_conflicts(balanced, model="gpt") == []
+    assert megatron_lm.position_embedding_type(balanced) == "none"
+    assert megatron_lm._document_rope(balanced) == DocumentRope(rotary_percent=0.5,
+                                                                rotary_base=500)
+    zigzag = argparse.Namespace(**mlm_args, seqpar_packing="zigzag")
+    assert megatron_lm.position_embedding_type(zigzag) == "rope"
+    assert megatron_lm._document_rope(zigzag) is None
+    inactive = argparse.Namespace(**{**mlm_args, "context_parallel_size": 1},
+                                  seqpar_packing="balanced")  # Megatron-LM's own attention
+    assert megatron_lm.position_embedding_type(inactive) == "rope"
 
 
 def test_the_driver_stops_at_the_first_the_megatron_lm_route_lists_all():

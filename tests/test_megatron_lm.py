@@ -1064,6 +1064,26 @@ class TestMegatronLM:
         _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
 
 
+    @pytest.mark.slow
+    @pytest.mark.parametrize("method, cp", [("lightseq", 2), ("lss", 2), ("mqsp", 4)])
+    def test_documents_balanced_rope_equal_cp1(self, loop, method, cp):
+        """``--seqpar-packing balanced --position-embedding-type rope``: the patched builder
+        makes ``GPTModel`` without RoPE and our provider rotates at each token's position in
+        its document (``megatron.rope``); CP=2 and CP=4 log the losses and grad norms of
+        Megatron-LM's own CP=1 RoPE run with its dense document mask (RoPE is relative, so its
+        stream positions give the same scores; tolerance as above)."""
+        rope = ("--position-embedding-type", "rope", "--no-rope-fusion")
+        ref = loop.run("gpt-docs", 1, extra=(*DOC_FLAGS, *rope))
+        run = loop.run("gpt-docs", cp, method,
+                       extra=(*DOC_FLAGS, "--no-create-attention-mask-in-dataloader",
+                              "--seqpar-packing", "balanced", *rope))
+        worst = max(abs(run.lm[i] - ref.lm[i]) for i in ref.lm)
+        print(f"documents balanced rope {method} CP={cp}: lm loss CP=1 {ref.lm[1]} -> "
+              f"{ref.lm[ITERS]}, max |diff| {worst:.1e}")
+        _assert_same_losses(run, ref, range(1, ITERS + 1))
+        _assert_same(run.grad_norm, ref.grad_norm, range(1, ITERS + 1), GRAD_NORM_TOL)
+
+
 class _Crafted:
     """A pickle that would run code when unpickled without weights_only."""
 
