@@ -236,14 +236,18 @@ def test_documents_balanced_match_cp1(method, cp, hcp, cp1_unpadded):
     """``--seqpar-packing balanced``: short documents whole on one rank, long ones split, no
     per-document padding; CP=2 (every method), CP=4 and CP=4 on two levels (head all-to-all
     over U=2, LSS over R=2) repeat the unpadded CP=1 curve (same tolerance as above)."""
-    common, ref, tmp = cp1_unpadded
-    got = run_on_ranks(_train, cp, dict(common, context_parallel_size=cp, seqpar_method=method,
-                                        seqpar_packing="balanced",
-                                        hierarchical_context_parallel_sizes=hcp,
-                                        log_dir=str(tmp / f"balanced-{method}-{cp}-{hcp}")))
+    _balanced_matches(*cp1_unpadded, f"balanced-{method}-{cp}-{hcp}", cp, seqpar_method=method,
+                      hierarchical_context_parallel_sizes=hcp)
+
+
+def _balanced_matches(common, ref, tmp, label, cp, **flags):
+    """A balanced run of ``common`` + ``flags`` at CP=``cp`` repeats the loss curve ``ref``."""
+    got = run_on_ranks(_train, cp, dict(common, context_parallel_size=cp,
+                                        seqpar_packing="balanced", log_dir=str(tmp / label),
+                                        **flags))
     assert all(g == got[0] for g in got)
     worst = max(abs(a - b) for a, b in zip(ref, got[0]))
-    print(f"documents balanced {method} CP={cp}: CP=1 {ref[0]:.6f} -> {ref[-1]:.6f}, "
+    print(f"documents {label} CP={cp}: CP=1 {ref[0]:.6f} -> {ref[-1]:.6f}, "
           f"max |diff| over {STEPS} steps {worst:.1e}")
     assert len(got[0]) == STEPS and worst <= TOL, (ref, got[0])
 
@@ -363,12 +367,4 @@ def test_documents_balanced_rope_match_cp1(method, cp, rope_cp1):
     document (``megatron.rope``; split documents continue their positions on the next rank).
     CP=1 (the provider's rotation against megatron-core's), CP=2 every method and CP=4 repeat
     megatron-core's CP=1 RoPE curve (same tolerance as above)."""
-    rope, ref, tmp = rope_cp1
-    got = run_on_ranks(_train, cp, dict(rope, context_parallel_size=cp, seqpar_method=method,
-                                        seqpar_packing="balanced",
-                                        log_dir=str(tmp / f"rope-balanced-{method}-{cp}")))
-    assert all(g == got[0] for g in got)
-    worst = max(abs(a - b) for a, b in zip(ref, got[0]))
-    print(f"documents balanced rope {method} CP={cp}: CP=1 {ref[0]:.6f} -> {ref[-1]:.6f}, "
-          f"max |diff| over {STEPS} steps {worst:.1e}")
-    assert len(got[0]) == STEPS and worst <= TOL, (ref, got[0])
+    _balanced_matches(*rope_cp1, f"balanced-rope-{method}-{cp}", cp, seqpar_method=method)
