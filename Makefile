@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP_FLAGS := -q -c constraints.txt $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 NPROC ?= 2
 
-.PHONY: setup demo test test-torchrun lint bench-deps megatron-lm-deps clean
+.PHONY: setup bytecode demo test test-torchrun lint bench-deps megatron-lm-deps clean
 
 $(VENV)/.installed: constraints.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,10 +19,15 @@ demo: setup
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) examples/pretrain_gpt.py \
 		--context-parallel-size $(NPROC) --seqpar-method lightseq
 
-test: setup
+# Bytecode first: where PYTHONDONTWRITEBYTECODE is set (as on this machine) no process of the
+# suite would write it, and each of its ~100 processes would compile the sources again.
+bytecode: setup
+	$(PY) -m compileall -q megatron_seqpar tests tools examples >/dev/null
+
+test: bytecode
 	$(PY) -m pytest -q --durations=15
 
-test-torchrun: setup  # the suite under Megatron's runner: the NPROC pytest processes are the ranks
+test-torchrun: bytecode  # the suite under Megatron's runner: the NPROC pytest processes are the ranks
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m pytest -q tests
 
 bench-deps: setup  # optional peers for tools/bench_attention.py (DeepSpeed-Ulysses)
