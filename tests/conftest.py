@@ -55,3 +55,14 @@ def pytest_runtest_setup(item):
     if world is not None and world.local_rank != 0 and item.get_closest_marker("own_world"):
         pytest.skip(f"launches its own process world: under torchrun it runs on local rank 0 "
                     f"only (this is local rank {world.local_rank} of {world.world_size})")
+
+
+@pytest.fixture
+def forked_ranks(monkeypatch):
+    """The tools' rank processes start as forks of the suite's fork server, which imported
+    torch and megatron-core once (``tools/measure.py`` ``START_METHOD``, ``pool_preload.py``),
+    not as fresh interpreters (about 4 CPU s a rank here). A test whose ranks must read their
+    environment at start-up sets ``START_METHOD`` back to ``"spawn"``."""
+    import measure  # tools/, which the test module put on sys.path
+
+    monkeypatch.setattr(measure, "START_METHOD", "forkserver")

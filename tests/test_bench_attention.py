@@ -13,12 +13,18 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tools"))
 
+pytestmark = pytest.mark.usefixtures("forked_ranks")
+
 
 @pytest.mark.own_world
 def test_bench_attention_thp_reaches_every_rank(tmp_path, monkeypatch):
     import bench_attention
+    import measure
 
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")  # restored after the test
+    # fresh interpreters: PyTorch's allocator reads THP_MEM_ALLOC_ENABLE once, at its first
+    # allocation, which a fork of the fork server made long before --thp set it
+    monkeypatch.setattr(measure, "START_METHOD", "spawn")
     out = str(tmp_path / "bench")
     bench_attention.main(["--seqlens", "64", "--ranks", "2", "--heads", "2", "--head-dim", "8",
                           "--methods", "rsa", "--peers", "--repeats", "0", "--thp",

@@ -13,6 +13,8 @@ from distributed import run_on_ranks
 TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 sys.path.insert(0, TOOLS)
 
+pytestmark = pytest.mark.usefixtures("forked_ranks")
+
 
 def _collectives(rank, world_size):
     """The same ops under the profiler (``measure``) and under ``count_comm``."""

@@ -56,13 +56,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
-from measure import count_comm, free_port, measure, time_call  # noqa: E402
+from measure import count_comm, free_port, measure, rank_context, time_call  # noqa: E402
 
 from megatron_seqpar import METHODS  # noqa: E402
 
@@ -223,7 +222,7 @@ def _worker(rank, world, port, a, todo, queue):
 
 def run_world(world: int, todo: list[Variant], a) -> dict:
     """Run ``todo`` on ``world`` fresh gloo processes; {label: {rank: result}}."""
-    ctx = mp.get_context("spawn")
+    ctx = rank_context()
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, a, todo, queue))

@@ -43,7 +43,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from megatron_seqpar import METHODS  # noqa: E402
 
@@ -217,9 +216,9 @@ def section_methods(a):
     runs if time is left."""
     import queue as queue_mod
 
-    from measure import free_port
+    from measure import free_port, rank_context
 
-    ctx = mp.get_context("spawn")
+    ctx = rank_context()
     for world in (2, 4):
         queue = ctx.Queue()
         port = free_port()
@@ -504,7 +503,9 @@ def run_section(key, a, left_s: float, fn=None) -> dict:
                     rows=[], seconds=0.0, title=title, budget_s=budget)
     a = copy.copy(a)
     a.deadline = time.time() + budget - MARGIN_S  # what the section plans its waits by
-    ctx = mp.get_context("spawn")
+    from measure import rank_context
+
+    ctx = rank_context()
     queue = ctx.Queue()
     proc = ctx.Process(target=_section_child, args=(key, a, queue, fn))
     t0 = time.monotonic()

@@ -26,14 +26,13 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from baselines import BASELINES  # noqa: E402
-from measure import free_port, measure  # noqa: E402
+from measure import free_port, measure, rank_context  # noqa: E402
 
 from megatron_seqpar import METHODS  # noqa: E402
 
@@ -131,7 +130,7 @@ def _worker(rank, world, port, a, names, queue):
 
 
 def run(world: int, a, names) -> dict:
-    ctx = mp.get_context("spawn")
+    ctx = rank_context()
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, a, names, queue))

@@ -222,6 +222,20 @@ class count_comm(TorchDispatchMode):  # noqa: N801 - used like a function: with 
         return func(*args, **(kwargs or {}))
 
 
+# How the tools start their rank processes: fresh interpreters ("spawn"), what a user's run
+# gets. The test suite forks them from its fork server instead ("forkserver", which imported
+# torch and megatron-core once: tests/pool_preload.py), except where a test needs a rank to
+# read its environment at start-up (THP).
+START_METHOD = "spawn"
+
+
+def rank_context():
+    """The multiprocessing context every tool starts its rank processes with."""
+    import torch.multiprocessing as mp
+
+    return mp.get_context(START_METHOD)
+
+
 def run_ranks(worker, ranks: int, *args) -> list:
     """Spawn ``ranks`` processes running ``worker(rank, ranks, port, *args, queue)``, each of
     which puts a list of rows on ``queue``; returns every rank's rows (in arrival order).
@@ -229,9 +243,7 @@ def run_ranks(worker, ranks: int, *args) -> list:
     the others are terminated."""
     import queue as queue_mod
 
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
+    ctx = rank_context()
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=worker, args=(r, ranks, port, *args, queue))
