@@ -2,7 +2,7 @@
 
 ``run_on_ranks(fn, world_size, *args, timeout=...)`` calls ``fn(rank, world_size, *args)`` on
 every rank of a gloo group on 127.0.0.1 and returns the per-rank results. ``fn`` must be a
-module-level function (it is pickled by name into spawned children).
+module-level function (it is pickled by name and imported in the workers).
 
 Starting a process and initialising a process group costs seconds, so each world size keeps one
 pool of worker processes alive for the whole pytest session and feeds it one call at a time.
@@ -66,7 +66,9 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
 
     from megatron_seqpar.cpu_workarounds import import_megatron_core
 
-    import_megatron_core()  # before a test module does: its fusions eager (cpu_workarounds)
+    # a no-op after the fork server's preload (pool_preload.py); it matters only where that
+    # preload failed, which multiprocessing ignores: then before a test module imports it
+    import_megatron_core()
 
     torch.set_num_threads(1)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -5,7 +5,9 @@ module as the preload: the fork server imports torch, megatron-core (with its fu
 eager, as ``cpu_workarounds.import_megatron_core`` does in every CPU process of the suite) and
 the parts of both that nearly every test call reaches, once; each worker is then a fork of it
 instead of a fresh interpreter that imports them again (about 4 CPU s a worker on this machine,
-ten workers a session). Nothing here runs a collective or starts a thread.
+ten workers a session). Nothing here runs a collective or starts a thread of its own
+(importing torch leaves one native thread, which a fork does not copy: the reason PyTorch's
+own fork-based workers may follow an import of torch).
 """
 
 import importlib

@@ -23,7 +23,7 @@ def test_bench_attention_thp_reaches_every_rank(tmp_path, monkeypatch):
 
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")  # restored after the test
     # fresh interpreters: PyTorch's allocator reads THP_MEM_ALLOC_ENABLE once, at its first
-    # allocation, which a fork of the fork server made long before --thp set it
+    # allocation, which the fork server (and so its forks) made long before --thp set it
     monkeypatch.setattr(measure, "START_METHOD", "spawn")
     out = str(tmp_path / "bench")
     bench_attention.main(["--seqlens", "64", "--ranks", "2", "--heads", "2", "--head-dim", "8",

@@ -496,6 +496,8 @@ def run_section(key, a, left_s: float, fn=None) -> dict:
     import copy
     import queue as queue_mod
 
+    from measure import rank_context
+
     budget = min(a.budget_scale * BUDGET_S[key], left_s)
     title = SECTIONS[key][0]
     if budget < 5:
@@ -503,8 +505,6 @@ def run_section(key, a, left_s: float, fn=None) -> dict:
                     rows=[], seconds=0.0, title=title, budget_s=budget)
     a = copy.copy(a)
     a.deadline = time.time() + budget - MARGIN_S  # what the section plans its waits by
-    from measure import rank_context
-
     ctx = rank_context()
     queue = ctx.Queue()
     proc = ctx.Process(target=_section_child, args=(key, a, queue, fn))
